@@ -1,0 +1,60 @@
+"""CipherFace: face recognition where the cloud matches embeddings it cannot read."""
+
+from cipherface.core import CipherFace
+from cipherface.crypto import (
+    DEFAULT_PRESET,
+    PRESETS,
+    EncryptedVector,
+    Keyring,
+    Metric,
+    Preset,
+)
+from cipherface.embedding import MODELS, Embedder, Face, ModelSpec, install_weights, threshold
+from cipherface.exceptions import (
+    CipherFaceError,
+    CiphertextError,
+    ConfigError,
+    CryptoError,
+    EmbeddingError,
+    ImageDecodeError,
+    KeyMismatchError,
+    MissingWeightsError,
+    NoFaceError,
+    SecretKeyError,
+    StoreError,
+    TransportError,
+    UnknownModelError,
+    WireFormatError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "MODELS",
+    "PRESETS",
+    "CipherFace",
+    "CipherFaceError",
+    "CiphertextError",
+    "ConfigError",
+    "CryptoError",
+    "EmbeddingError",
+    "Embedder",
+    "EncryptedVector",
+    "Face",
+    "ImageDecodeError",
+    "KeyMismatchError",
+    "Keyring",
+    "Metric",
+    "MissingWeightsError",
+    "ModelSpec",
+    "NoFaceError",
+    "Preset",
+    "SecretKeyError",
+    "StoreError",
+    "TransportError",
+    "UnknownModelError",
+    "WireFormatError",
+    "install_weights",
+    "threshold",
+]

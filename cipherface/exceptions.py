@@ -1,0 +1,118 @@
+"""Every error CipherFace raises, as one tree.
+
+Third-party errors (TenSEAL, DeepFace, aiormq, sqlite3) are caught at the boundary
+and re-raised as one of these, chained with ``from``, so a caller never has to
+know which library failed underneath::
+
+    CipherFaceError
+    ├── ConfigError(ValueError)
+    ├── CryptoError
+    │   ├── KeyMismatchError          ciphertext made under another key
+    │   ├── SecretKeyError            a secret key where only a public one may be,
+    │   │                             or no secret key where one is needed
+    │   └── CiphertextError(ValueError)   bytes that are not a ciphertext/context
+    ├── EmbeddingError
+    │   ├── ImageDecodeError(ValueError)  corrupt, empty or non-image input
+    │   ├── NoFaceError               an image in which no face was found
+    │   ├── UnknownModelError(ValueError)
+    │   └── MissingWeightsError       model weights absent and not downloadable
+    ├── WireFormatError(ValueError)   a message that does not decode or validate
+    ├── TransportError                the broker could not be reached or used
+    └── StoreError                    the on-disk gallery could not be read/written
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CipherFaceError",
+    "CiphertextError",
+    "ConfigError",
+    "CryptoError",
+    "EmbeddingError",
+    "ImageDecodeError",
+    "KeyMismatchError",
+    "MissingWeightsError",
+    "NoFaceError",
+    "SecretKeyError",
+    "StoreError",
+    "TransportError",
+    "UnknownModelError",
+    "WireFormatError",
+]
+
+
+class CipherFaceError(Exception):
+    """Root of every error CipherFace raises on purpose."""
+
+
+class ConfigError(CipherFaceError, ValueError):
+    """A setting, flag or parameter preset is invalid."""
+
+
+class CryptoError(CipherFaceError):
+    """A homomorphic-encryption operation or key could not be used."""
+
+
+class KeyMismatchError(CryptoError):
+    """A ciphertext was made under another key than the one at hand.
+
+    CKKS happily computes on mismatched keys and returns noise, so the key
+    fingerprint is checked instead of trusting the result.
+    """
+
+    def __init__(self, expected: str, got: str) -> None:
+        super().__init__(
+            f"ciphertext was encrypted under key {got}, but this context holds key {expected}"
+        )
+        self.expected = expected
+        self.got = got
+
+
+class SecretKeyError(CryptoError):
+    """A secret key is present where it must not be, or absent where it is needed."""
+
+
+class CiphertextError(CryptoError, ValueError):
+    """Bytes that should hold a ciphertext or a context do not."""
+
+
+class EmbeddingError(CipherFaceError):
+    """A face embedding could not be computed."""
+
+
+class ImageDecodeError(EmbeddingError, ValueError):
+    """The input is not a decodable image (corrupt, truncated, empty or too large)."""
+
+
+class NoFaceError(EmbeddingError):
+    """The image decoded, but no face was detected in it."""
+
+
+class UnknownModelError(EmbeddingError, ValueError):
+    """The face-recognition model name is not in the registry."""
+
+
+class MissingWeightsError(EmbeddingError):
+    """A model's weight file is absent and could not be downloaded."""
+
+    def __init__(self, model: str, file_name: str, folder: str) -> None:
+        super().__init__(
+            f"weights for {model} are missing: {file_name} is not in {folder} and could not be "
+            f"downloaded (no internet?). Place the file there by hand, or use model 'Dlib', whose "
+            f"weights ship in the face-recognition-models package ('cipherface weights')."
+        )
+        self.model = model
+        self.file_name = file_name
+        self.folder = folder
+
+
+class WireFormatError(CipherFaceError, ValueError):
+    """A message could not be decoded or failed validation."""
+
+
+class TransportError(CipherFaceError):
+    """The message broker could not be reached or refused an operation."""
+
+
+class StoreError(CipherFaceError):
+    """The on-disk encrypted gallery could not be read or written."""
