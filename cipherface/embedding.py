@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,7 @@ __all__ = [
     "ModelSpec",
     "decode_image",
     "install_weights",
+    "largest_face",
     "model_spec",
     "threshold",
     "weights_dir",
@@ -86,6 +87,9 @@ _PACKAGED_WEIGHTS = (
 )
 
 _install_lock = threading.Lock()
+#: DeepFace shares its detectors and models process-wide and they are not
+#: thread-safe: concurrent calls were seen to miss faces. One call at a time.
+_deepface_lock = threading.Lock()
 
 
 def model_spec(name: str) -> ModelSpec:
@@ -219,9 +223,10 @@ class Embedder:
         from deepface.modules.exceptions import FaceNotDetected
 
         try:
-            results = DeepFace.represent(
-                pixels, model_name=self.spec.name, detector_backend=self.detector
-            )
+            with _deepface_lock:
+                results = DeepFace.represent(
+                    pixels, model_name=self.spec.name, detector_backend=self.detector
+                )
         except FaceNotDetected as exc:
             raise NoFaceError(f"{label}: no face detected") from exc
         except ValueError as exc:
@@ -247,3 +252,13 @@ class Embedder:
         # itself where it can, and a failed download becomes MissingWeightsError.
         if self.spec.name == "Dlib":
             install_weights()
+
+
+def largest_face(faces: Sequence[Face]) -> Face:
+    """The face an image is about when it shows several: the largest detected."""
+
+    def area(face: Face) -> float:
+        box = face.facial_area
+        return float(box.get("w", 0)) * float(box.get("h", 0))  # type: ignore[arg-type]
+
+    return max(faces, key=area)

@@ -1,0 +1,234 @@
+"""The ``cipherface`` command: keys, enrollment, the two daemons, probes, events, demo.
+
+Every command reads `Settings.from_env` (``CIPHERFACE_*``) and lets flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from cipherface.config import Settings
+from cipherface.crypto import PRESETS, Metric
+from cipherface.daemon import configure_logging, run_until_signalled
+from cipherface.embedding import MODELS, install_weights, weights_dir
+from cipherface.exceptions import CipherFaceError
+from cipherface.metrics import serve_metrics
+
+__all__ = ["build_parser", "find_faces_dir", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def find_faces_dir(explicit: Path | None = None) -> Path:
+    """Photos for the demo: the argument, ``$CIPHERFACE_FACES_DIR``, or ``../shared/data/faces``."""
+    candidates = [explicit] if explicit else []
+    if os.environ.get("CIPHERFACE_FACES_DIR"):
+        candidates.append(Path(os.environ["CIPHERFACE_FACES_DIR"]))
+    candidates += [Path("../shared/data/faces"), Path(__file__).parents[2] / "shared/data/faces"]
+    for candidate in candidates:
+        if candidate is not None and candidate.is_dir():
+            return candidate
+    raise CipherFaceError(
+        "no photo folder found: pass one (cipherface demo DIR) or set CIPHERFACE_FACES_DIR"
+    )
+
+
+def _read_labels(path: Path | None) -> dict[str, str] | None:
+    """``file,subject`` CSV (a header row is skipped) -> {file: subject}."""
+    if path is None:
+        return None
+    with path.open(newline="") as handle:
+        rows = [row for row in csv.reader(handle) if len(row) >= 2]
+    return {file: subject for file, subject, *_ in rows[1:]}
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env().override(
+        amqp_url=args.amqp_url,
+        prefix=args.prefix,
+        data_dir=args.data_dir,
+        model=args.model,
+        metric=args.metric,
+        preset=args.preset,
+        replica=getattr(args, "replica", None),
+        metrics_port=args.metrics_port,
+    )
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, sort_keys=True), flush=True)
+
+
+# -- commands ---------------------------------------------------------------------------
+async def _weights(args: argparse.Namespace) -> None:
+    for path in install_weights():
+        print(path)
+    print(f"Dlib weights are in {weights_dir()}")
+
+
+async def _keygen(args: argparse.Namespace) -> None:
+    from agents.onprem.agent import generate_keys
+
+    settings = _settings(args)
+    keyring = generate_keys(settings, overwrite=args.overwrite)
+    _print_json(
+        {
+            "fingerprint": keyring.fingerprint,
+            "secret_key": str(settings.secret_key_path),
+            "public_key": str(settings.public_key_path),
+            "preset": settings.preset,
+        }
+    )
+
+
+async def _enroll(args: argparse.Namespace) -> None:
+    from agents.onprem.agent import OnPremAgent
+    from cipherface.transport import open_transport
+
+    settings = _settings(args)
+    async with open_transport(settings) as transport:
+        agent = OnPremAgent(settings, transport)
+        try:
+            report = await agent.enroll(args.folder, labels=_read_labels(args.labels))
+        finally:
+            await agent.stop()
+    _print_json(
+        {
+            "enrolled": report.enrolled,
+            "blocks_published": report.blocks_published,
+            "skipped": report.skipped,
+        }
+    )
+
+
+async def _daemon(args: argparse.Namespace) -> None:
+    from agents.cloud.agent import CloudAgent
+    from agents.onprem.agent import OnPremAgent
+    from cipherface.transport import open_transport
+
+    settings = _settings(args)
+    serve_metrics(settings.metrics_port)
+    async with open_transport(settings) as transport:
+        agent = (OnPremAgent if args.command == "onprem" else CloudAgent)(settings, transport)
+        await run_until_signalled(agent.start, agent.stop)
+
+
+async def _probe(args: argparse.Namespace) -> None:
+    from cipherface.client import Client
+    from cipherface.transport import open_transport
+
+    settings = _settings(args)
+    async with open_transport(settings) as transport:
+        event = await Client(transport).verify(args.image, args.subject, timeout=args.timeout)
+    _print_json(event.to_json())
+
+
+async def _watch(args: argparse.Namespace) -> None:
+    from cipherface.client import Client
+    from cipherface.transport import open_transport
+
+    settings = _settings(args)
+    async with open_transport(settings) as transport:
+        async with Client(transport).events(args.pattern) as events:
+            count = 0
+            async for event in events:
+                _print_json(event.to_json())
+                count += 1
+                if args.count and count >= args.count:
+                    return
+
+
+async def _demo(args: argparse.Namespace) -> None:
+    from agents.demo import run_demo
+
+    folder = find_faces_dir(args.folder)
+    base = _settings(args)
+    with tempfile.TemporaryDirectory(prefix="cipherface-demo-") as tmp:
+        data_dir = args.data_dir or Path(tmp)
+        summary = await run_demo(
+            base.override(data_dir=data_dir, amqp_url=args.amqp_url or ""), folder
+        )
+    _print_json(summary)
+
+
+# -- parser -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (one sub-command per task)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--amqp-url", help="RabbitMQ URL (env CIPHERFACE_AMQP_URL)")
+    common.add_argument("--prefix", help="queue/exchange name prefix (default cipherface)")
+    common.add_argument(
+        "--data-dir", type=Path, help="keys and galleries (default ./cipherface-data)"
+    )
+    common.add_argument("--model", choices=sorted(MODELS), help="DeepFace model (default Dlib)")
+    common.add_argument("--metric", choices=[m.value for m in Metric], help="default cosine")
+    common.add_argument("--preset", choices=sorted(PRESETS), help="CKKS parameters (default n8192)")
+    common.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    common.add_argument("--log-level", default=os.environ.get("CIPHERFACE_LOG_LEVEL", "INFO"))
+
+    parser = argparse.ArgumentParser(
+        prog="cipherface",
+        description="Privacy-preserving face recognition on CKKS-encrypted embeddings.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("weights", parents=[common], help="place the offline Dlib weights")
+    keygen = sub.add_parser("keygen", parents=[common], help="create on-prem's CKKS keys")
+    keygen.add_argument("--overwrite", action="store_true", help="replace existing keys")
+    enroll = sub.add_parser("enroll", parents=[common], help="enroll a folder of face photos")
+    enroll.add_argument("folder", type=Path)
+    enroll.add_argument("--labels", type=Path, help="CSV file,subject (else folder/file name)")
+    sub.add_parser("onprem", parents=[common], help="run the on-prem daemon")
+    cloud = sub.add_parser("cloud", parents=[common], help="run a cloud daemon")
+    cloud.add_argument("--replica", help="replica name (default: host name)")
+    probe = sub.add_parser("probe", parents=[common], help="verify/identify one image")
+    probe.add_argument("image", type=Path)
+    probe.add_argument("--subject", help="claimed subject (1:1); omit for 1:N")
+    probe.add_argument("--timeout", type=float, default=120.0)
+    watch = sub.add_parser("watch", parents=[common], help="print events as JSON lines")
+    watch.add_argument("--pattern", default="#", help="routing-key pattern, e.g. event.*.verified")
+    watch.add_argument("--count", type=int, default=0, help="stop after this many events")
+    demo = sub.add_parser("demo", parents=[common], help="everything in one process")
+    demo.add_argument("folder", type=Path, nargs="?", help="photos (default: found)")
+    return parser
+
+
+_COMMANDS = {
+    "weights": _weights,
+    "keygen": _keygen,
+    "enroll": _enroll,
+    "onprem": _daemon,
+    "cloud": _daemon,
+    "probe": _probe,
+    "watch": _watch,
+    "demo": _demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cipherface`` command."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    started = time.perf_counter()
+    try:
+        asyncio.run(_COMMANDS[args.command](args))
+    except CipherFaceError as exc:
+        print(f"cipherface {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    log.debug("%s took %.1fs", args.command, time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""What a user of CipherFace calls: publish probes, receive verification events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from cipherface import wire
+from cipherface.exceptions import WireFormatError
+from cipherface.transport.base import Consumer, Delivery, Transport
+
+__all__ = ["Client", "EventStream"]
+
+
+class EventStream:
+    """Verification events from a private queue bound to the events exchange.
+
+    Created by `Client.events`; iterate with ``async for``. Events are
+    deduplicated by probe id, so a subscriber sees each probe's decision once.
+    """
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[wire.VerificationEvent] = asyncio.Queue()
+        self._seen: set[str] = set()
+        self.consumer: Consumer | None = None
+
+    async def deliver(self, delivery: Delivery) -> None:
+        """Transport handler: decode and enqueue (a bad event is dead-lettered by the transport)."""
+        envelope = wire.decode(delivery.body, expect=(wire.VerificationEvent,))
+        event = envelope.message
+        if not isinstance(event, wire.VerificationEvent):  # narrowed by `expect`
+            raise WireFormatError("not a verification event")
+        if event.probe_id not in self._seen:
+            self._seen.add(event.probe_id)
+            self._queue.put_nowait(event)
+
+    def __aiter__(self) -> AsyncIterator[wire.VerificationEvent]:
+        return self
+
+    async def __anext__(self) -> wire.VerificationEvent:
+        return await self._queue.get()
+
+    async def wait_for(self, probe_id: str, timeout: float | None = None) -> wire.VerificationEvent:
+        """The event of one probe; other events stay queued for iteration."""
+        held: list[wire.VerificationEvent] = []
+
+        async def scan() -> wire.VerificationEvent:
+            while True:
+                event = await self._queue.get()
+                if event.probe_id == probe_id:
+                    return event
+                held.append(event)
+
+        try:
+            return await asyncio.wait_for(scan(), timeout)
+        finally:
+            for event in held:
+                self._queue.put_nowait(event)
+
+
+class Client:
+    """Publish probe images and subscribe to verification events."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+    async def publish_probe(
+        self,
+        image: bytes | str | os.PathLike[str],
+        claimed_subject: str | None = None,
+        *,
+        probe_id: str | None = None,
+    ) -> str:
+        """Queue an image for 1:1 verification (with a subject) or 1:N search; return its id."""
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        request = wire.ProbeRequest(
+            probe_id=probe_id or wire.new_id(), image=data, subject=claimed_subject
+        )
+        await self.transport.send(
+            self.transport.topology.probes, wire.encode(request), message_id=request.probe_id
+        )
+        return request.probe_id
+
+    @contextlib.asynccontextmanager
+    async def events(self, pattern: str = "#") -> AsyncIterator[EventStream]:
+        """Subscribe (before publishing, so nothing is missed) to events matching ``pattern``.
+
+        Routing keys are ``event.<1to1|1toN>.<verified|rejected|error>``.
+        """
+        stream = EventStream()
+        consumer = await self.transport.consume(
+            "",
+            stream.deliver,
+            bindings=[(self.transport.topology.events, pattern)],
+            exclusive=True,
+            prefetch=64,
+        )
+        stream.consumer = consumer
+        try:
+            yield stream
+        finally:
+            await consumer.cancel(timeout=1)
+
+    async def verify(
+        self,
+        image: bytes | str | os.PathLike[str],
+        claimed_subject: str | None = None,
+        *,
+        timeout: float = 120.0,
+    ) -> wire.VerificationEvent:
+        """Publish one probe and wait for its event."""
+        async with self.events() as stream:
+            probe_id = await self.publish_probe(image, claimed_subject)
+            return await stream.wait_for(probe_id, timeout)

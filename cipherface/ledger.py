@@ -1,0 +1,59 @@
+"""On-prem's record of which probes already have their verification event.
+
+Brokers deliver at least once: a cloud replica killed after publishing scores
+but before acking the probe computes them again, and on-prem may get the same
+scores twice. The ledger makes emitting idempotent, and it is on disk, so a
+restarted on-prem still knows what it emitted.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from cipherface.exceptions import StoreError
+
+__all__ = ["ProbeLedger"]
+
+
+class ProbeLedger:
+    """A persistent set of probe ids whose event was published."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        target = ":memory:" if path is None else str(path)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS emitted (probe_id TEXT PRIMARY KEY, at REAL)"
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the probe ledger at {target}: {exc}") from exc
+        self._lock = threading.Lock()
+        #: Duplicates suppressed since start (reported in logs and tests).
+        self.duplicates = 0
+
+    def seen(self, probe_id: str) -> bool:
+        """True when an event for this probe was already published."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM emitted WHERE probe_id = ?", (probe_id,)
+            ).fetchone()
+        if row is not None:
+            self.duplicates += 1
+        return row is not None
+
+    def record(self, probe_id: str, at: float) -> None:
+        """Remember that the event for this probe is out."""
+        try:
+            with self._lock:
+                self._db.execute("INSERT OR IGNORE INTO emitted VALUES (?, ?)", (probe_id, at))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot record probe {probe_id}: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()

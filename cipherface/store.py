@@ -1,0 +1,146 @@
+"""The cloud's encrypted gallery on disk: one SQLite file in a data folder.
+
+The cloud holds nothing it could not lose to a thief (a public context and
+ciphertexts), but it must not lose it to a restart either: on-prem would have to
+re-encrypt and re-ship every block. SQLite in WAL mode gives atomic block
+replacement and readers that never see a half-written block; blocks are stored
+in their wire form (`EncryptedBlock.to_dict`, msgpack), so the store needs no
+schema change when the block layout gains a field.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgpack
+
+from cipherface.exceptions import StoreError, WireFormatError
+
+if TYPE_CHECKING:
+    from cipherface.gallery import EncryptedBlock
+
+__all__ = ["GalleryStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS context (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    fingerprint TEXT NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blocks (
+    block_id INTEGER PRIMARY KEY,
+    version INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+"""
+
+
+class GalleryStore:
+    """Public context and encrypted blocks of one gallery, in ``path`` (a SQLite file).
+
+    A folder path is accepted too: the file is then ``gallery.sqlite3`` inside it.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "gallery.sqlite3"
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL is durable across application crashes in WAL mode; only a power
+            # loss may drop the last commits, which on-prem re-ships by version.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open the gallery store at {path}: {exc}") from exc
+
+    def save_context(self, data: bytes, fingerprint: str) -> None:
+        """Keep the public context the blocks were encrypted for (replacing any other)."""
+        self._run(
+            "INSERT INTO context (id, fingerprint, data) VALUES (1, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET fingerprint = excluded.fingerprint, "
+            "data = excluded.data",
+            (fingerprint, data),
+        )
+
+    def load_context(self) -> bytes | None:
+        """The stored public context, or None for a new store."""
+        row = self._one("SELECT data FROM context WHERE id = 1")
+        return None if row is None else bytes(row[0])
+
+    def context_fingerprint(self) -> str | None:
+        """Fingerprint of the stored context, without parsing it."""
+        row = self._one("SELECT fingerprint FROM context WHERE id = 1")
+        return None if row is None else str(row[0])
+
+    def save_block(self, block: EncryptedBlock) -> bool:
+        """Upsert ``block`` unless a version at least as new is stored; True if written.
+
+        The version test is inside the statement, so two writers racing on one
+        block cannot leave the older one on disk.
+        """
+        payload = msgpack.packb(block.to_dict(), use_bin_type=True)
+        cursor = self._run(
+            "INSERT INTO blocks (block_id, version, payload) VALUES (?, ?, ?) "
+            "ON CONFLICT(block_id) DO UPDATE SET version = excluded.version, "
+            "payload = excluded.payload WHERE excluded.version > blocks.version",
+            (block.block_id, block.version, payload),
+        )
+        return cursor.rowcount > 0
+
+    def delete_block(self, block_id: int) -> None:
+        """Forget a block (e.g. when on-prem withdraws it)."""
+        self._run("DELETE FROM blocks WHERE block_id = ?", (block_id,))
+
+    def iter_blocks(self) -> Iterator[EncryptedBlock]:
+        """Stored blocks one at a time, by block id: a large gallery never sits twice in memory."""
+        from cipherface.gallery import EncryptedBlock
+
+        try:
+            ids = [row[0] for row in self._db.execute("SELECT block_id FROM blocks ORDER BY 1")]
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {self.path}: {exc}") from exc
+        for block_id in ids:
+            row = self._one("SELECT payload FROM blocks WHERE block_id = ?", (block_id,))
+            if row is None:  # deleted since the id list was read
+                continue
+            try:
+                data = msgpack.unpackb(bytes(row[0]), raw=False)
+                yield EncryptedBlock.from_dict(data)
+            except (ValueError, msgpack.ExtraData, WireFormatError) as exc:
+                raise StoreError(f"block {block_id} in {self.path} is corrupt: {exc}") from exc
+
+    def load_blocks(self) -> list[EncryptedBlock]:
+        """Every stored block, by block id."""
+        return list(self.iter_blocks())
+
+    def close(self) -> None:
+        """Close the database; the store is unusable afterwards."""
+        try:
+            self._db.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot close {self.path}: {exc}") from exc
+
+    def __enter__(self) -> GalleryStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        try:
+            return self._db.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write {self.path}: {exc}") from exc
+
+    def _one(self, sql: str, params: tuple[object, ...] = ()) -> tuple[object, ...] | None:
+        try:
+            return self._db.execute(sql, params).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {self.path}: {exc}") from exc

@@ -1,0 +1,223 @@
+"""An in-process broker with RabbitMQ's semantics, for the demo and broker-free tests.
+
+It models what the agents rely on: durable named queues (competing consumers),
+fanout and topic exchanges with bindings, prefetch, requeue of unfinished work,
+and a dead-letter queue. Messages live in memory: "durable" means "outlives a
+consumer", not "outlives the process".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+
+from cipherface.exceptions import TransportError
+from cipherface.transport.base import (
+    REASON_HEADER,
+    SOURCE_HEADER,
+    Delivery,
+    Handler,
+    Outcome,
+    Topology,
+    settle,
+)
+
+__all__ = ["MemoryBroker", "MemoryTransport", "topic_matches"]
+
+log = logging.getLogger(__name__)
+
+
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """AMQP topic matching: ``*`` is one word, ``#`` is zero or more words."""
+
+    def match(p: list[str], k: list[str]) -> bool:
+        if not p:
+            return not k
+        if p[0] == "#":
+            return any(match(p[1:], k[i:]) for i in range(len(k) + 1))
+        return bool(k) and (p[0] in ("*", k[0])) and match(p[1:], k[1:])
+
+    return match(pattern.split("."), routing_key.split("."))
+
+
+@dataclass(slots=True)
+class _Exchange:
+    kind: str  # "fanout" or "topic"
+    bindings: list[tuple[str, str]] = field(default_factory=list)  # (pattern, queue)
+
+
+class MemoryBroker:
+    """The shared state: queues and exchanges. One per process, many transports on it."""
+
+    def __init__(self) -> None:
+        self.queues: dict[str, asyncio.Queue[Delivery]] = {}
+        self.exchanges: dict[str, _Exchange] = {}
+        self._names = itertools.count()
+
+    def declare_queue(self, name: str) -> asyncio.Queue[Delivery]:
+        """Create a queue once; later declarations return the same one."""
+        return self.queues.setdefault(name, asyncio.Queue())
+
+    def declare_exchange(self, name: str, kind: str) -> None:
+        """Create an exchange once."""
+        self.exchanges.setdefault(name, _Exchange(kind))
+
+    def bind(self, queue: str, exchange: str, pattern: str) -> None:
+        """Route an exchange's messages to a queue."""
+        bindings = self.exchanges[exchange].bindings
+        if (pattern, queue) not in bindings:
+            bindings.append((pattern, queue))
+
+    def delete_queue(self, name: str) -> None:
+        """Drop a queue and its bindings (exclusive queues, on cancel)."""
+        self.queues.pop(name, None)
+        for exchange in self.exchanges.values():
+            exchange.bindings[:] = [(p, q) for p, q in exchange.bindings if q != name]
+
+    def temporary_name(self) -> str:
+        """A broker-chosen name, as RabbitMQ gives server-named queues."""
+        return f"amq.gen-{next(self._names)}"
+
+    def route(self, exchange: str, delivery: Delivery) -> None:
+        """Deliver to every bound queue that matches."""
+        try:
+            target = self.exchanges[exchange]
+        except KeyError:
+            raise TransportError(f"no exchange {exchange!r} (declare the topology first)") from None
+        for pattern, queue in target.bindings:
+            if target.kind == "fanout" or topic_matches(pattern, delivery.routing_key):
+                self.queues[queue].put_nowait(delivery)
+
+
+class _MemoryConsumer:
+    def __init__(
+        self,
+        transport: MemoryTransport,
+        queue: str,
+        handler: Handler,
+        prefetch: int,
+        exclusive: bool,
+    ) -> None:
+        self._transport = transport
+        self._queue_name = queue
+        self._queue = transport.broker.queues[queue]
+        self._handler = handler
+        self._slots = asyncio.Semaphore(prefetch)
+        self._exclusive = exclusive
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._pump = asyncio.create_task(self._run(), name=f"consume {queue}")
+
+    async def _run(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                delivery = await self._queue.get()
+            except asyncio.CancelledError:
+                self._slots.release()
+                raise
+            task = asyncio.create_task(self._handle(delivery))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            outcome, reason = await settle(self._handler, delivery)
+            if outcome is Outcome.REQUEUE:
+                self._queue.put_nowait(replace(delivery, redelivered=True))
+            elif outcome is Outcome.DEAD_LETTER:
+                self._transport.dead_letter(delivery, self._queue_name, reason)
+        finally:
+            self._slots.release()
+
+    async def cancel(self, *, timeout: float = 30.0) -> None:
+        self._pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._pump
+        if self._inflight:
+            # Handlers not done in time are cancelled; settle() then requeues them.
+            _, pending = await asyncio.wait(set(self._inflight), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        if self._exclusive:
+            self._transport.broker.delete_queue(self._queue_name)
+
+
+class MemoryTransport:
+    """`Transport` on a `MemoryBroker`."""
+
+    def __init__(self, broker: MemoryBroker, topology: Topology | None = None) -> None:
+        self.broker = broker
+        self.topology = topology or Topology()
+        self._consumers: list[_MemoryConsumer] = []
+        self._declare()
+
+    def _declare(self) -> None:
+        t = self.topology
+        self.broker.declare_exchange(t.gallery, "fanout")
+        self.broker.declare_exchange(t.events, "topic")
+        self.broker.declare_exchange(t.dead_letter_exchange, "fanout")
+        self.broker.declare_queue(t.dead_letters)
+        self.broker.bind(t.dead_letters, t.dead_letter_exchange, "#")
+        for name in t.work_queues:
+            self.broker.declare_queue(name)
+
+    async def __aenter__(self) -> MemoryTransport:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def send(self, queue: str, body: bytes, *, message_id: str | None = None) -> None:
+        """Put a message on a queue (created if needed, as RabbitMQ agents declare it)."""
+        self.broker.declare_queue(queue).put_nowait(
+            Delivery(body=body, message_id=message_id, routing_key=queue)
+        )
+
+    async def publish(
+        self, exchange: str, routing_key: str, body: bytes, *, message_id: str | None = None
+    ) -> None:
+        """Route a message through an exchange."""
+        self.broker.route(
+            exchange, Delivery(body=body, message_id=message_id, routing_key=routing_key)
+        )
+
+    def dead_letter(self, delivery: Delivery, queue: str, reason: str) -> None:
+        """Keep an unprocessable message, with why, in the dead-letter queue."""
+        headers = {**delivery.headers, REASON_HEADER: reason, SOURCE_HEADER: queue}
+        self.broker.route(self.topology.dead_letter_exchange, replace(delivery, headers=headers))
+
+    async def consume(
+        self,
+        queue: str,
+        handler: Handler,
+        *,
+        bindings: Sequence[tuple[str, str]] = (),
+        exclusive: bool = False,
+        prefetch: int = 4,
+    ) -> _MemoryConsumer:
+        """Declare, bind and consume a queue."""
+        name = queue or self.broker.temporary_name()
+        self.broker.declare_queue(name)
+        for exchange, pattern in bindings:
+            self.broker.bind(name, exchange, pattern)
+        consumer = _MemoryConsumer(self, name, handler, prefetch, exclusive)
+        self._consumers.append(consumer)
+        return consumer
+
+    async def close(self) -> None:
+        """Cancel this transport's consumers (their unfinished work is requeued)."""
+        consumers, self._consumers = self._consumers, []
+        for consumer in consumers:
+            await consumer.cancel(timeout=0)

@@ -1,0 +1,415 @@
+"""The wire contract: every message CipherFace agents exchange, encoded with msgpack.
+
+One envelope for all messages::
+
+    {"v": 1, "type": "<kind>", "id": "<message id>", "body": {...}}
+
+Binary fields (images, ciphertexts, contexts) are raw msgpack ``bin``, never base64.
+Decoding checks the size first, then every field's type, and raises
+`WireFormatError` naming what is wrong, so a consumer can dead-letter the message
+with that reason. Never pickle: a message is data from another trust zone.
+
+Size: RabbitMQ refuses messages over 128 MiB by default; CipherFace refuses to
+encode or decode anything over `MAX_MESSAGE_BYTES` (64 MiB), which leaves room for
+headers and for a broker configured lower. Public contexts are shipped without
+Galois keys (about 1 MB at N=8192, instead of about 18 MB with them).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+from cipherface.exceptions import WireFormatError
+from cipherface.gallery import BlockScores, EncryptedBlock, EncryptedProbe
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "SCHEMA_VERSION",
+    "BlockUpdate",
+    "ContextUpdate",
+    "EncryptedProbeRequest",
+    "Envelope",
+    "Message",
+    "ProbeRejected",
+    "ProbeRequest",
+    "ScoresReady",
+    "SyncRequest",
+    "VerificationEvent",
+    "decode",
+    "encode",
+    "new_id",
+]
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+M = TypeVar("M", bound="Message")
+
+
+def new_id() -> str:
+    """A fresh message or probe id."""
+    return uuid.uuid4().hex
+
+
+def _check(value: object, expected: type | tuple[type, ...], name: str) -> Any:
+    if isinstance(value, bool) and expected in (int, float, (int, float)):
+        raise WireFormatError(f"field {name!r} must be {expected}, got bool")
+    if not isinstance(value, expected):
+        raise WireFormatError(
+            f"field {name!r} must be {getattr(expected, '__name__', expected)}, "
+            f"got {type(value).__name__}"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """Base of all messages: a kind name and how the body maps to fields."""
+
+    kind: ClassVar[str]
+    #: Field name -> accepted Python type(s) after msgpack decoding.
+    schema: ClassVar[Mapping[str, type | tuple[type, ...]]]
+
+    def body(self) -> dict[str, Any]:
+        """The msgpack-native body."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def validated(cls, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The body's fields checked against `schema` (unknown fields are ignored)."""
+        missing = [name for name in cls.schema if name not in body]
+        if missing:
+            raise WireFormatError(f"{cls.kind}: missing field(s) {', '.join(missing)}")
+        return {name: _check(body[name], t, f"{cls.kind}.{name}") for name, t in cls.schema.items()}
+
+    @classmethod
+    def from_body(cls: type[M], body: Mapping[str, Any]) -> M:
+        """Validate a decoded body and build the message."""
+        return cls(**cls.validated(body))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ContextUpdate(Message):
+    """on-prem -> every cloud replica: the public CKKS context (no secret key).
+
+    It precedes the blocks it announces: a replica that has received every block
+    listed in ``blocks`` holds the whole gallery and starts serving probes.
+    """
+
+    kind: ClassVar[str] = "context"
+    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {"context": bytes, "blocks": list}
+    context: bytes = field(repr=False)
+    #: Ids of the blocks that follow this message.
+    blocks: tuple[int, ...] = ()
+
+    def body(self) -> dict[str, Any]:
+        return {"context": self.context, "blocks": list(self.blocks)}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> ContextUpdate:
+        values = cls.validated(body)
+        blocks = tuple(_check(b, int, "context.blocks[]") for b in values["blocks"])
+        return cls(context=values["context"], blocks=blocks)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockUpdate(Message):
+    """on-prem -> every cloud replica: one encrypted gallery block, whole."""
+
+    kind: ClassVar[str] = "block"
+    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {"block": dict}
+    block: EncryptedBlock
+
+    def body(self) -> dict[str, Any]:
+        return {"block": self.block.to_dict()}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> BlockUpdate:
+        return cls(block=EncryptedBlock.from_dict(cls.validated(body)["block"]))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncRequest(Message):
+    """cloud -> on-prem: a replica (new, or back with an empty store) asks for everything."""
+
+    kind: ClassVar[str] = "sync"
+    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {"replica": str, "fingerprint": str}
+    replica: str
+    #: The key fingerprint the replica holds ('' for none).
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeRequest(Message):
+    """user -> cloud: an image to verify (with a claimed subject) or identify (without)."""
+
+    kind: ClassVar[str] = "probe"
+    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
+        "probe_id": str,
+        "image": bytes,
+        "subject": (str, type(None)),
+        "submitted_at": float,
+    }
+    probe_id: str
+    image: bytes = field(repr=False)
+    subject: str | None = None
+    submitted_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EncryptedProbeRequest(Message):
+    """edge -> cloud: a probe embedded and encrypted at the edge; the cloud sees no image."""
+
+    kind: ClassVar[str] = "encrypted_probe"
+    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
+        "probe_id": str,
+        "probe": dict,
+        "subject": (str, type(None)),
+        "submitted_at": float,
+    }
+    probe_id: str
+    probe: EncryptedProbe = field(repr=False)
+    subject: str | None = None
+    submitted_at: float = field(default_factory=time.time)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "probe_id": self.probe_id,
+            "probe": self.probe.to_dict(),
+            "subject": self.subject,
+            "submitted_at": self.submitted_at,
+        }
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> EncryptedProbeRequest:
+        values = cls.validated(body)
+        return cls(**{**values, "probe": EncryptedProbe.from_dict(values["probe"])})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScoresReady(Message):
+    """cloud -> on-prem: encrypted distances of one probe against the gallery."""
+
+    kind: ClassVar[str] = "scores"
+    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
+        "probe_id": str,
+        "subject": (str, type(None)),
+        "scores": list,
+        "faces": int,
+        "submitted_at": float,
+        "timings": dict,
+    }
+    probe_id: str
+    subject: str | None
+    scores: tuple[BlockScores, ...] = field(repr=False)
+    #: How many faces the cloud found in the probe image (it used the largest).
+    faces: int
+    submitted_at: float
+    #: Seconds spent per stage on the cloud ("embed", "search").
+    timings: Mapping[str, float]
+
+    def body(self) -> dict[str, Any]:
+        body = {f.name: getattr(self, f.name) for f in fields(self)}
+        body["scores"] = [s.to_dict() for s in self.scores]
+        body["timings"] = dict(self.timings)
+        return body
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> ScoresReady:
+        checked = cls.validated(body)
+        scores = [
+            BlockScores.from_dict(_check(i, dict, "scores.scores[]")) for i in checked["scores"]
+        ]
+        timings = {
+            _check(k, str, "scores.timings key"): float(_check(v, (int, float), "scores.timings"))
+            for k, v in checked["timings"].items()
+        }
+        return cls(**{**checked, "scores": tuple(scores), "timings": timings})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeRejected(Message):
+    """cloud -> on-prem: a probe that cannot be matched (no face, not an image, ...)."""
+
+    kind: ClassVar[str] = "rejected"
+    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
+        "probe_id": str,
+        "subject": (str, type(None)),
+        "error": str,
+        "reason": str,
+        "submitted_at": float,
+    }
+    probe_id: str
+    subject: str | None
+    #: The error type, e.g. "NoFaceError".
+    error: str
+    reason: str
+    submitted_at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerificationEvent(Message):
+    """on-prem -> subscribers: the decision for one probe.
+
+    Only the decision and a distance rounded to `DISTANCE_DECIMALS` leave on-prem:
+    exact CKKS decryptions would help an observer recover the secret key.
+    """
+
+    kind: ClassVar[str] = "event"
+    DISTANCE_DECIMALS: ClassVar[int] = 4
+    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
+        "probe_id": str,
+        "mode": str,
+        "subject": (str, type(None)),
+        "verified": bool,
+        "distance": (float, type(None)),
+        "threshold": float,
+        "model": str,
+        "metric": str,
+        "error": (str, type(None)),
+        "timings": dict,
+    }
+    probe_id: str
+    #: "1:1" (a subject was claimed) or "1:N".
+    mode: str
+    #: The claimed subject (1:1) or the best match (1:N), None when nothing matched.
+    subject: str | None
+    verified: bool
+    distance: float | None
+    threshold: float
+    model: str
+    metric: str
+    #: Why there is no decision ("NoFaceError: ..."), None on success.
+    error: str | None = None
+    #: Seconds: "embed", "search", "decrypt", "total" (publish to event).
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def routing_key(self) -> str:
+        """Topic routing key: ``event.<1to1|1toN>.<verified|rejected|error>``."""
+        outcome = "error" if self.error else ("verified" if self.verified else "rejected")
+        return f"event.{self.mode.replace(':', 'to')}.{outcome}"
+
+    def body(self) -> dict[str, Any]:
+        body = {f.name: getattr(self, f.name) for f in fields(self)}
+        body["timings"] = dict(self.timings)
+        return body
+
+    def to_json(self) -> dict[str, Any]:
+        """The event as JSON-ready data (what the CLI prints)."""
+        return self.body()
+
+
+_KINDS: Mapping[str, type[Message]] = {
+    cls.kind: cls
+    for cls in (
+        ContextUpdate,
+        BlockUpdate,
+        SyncRequest,
+        ProbeRequest,
+        EncryptedProbeRequest,
+        ScoresReady,
+        ProbeRejected,
+        VerificationEvent,
+    )
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Envelope:
+    """A decoded message with the metadata every message carries.
+
+    The key fingerprint, model and metric ride in the envelope so a consumer can
+    refuse a message made under another key before it parses any ciphertext.
+    """
+
+    id: str
+    #: Fingerprint of the CKKS key the payload was made under ('' if none).
+    fingerprint: str
+    model: str
+    metric: str
+    message: Message
+
+
+def encode(
+    message: Message,
+    *,
+    fingerprint: str = "",
+    model: str = "",
+    metric: str = "",
+    message_id: str | None = None,
+) -> bytes:
+    """Serialize a message into its envelope; refuses to build an oversized one."""
+    envelope = {
+        "v": SCHEMA_VERSION,
+        "type": message.kind,
+        "id": message_id or new_id(),
+        "fp": fingerprint,
+        "model": model,
+        "metric": metric,
+        "body": message.body(),
+    }
+    data = msgpack.packb(envelope, use_bin_type=True)
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise WireFormatError(
+            f"{message.kind} message of {len(data)} bytes exceeds the "
+            f"{MAX_MESSAGE_BYTES}-byte limit"
+        )
+    return data
+
+
+def decode(data: bytes, *, expect: tuple[type[Message], ...] | None = None) -> Envelope:
+    """Parse and validate an envelope; ``expect`` restricts the accepted kinds."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise WireFormatError(
+            f"message of {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit"
+        )
+    try:
+        envelope = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_MESSAGE_BYTES,
+            max_str_len=1024 * 1024,
+            max_array_len=1_000_000,
+            max_map_len=10_000,
+        )
+    # msgpack signals malformed input with several unrelated exception types
+    # (ExtraData, FormatError, StackError, ValueError, TypeError on truncation).
+    except Exception as exc:
+        raise WireFormatError(f"not a msgpack message: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(envelope, dict):
+        raise WireFormatError("message envelope must be a map")
+    version = envelope.get("v")
+    if version != SCHEMA_VERSION:
+        raise WireFormatError(f"unsupported schema version {version!r} (this is {SCHEMA_VERSION})")
+    kind = envelope.get("type")
+    cls = _KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise WireFormatError(f"unknown message type {kind!r}")
+    if expect is not None and cls not in expect:
+        allowed = ", ".join(c.kind for c in expect)
+        raise WireFormatError(f"unexpected message type {kind!r} here (expected {allowed})")
+    head = {name: _check(envelope.get(name), str, name) for name in ("id", "fp", "model", "metric")}
+    body = envelope.get("body")
+    if not isinstance(body, dict):
+        raise WireFormatError(f"{kind}: body must be a map")
+    try:
+        message = cls.from_body(body)
+    except WireFormatError:
+        raise
+    except (TypeError, ValueError, KeyError) as exc:
+        raise WireFormatError(f"{kind}: invalid body: {exc}") from exc
+    return Envelope(
+        id=head["id"],
+        fingerprint=head["fp"],
+        model=head["model"],
+        metric=head["metric"],
+        message=message,
+    )

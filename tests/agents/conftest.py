@@ -1,0 +1,94 @@
+"""A deployment of agents for end-to-end tests, on the in-process broker or on RabbitMQ."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from agents.cloud.agent import CloudAgent
+from agents.onprem.agent import OnPremAgent, generate_keys
+from cipherface.client import Client
+from cipherface.config import Settings
+from cipherface.transport import MemoryBroker, MemoryTransport, RabbitMQTransport, Topology
+from cipherface.transport.base import Transport
+from tests.brokers import amqp_url_or_skip, unique_prefix
+
+
+class Deployment:
+    """Agents and clients, each on its own connection to one broker."""
+
+    def __init__(self, settings: Settings, url: str | None) -> None:
+        self.settings = settings
+        self.url = url
+        self.broker = MemoryBroker()
+        self.topology = Topology(prefix=settings.prefix, idle_queue_expiry_ms=120_000)
+        self.stack = AsyncExitStack()
+        self.agents: list[OnPremAgent | CloudAgent] = []
+
+    async def link(self) -> Transport:
+        """A new connection."""
+        transport: Transport = (
+            RabbitMQTransport(self.url, self.topology)
+            if self.url
+            else MemoryTransport(self.broker, self.topology)
+        )
+        return await self.stack.enter_async_context(transport)
+
+    async def onprem(self) -> OnPremAgent:
+        """A started on-prem agent."""
+        agent = OnPremAgent(self.settings, await self.link())
+        await agent.start()
+        self.agents.append(agent)
+        return agent
+
+    async def cloud(self, replica: str = "r1") -> CloudAgent:
+        """A started cloud replica."""
+        agent = CloudAgent(replace(self.settings, replica=replica), await self.link())
+        await agent.start()
+        self.agents.append(agent)
+        return agent
+
+    async def stop(self, agent: OnPremAgent | CloudAgent) -> None:
+        """Stop one agent gracefully."""
+        self.agents.remove(agent)
+        await agent.stop()
+
+    async def client(self) -> Client:
+        """A user's client."""
+        return Client(await self.link())
+
+    async def close(self) -> None:
+        for agent in list(self.agents):
+            await self.stop(agent)
+        await self.stack.aclose()
+
+
+@pytest.fixture(params=["memory", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+async def deployment(
+    request: pytest.FixtureRequest, tmp_path: Path, deepface_home: Path
+) -> AsyncIterator[Deployment]:
+    """Keys generated, nothing enrolled, nothing started."""
+    url = amqp_url_or_skip() if request.param == "rabbitmq" else None
+    settings = Settings(data_dir=tmp_path / "data", prefix=unique_prefix(), amqp_url=url)
+    generate_keys(settings)
+    deployment = Deployment(settings, url)
+    try:
+        yield deployment
+    finally:
+        await deployment.close()
+
+
+@pytest.fixture(scope="session")
+def identity_groups(faces_dir: Path) -> dict[str, list[str]]:
+    """identity group -> its photo files, from identities.csv."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    with (faces_dir / "identities.csv").open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            groups[row["identity_group"]].append(row["file"])
+    return dict(groups)

@@ -1,0 +1,36 @@
+"""Fixtures shared by every test: the photo folder and an isolated DeepFace home."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import cipherface
+
+#: The photos live beside the project, never inside it (see the folder's README).
+DEFAULT_FACES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"
+
+
+@pytest.fixture(scope="session")
+def faces_dir() -> Path:
+    """The labelled photos: ``$CIPHERFACE_FACES_DIR``, else ``<repo>/../shared/data/faces``."""
+    folder = Path(os.environ.get("CIPHERFACE_FACES_DIR") or DEFAULT_FACES_DIR)
+    if not folder.is_dir():
+        pytest.skip(f"face photos not found at {folder}; set CIPHERFACE_FACES_DIR to their folder")
+    return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deepface_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private ``DEEPFACE_HOME`` holding the Dlib weights, so no test reads the user's home.
+
+    Autouse: DeepFace reads the variable at call time, so every test must see it.
+    """
+    home = tmp_path_factory.mktemp("deepface-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DEEPFACE_HOME", str(home))
+        cipherface.install_weights()
+        yield home
