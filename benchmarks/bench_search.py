@@ -56,11 +56,25 @@ def _embeddings(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def _peak_mb() -> tuple[float, float]:
-    """(this process, largest finished child) peak RSS in MB (Linux reports KB)."""
+def _peak_mb() -> tuple[float, list[float]]:
+    """(this process, each live child) peak RSS in MB.
+
+    Live children are read from /proc (VmHWM): getrusage(RUSAGE_CHILDREN) only
+    covers reaped children and counts the parent's pages a child had at fork.
+    """
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return own, child
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != os.getpid():
+                continue
+            status = (stat.parent / "status").read_text()
+        except (OSError, ValueError, IndexError):
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                children.append(int(line.split()[1]) / 1024)
+    return own, children
 
 
 def _one_to_one(args: argparse.Namespace, rng: np.random.Generator) -> dict[str, float]:
@@ -189,9 +203,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{per_template:>7.0f} {'yes' if ok else 'NO':>5}",
             flush=True,
         )
+    own, children = _peak_mb()
     gallery.close()
-    own, child = _peak_mb()
-    print(f"peak memory: main process {own:.0f} MB, largest worker {child:.0f} MB")
+    workers = ", ".join(f"{c:.0f}" for c in sorted(children)) or "none"
+    print(
+        f"peak memory (getrusage/VmHWM): main process {own:.0f} MB, "
+        f"gallery workers {workers} MB; total {own + sum(children):.0f} MB"
+    )
     print(
         "times: cloud = encrypted search (plaintext probe), rank = on-prem decrypt + top-5, "
         "total = both; ratio = total / numpy; enc-probe = cloud search with an edge-encrypted "

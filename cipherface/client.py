@@ -9,10 +9,32 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from cipherface import wire
-from cipherface.exceptions import WireFormatError
+from cipherface.crypto import Keyring, Metric
+from cipherface.embedding import Embedder, largest_face
+from cipherface.exceptions import SecretKeyError, WireFormatError
+from cipherface.gallery import EncryptedProbe, encrypt_probe
 from cipherface.transport.base import Consumer, Delivery, Transport
 
-__all__ = ["Client", "EventStream"]
+__all__ = ["Client", "EdgeEncryptor", "EventStream"]
+
+
+class EdgeEncryptor:
+    """Embeds and encrypts a probe at the edge, so the cloud sees neither image nor embedding.
+
+    Holds only the public context; model and metric must be the deployment's.
+    """
+
+    def __init__(self, public: Keyring, embedder: Embedder, metric: Metric) -> None:
+        if public.is_private:
+            raise SecretKeyError("an edge client must hold the public context, not the secret key")
+        self.public = public
+        self.embedder = embedder
+        self.metric = metric
+
+    def encrypt(self, image: bytes | str | os.PathLike[str]) -> EncryptedProbe:
+        """The largest face of the image, embedded and encrypted (a few seconds, ~17 MB)."""
+        face = largest_face(self.embedder.embed(image))
+        return encrypt_probe(self.public, face.embedding, self.metric)
 
 
 class EventStream:
@@ -82,6 +104,21 @@ class Client:
         await self.transport.send(
             self.transport.topology.probes, wire.encode(request), message_id=request.probe_id
         )
+        return request.probe_id
+
+    async def publish_encrypted_probe(
+        self,
+        probe: EncryptedProbe,
+        claimed_subject: str | None = None,
+        *,
+        probe_id: str | None = None,
+    ) -> str:
+        """Queue a probe encrypted at the edge (see `EdgeEncryptor`); return its id."""
+        request = wire.EncryptedProbeRequest(
+            probe_id=probe_id or wire.new_id(), probe=probe, subject=claimed_subject
+        )
+        body = wire.encode(request, fingerprint=probe.fingerprint, metric=probe.metric)
+        await self.transport.send(self.transport.topology.probes, body, message_id=request.probe_id)
         return request.probe_id
 
     @contextlib.asynccontextmanager

@@ -35,6 +35,7 @@ import tenseal as ts
 from cipherface.exceptions import (
     CiphertextError,
     ConfigError,
+    CryptoError,
     KeyMismatchError,
     SecretKeyError,
 )
@@ -405,7 +406,7 @@ def encrypted_distance(
     Single-vector dot products rotate, so the context needs Galois keys.
     """
     if not keyring.context.has_galois_keys():
-        raise SecretKeyError(
+        raise CryptoError(
             "seed-style distances need Galois keys in the context; generate with galois_keys=True"
         )
     left = keyring.load_vector(a)

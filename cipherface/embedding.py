@@ -8,10 +8,12 @@ supports; thresholds come from DeepFace's own table, never copied.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "MODELS",
     "Embedder",
+    "EmbeddingCache",
     "Face",
     "ModelSpec",
     "decode_image",
@@ -54,6 +57,9 @@ DEFAULT_DETECTOR = "opencv"
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
 #: Decompression-bomb guard: a small file may still declare a huge canvas.
 MAX_IMAGE_PIXELS = 40_000_000
+# OpenCV reads this once, when cv2 is first imported, and then refuses to allocate
+# a larger canvas; the check after decoding stays for when cv2 came in first.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -262,3 +268,31 @@ def largest_face(faces: Sequence[Face]) -> Face:
         return float(box.get("w", 0)) * float(box.get("h", 0))  # type: ignore[arg-type]
 
     return max(faces, key=area)
+
+
+class EmbeddingCache:
+    """Remembers the faces of recently seen image bytes (keyed by SHA-256).
+
+    A redelivered probe, or the same photo probed again, costs a search instead
+    of a second DeepFace pass; only successes are remembered.
+    """
+
+    def __init__(self, embedder: Embedder, size: int = 256) -> None:
+        self.embedder = embedder
+        self.size = size
+        self._faces: OrderedDict[bytes, list[Face]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def embed(self, image: bytes, *, name: str | None = None) -> list[Face]:
+        """Like `Embedder.embed` for encoded bytes, from the cache when possible."""
+        key = hashlib.sha256(image).digest()
+        with self._lock:
+            if key in self._faces:
+                self._faces.move_to_end(key)
+                return self._faces[key]
+        faces = self.embedder.embed(image, name=name)
+        with self._lock:
+            self._faces[key] = faces
+            while len(self._faces) > self.size:
+                self._faces.popitem(last=False)
+        return faces

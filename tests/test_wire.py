@@ -77,7 +77,15 @@ def test_event_routing_keys() -> None:
         (msgpack.packb({"v": 1, "type": "pickle"}), "unknown message type"),
         (
             msgpack.packb(
-                {"v": 1, "type": "probe", "id": "i", "fp": "", "model": "", "metric": "", "body": {}}
+                {
+                    "v": 1,
+                    "type": "probe",
+                    "id": "i",
+                    "fp": "",
+                    "model": "",
+                    "metric": "",
+                    "body": {},
+                }
             ),
             "missing field",
         ),

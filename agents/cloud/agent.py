@@ -21,7 +21,7 @@ import numpy as np
 from cipherface import wire
 from cipherface.config import Settings
 from cipherface.crypto import Keyring
-from cipherface.embedding import Embedder, largest_face
+from cipherface.embedding import Embedder, EmbeddingCache, largest_face
 from cipherface.exceptions import EmbeddingError, KeyMismatchError, WireFormatError
 from cipherface.gallery import EncryptedGallery
 from cipherface.metrics import instrumented
@@ -41,7 +41,7 @@ class CloudAgent:
     def __init__(self, settings: Settings, transport: Transport) -> None:
         self.settings = settings
         self.transport = transport
-        self.embedder = Embedder(settings.model, settings.detector)
+        self.embedder = EmbeddingCache(Embedder(settings.model, settings.detector))
         settings.cloud_dir.mkdir(parents=True, exist_ok=True)
         self._store_path = settings.cloud_dir / "gallery.sqlite"
         self.store = GalleryStore(self._store_path)

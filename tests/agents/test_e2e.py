@@ -31,7 +31,9 @@ def _enroll_folder(tmp: Path, faces_dir: Path, groups: dict[str, list[str]]) -> 
     return root
 
 
-async def _collect(stream: object, count: int, *, settle: float = 1.0) -> list[wire.VerificationEvent]:
+async def _collect(
+    stream: object, count: int, *, settle: float = 1.0
+) -> list[wire.VerificationEvent]:
     """Wait for ``count`` events, then a little longer to catch any duplicate."""
     events: list[wire.VerificationEvent] = []
     queue = stream._queue  # type: ignore[attr-defined]
@@ -86,7 +88,9 @@ async def test_known_stranger_and_identification(
         assert event.threshold == pytest.approx(0.07)
 
 
-async def test_bad_probes_get_error_events(enrolled: Deployment, faces_dir: Path, tmp_path: Path) -> None:
+async def test_bad_probes_get_error_events(
+    enrolled: Deployment, faces_dir: Path, tmp_path: Path
+) -> None:
     client = await enrolled.client()
     blank = tmp_path / "blank.png"
     import cv2
@@ -164,3 +168,28 @@ async def test_two_cloud_replicas_share_the_probe_queue(
     assert first is not second
     assert first.probes_served > 0 and second.probes_served > 0  # type: ignore[union-attr]
     assert first.probes_served + second.probes_served == len(ids)  # type: ignore[union-attr]
+
+
+async def test_edge_encrypted_probes_1to1_and_1toN(
+    enrolled: Deployment, faces_dir: Path, identity_groups: dict[str, list[str]]
+) -> None:
+    from cipherface.client import EdgeEncryptor
+    from cipherface.crypto import Keyring
+    from cipherface.embedding import Embedder
+
+    settings = enrolled.settings
+    public = Keyring.load(settings.public_key_path, expect="public")
+    edge = EdgeEncryptor(public, Embedder(settings.model), settings.metric)
+    probe = await asyncio.to_thread(edge.encrypt, faces_dir / identity_groups["G02"][2])
+    client = await enrolled.client()
+    async with client.events() as stream:
+        claimed = await client.publish_encrypted_probe(probe, "G02")
+        searched = await client.publish_encrypted_probe(probe)
+        events = await _collect(stream, 2)
+    by_id = {e.probe_id: e for e in events}
+    assert len(events) == 2
+    assert by_id[claimed].mode == "1:1" and by_id[claimed].verified
+    assert by_id[searched].subject == "G02" and by_id[searched].verified
+    cloud = enrolled.agents[1]
+    assert "embed" not in by_id[searched].timings  # the cloud never saw an image
+    assert cloud.probes_served >= 2  # type: ignore[union-attr]

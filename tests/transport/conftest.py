@@ -12,7 +12,9 @@ from tests.brokers import amqp_url_or_skip, unique_prefix
 
 
 @pytest.fixture(params=["memory", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
-async def transport_pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Transport, Transport]]:
+async def transport_pair(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[Transport, Transport]]:
     """Two connections to one broker under a fresh prefix: a producer and a consumer side."""
     topology = Topology(prefix=unique_prefix(), idle_queue_expiry_ms=60_000)
     if request.param == "memory":
