@@ -482,6 +482,24 @@ class EnrollmentBook:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the enrollment book at {path}: {exc}") from exc
 
+    def _changes_seen(self) -> int:
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def refresh(self) -> bool:
+        """Reload the index if another process (``cipherface enroll``) changed the book.
+
+        SQLite's ``data_version`` moves only when *another* connection commits, so
+        this is one cheap query when nothing changed; the on-prem daemon calls it
+        before it encrypts or ranks.
+        """
+        try:
+            if self._changes_seen() == self._seen_version:
+                return False
+            self._load_index()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the enrollment book: {exc}") from exc
+        return True
+
     def _check_meta(self) -> None:
         wanted = {
             "fingerprint": self.keyring.fingerprint,
@@ -503,6 +521,7 @@ class EnrollmentBook:
                 )
 
     def _load_index(self) -> None:
+        self._seen_version = self._changes_seen()
         self._where: dict[str, tuple[int, int]] = {}
         self._subject: dict[str, str] = {}
         self._layout: dict[int, list[str]] = {}
@@ -639,16 +658,25 @@ class EnrollmentBook:
     def _ship(
         self, block_id: int, row: list[str], columns: tuple[bytes, ...], norms: bytes | None
     ) -> EncryptedBlock:
-        version = self._version.get(block_id, 0) + 1
         subjects = [self._subject.get(tid, "") for tid in row]
         try:
             with self._db:
+                # Bump the version inside the write transaction, not from memory: a
+                # second writer (``cipherface enroll`` beside the daemon) can never
+                # ship two different blocks under one version.
                 self._db.execute(
-                    "INSERT INTO blocks (block_id, version, pending, shipped) VALUES (?, ?, 0, ?) "
-                    "ON CONFLICT(block_id) DO UPDATE SET version = excluded.version, pending = 0, "
-                    "shipped = excluded.shipped",
-                    (block_id, version, msgpack.packb([row, subjects])),
+                    "INSERT INTO blocks (block_id, version, pending) VALUES (?, 0, 0) "
+                    "ON CONFLICT(block_id) DO NOTHING",
+                    (block_id,),
                 )
+                self._db.execute(
+                    "UPDATE blocks SET version = version + 1, pending = 0, shipped = ? "
+                    "WHERE block_id = ?",
+                    (msgpack.packb([row, subjects]), block_id),
+                )
+                (version,) = self._db.execute(
+                    "SELECT version FROM blocks WHERE block_id = ?", (block_id,)
+                ).fetchone()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write the enrollment book: {exc}") from exc
         self._version[block_id] = version

@@ -157,6 +157,7 @@ class OnPremAgent:
         when it holds the whole gallery.
         """
         async with self._publishing:
+            self.book.refresh()
             ids = sorted(self.book.all_blocks() if block_ids is None else set(block_ids))
             context = wire.ContextUpdate(
                 context=self.keyring.public_bytes(galois_keys=False), blocks=tuple(ids)
@@ -197,6 +198,7 @@ class OnPremAgent:
         else:
             self.keyring.check(envelope.fingerprint)
             started = time.perf_counter()
+            self.book.refresh()  # `cipherface enroll` may have run beside this daemon
             matches = await asyncio.to_thread(
                 rank,
                 self.keyring,

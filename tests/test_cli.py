@@ -1,0 +1,145 @@
+"""The ``cipherface`` command, run as a user would: real processes, real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.brokers import amqp_url_or_skip, unique_prefix
+
+CLI = [sys.executable, "-m", "cipherface.cli"]
+
+
+def _env(tmp_path: Path, deepface_home: Path, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "CIPHERFACE_DATA_DIR": str(tmp_path / "data"),
+        "DEEPFACE_HOME": str(deepface_home),
+        # No downloads: a run that tried one would fail instead of quietly succeeding.
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "CIPHERFACE_LOG_LEVEL": "INFO",
+    }
+    env.pop("CIPHERFACE_AMQP_URL", None)
+    return {**env, **extra}
+
+
+def _run(
+    args: list[str], env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_keygen_writes_private_0600_and_refuses_to_overwrite(
+    tmp_path: Path, deepface_home: Path
+) -> None:
+    env = _env(tmp_path, deepface_home)
+    first = _run(["keygen"], env)
+    assert first.returncode == 0, first.stderr
+    info = json.loads(first.stdout)
+    assert stat.S_IMODE(Path(info["secret_key"]).stat().st_mode) == 0o600
+    again = _run(["keygen"], env)
+    assert again.returncode == 1
+    assert "refusing to replace keys" in again.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_offline_and_prints_results(
+    tmp_path: Path, deepface_home: Path, faces_dir: Path
+) -> None:
+    result = _run(["demo", str(faces_dir)], _env(tmp_path, deepface_home), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["probes"] == 15 and summary["enrolled"] > 30
+    assert summary["correct"] >= 12, result.stdout
+    assert sum(" OK" in line for line in lines) == summary["correct"]
+
+
+@pytest.fixture
+def daemons(tmp_path: Path, deepface_home: Path, faces_dir: Path) -> Iterator[dict[str, object]]:
+    """keygen, on-prem and one cloud daemon on RabbitMQ, G01 and G02 enrolled via the CLI."""
+    url = amqp_url_or_skip()
+    env = _env(tmp_path, deepface_home, CIPHERFACE_AMQP_URL=url, CIPHERFACE_PREFIX=unique_prefix())
+    assert _run(["keygen"], env).returncode == 0
+    port = _free_port()
+    logs = {name: (tmp_path / f"{name}.log").open("w+") for name in ("onprem", "cloud")}
+    procs = {
+        "onprem": subprocess.Popen([*CLI, "onprem"], env=env, stderr=logs["onprem"]),
+        "cloud": subprocess.Popen(
+            [*CLI, "cloud", "--replica", "c1", "--metrics-port", str(port)],
+            env=env,
+            stderr=logs["cloud"],
+        ),
+    }
+    enroll = tmp_path / "enroll"
+    for group, names in {"G01": ["img1.jpg", "img2.jpg"], "G02": ["img3.jpg", "img12.jpg"]}.items():
+        (enroll / group).mkdir(parents=True)
+        for name in names:
+            (enroll / group / name).symlink_to(faces_dir / name)
+    try:
+        enrolled = _run(["enroll", str(enroll)], env)
+        assert enrolled.returncode == 0, enrolled.stderr
+        assert json.loads(enrolled.stdout)["enrolled"] == 4
+        yield {"env": env, "procs": procs, "logs": logs, "metrics_port": port}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in logs.values():
+            log.close()
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+def test_probe_watch_metrics_and_graceful_shutdown(
+    daemons: dict[str, object], faces_dir: Path
+) -> None:
+    env: dict[str, str] = daemons["env"]  # type: ignore[assignment]
+    procs: dict[str, subprocess.Popen[bytes]] = daemons["procs"]  # type: ignore[assignment]
+    watcher = subprocess.Popen(
+        [*CLI, "watch", "--count", "2"], env=env, stdout=subprocess.PIPE, text=True
+    )
+    time.sleep(3)  # let the watcher bind its queue before the probes
+    verified = _run(["probe", str(faces_dir / "img5.jpg"), "--subject", "G01"], env)
+    assert verified.returncode == 0, verified.stderr
+    event = json.loads(verified.stdout)
+    assert event["verified"] is True, event
+    assert event["subject"] == "G01" and event["mode"] == "1:1"
+    searched = json.loads(_run(["probe", str(faces_dir / "img53.jpg")], env).stdout)
+    assert searched["subject"] == "G02" and searched["mode"] == "1:N"
+    out, _ = watcher.communicate(timeout=60)
+    watched = [json.loads(line) for line in out.strip().splitlines()]
+    assert {e["probe_id"] for e in watched} == {event["probe_id"], searched["probe_id"]}
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemons['metrics_port']}/metrics") as page:
+        metrics = page.read().decode()
+    assert 'cipherface_messages_total{agent="cloud",kind="probes",outcome="ok"} 2.0' in metrics
+    assert "cipherface_handle_seconds_bucket" in metrics
+
+    for name, proc in procs.items():
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, name
+        log = daemons["logs"][name]  # type: ignore[index]
+        log.seek(0)
+        assert "draining in-flight work" in log.read()
