@@ -335,9 +335,16 @@ class Keyring:
         """Write the secret context as base64 text, created with mode 0600."""
         _write_private(Path(path), base64.b64encode(self.secret_bytes()))
 
-    def save_public(self, path: str | os.PathLike[str], *, galois_keys: bool | None = None) -> None:
+    def save_public(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        galois_keys: bool | None = None,
+        relin_keys: bool = True,
+    ) -> None:
         """Write the public context as base64 text (the original CipherFace format)."""
-        Path(path).write_bytes(base64.b64encode(self.public_bytes(galois_keys=galois_keys)))
+        data = self.public_bytes(galois_keys=galois_keys, relin_keys=relin_keys)
+        Path(path).write_bytes(base64.b64encode(data))
 
     def public(self) -> Keyring:
         """A keyring holding only the public part of this one."""

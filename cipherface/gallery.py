@@ -971,9 +971,12 @@ class EncryptedGallery:
         held = self._layouts.get(block.block_id)
         if held is not None and held.version >= block.version:
             return False
-        if self.store is not None and not self.store.save_block(block):
-            return False
+        # Install (which deserializes every ciphertext and checks metric and
+        # dimensions) before persisting: a block that fails must never reach the
+        # store, or the replica could not load its gallery again after a restart.
         self._install(block)
+        if self.store is not None:
+            self.store.save_block(block)
         return True
 
     def _install(self, block: EncryptedBlock) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import cipherface
+from cipherface.embedding import Embedder, largest_face
 
 #: The photos live beside the project, never inside it (see the folder's README).
 DEFAULT_FACES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"
@@ -34,3 +37,16 @@ def deepface_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         patch.setenv("DEEPFACE_HOME", str(home))
         cipherface.install_weights()
         yield home
+
+
+@pytest.fixture(scope="session")
+def portrait_embeddings(faces_dir: Path) -> dict[str, np.ndarray]:
+    """Dlib embedding (largest face, opencv detector) of every labelled portrait, once."""
+    with (faces_dir / "identities.csv").open(newline="") as handle:
+        names = sorted(row["file"] for row in csv.DictReader(handle))
+    with (faces_dir / "pairs.csv").open(newline="") as handle:
+        names = sorted(
+            set(names) | {row[k] for row in csv.DictReader(handle) for k in ("image_a", "image_b")}
+        )
+    embedder = Embedder("Dlib", "opencv")
+    return {name: largest_face(embedder.embed(faces_dir / name)).embedding for name in names}

@@ -11,7 +11,6 @@ from deepface.modules.verification import find_distance, find_threshold
 
 from cipherface import CipherFace, EncryptedVector, SecretKeyError
 from cipherface.crypto import Metric
-from cipherface.embedding import Embedder, largest_face
 from cipherface.exceptions import ConfigError, KeyMismatchError
 
 #: |restored - DeepFace distance (squared for euclidean)| allowed on real Dlib embeddings:
@@ -135,14 +134,6 @@ def test_distance_from_another_key_is_refused(faces_dir: Path) -> None:
 # -- every labelled pair -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def pair_embeddings(faces_dir: Path) -> dict[str, np.ndarray]:
-    """The Dlib embedding (largest face, opencv detector) of every image in pairs.csv, once."""
-    names = sorted({name for a, b, _ in read_pairs(faces_dir) for name in (a, b)})
-    embedder = Embedder("Dlib", "opencv")
-    return {name: largest_face(embedder.embed(faces_dir / name)).embedding for name in names}
-
-
 def read_pairs(faces_dir: Path) -> list[tuple[str, str, bool]]:
     """(image_a, image_b, same_person) rows of pairs.csv."""
     with (faces_dir / "pairs.csv").open(newline="") as handle:
@@ -155,7 +146,7 @@ def read_pairs(faces_dir: Path) -> list[tuple[str, str, bool]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_encrypted_decisions_equal_deepface_on_every_pair(
-    faces_dir: Path, pair_embeddings: dict[str, np.ndarray], metric: str
+    faces_dir: Path, portrait_embeddings: dict[str, np.ndarray], metric: str
 ) -> None:
     pairs = read_pairs(faces_dir)
     assert len(pairs) == 520
@@ -163,16 +154,18 @@ def test_encrypted_decisions_equal_deepface_on_every_pair(
     onprem = CipherFace(facial_recognition_model="Dlib", distance_metric=metric)
     cloud = CipherFace(facial_recognition_model="Dlib", distance_metric=metric)
     cloud.keyring = onprem.keyring.public()  # what the cloud really holds
-    encrypted = {name: cloud.encrypt(e) for name, e in pair_embeddings.items()}
+    encrypted = {name: cloud.encrypt(e) for name, e in portrait_embeddings.items()}
 
     plain_right = encrypted_right = 0
     for a, b, same in pairs:
-        plain = float(find_distance(pair_embeddings[a], pair_embeddings[b], metric))
+        plain = float(find_distance(portrait_embeddings[a], portrait_embeddings[b], metric))
         plain_same = plain <= limit
         expected = plain**2 if Metric(metric).squared else plain
 
         both = onprem.restore(cloud.calculate_encrypted_distance(encrypted[a], encrypted[b]))
-        half = onprem.restore(cloud.calculate_encrypted_distance(encrypted[a], pair_embeddings[b]))
+        half = onprem.restore(
+            cloud.calculate_encrypted_distance(encrypted[a], portrait_embeddings[b])
+        )
         for restored in (both, half):
             assert restored == pytest.approx(expected, abs=DISTANCE_TOLERANCE), (a, b)
             assert onprem.verify(restored) == plain_same, (a, b, plain, limit)
