@@ -1,5 +1,7 @@
 """CipherFace: face recognition where the cloud matches embeddings it cannot read."""
 
+from cipherface.client import Client, EdgeEncryptor
+from cipherface.config import Settings
 from cipherface.core import CipherFace
 from cipherface.crypto import (
     DEFAULT_PRESET,
@@ -26,6 +28,7 @@ from cipherface.exceptions import (
     UnknownModelError,
     WireFormatError,
 )
+from cipherface.gallery import EncryptedGallery, EnrollmentBook
 
 __version__ = "0.1.0"
 
@@ -36,11 +39,15 @@ __all__ = [
     "CipherFace",
     "CipherFaceError",
     "CiphertextError",
+    "Client",
     "ConfigError",
     "CryptoError",
+    "EdgeEncryptor",
     "Embedder",
     "EmbeddingError",
+    "EncryptedGallery",
     "EncryptedVector",
+    "EnrollmentBook",
     "Face",
     "ImageDecodeError",
     "KeyMismatchError",
@@ -51,6 +58,7 @@ __all__ = [
     "NoFaceError",
     "Preset",
     "SecretKeyError",
+    "Settings",
     "StoreError",
     "TransportError",
     "UnknownModelError",

@@ -163,6 +163,10 @@ def decode_image(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
     try:
         image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     except cv2.error as exc:
+        if "MAX_IMAGE_PIXELS" in str(exc):
+            raise ImageDecodeError(
+                f"{name}: image exceeds the {MAX_IMAGE_PIXELS}-pixel limit"
+            ) from exc
         raise ImageDecodeError(f"{name}: not a decodable image ({exc})") from exc
     if image is None:
         raise ImageDecodeError(f"{name}: not a decodable image (corrupt or unsupported format)")

@@ -87,6 +87,8 @@ class OnPremAgent:
         self.ledger = ProbeLedger(settings.onprem_dir / "ledger.sqlite")
         self._consumers: list[Consumer] = []
         self._publishing = asyncio.Lock()
+        #: Probes whose result is being turned into an event right now.
+        self._deciding: set[str] = set()
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -192,32 +194,41 @@ class OnPremAgent:
         envelope = wire.decode(delivery.body, expect=(wire.ScoresReady, wire.ProbeRejected))
         result = envelope.message
         assert isinstance(result, (wire.ScoresReady, wire.ProbeRejected))
-        if self.ledger.seen(result.probe_id):
+        # Two deliveries of one probe's result may be in flight at once (a replica's
+        # scores redelivered after a broker restart while its retry arrives): the
+        # ledger is only written after publishing, so check in-flight work too.
+        if result.probe_id in self._deciding or self.ledger.seen(result.probe_id):
+            if result.probe_id in self._deciding:
+                self.ledger.duplicates += 1
             log.info("probe %s already has its event; duplicate suppressed", result.probe_id)
             return
-        if isinstance(result, wire.ProbeRejected):
-            event = self._event(result, error=f"{result.error}: {result.reason}")
-        else:
-            self.keyring.check(envelope.fingerprint)
-            started = time.perf_counter()
-            self.book.refresh()  # `cipherface enroll` may have run beside this daemon
-            matches = await asyncio.to_thread(
-                rank,
-                self.keyring,
-                self.book,
-                result.scores,
-                subject=result.subject,
-                top_k=self.settings.top_k,
+        self._deciding.add(result.probe_id)
+        try:
+            if isinstance(result, wire.ProbeRejected):
+                event = self._event(result, error=f"{result.error}: {result.reason}")
+            else:
+                self.keyring.check(envelope.fingerprint)
+                started = time.perf_counter()
+                self.book.refresh()  # `cipherface enroll` may have run beside this daemon
+                matches = await asyncio.to_thread(
+                    rank,
+                    self.keyring,
+                    self.book,
+                    result.scores,
+                    subject=result.subject,
+                    top_k=self.settings.top_k,
+                )
+                decrypt = time.perf_counter() - started
+                event = self._decide(result, matches, decrypt)
+            await self.transport.publish(
+                self.transport.topology.events,
+                event.routing_key,
+                wire.encode(event, model=self.settings.model, metric=self.settings.metric.value),
+                message_id=event.probe_id,
             )
-            decrypt = time.perf_counter() - started
-            event = self._decide(result, matches, decrypt)
-        await self.transport.publish(
-            self.transport.topology.events,
-            event.routing_key,
-            wire.encode(event, model=self.settings.model, metric=self.settings.metric.value),
-            message_id=event.probe_id,
-        )
-        self.ledger.record(result.probe_id, time.time())
+            self.ledger.record(result.probe_id, time.time())
+        finally:
+            self._deciding.discard(result.probe_id)
 
     def _decide(
         self, result: wire.ScoresReady, matches: list[Match], decrypt: float

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from cipherface.exceptions import CipherFaceError, TransportError
 
@@ -27,6 +27,7 @@ __all__ = [
     "Outcome",
     "Topology",
     "Transport",
+    "TransportBase",
     "settle",
 ]
 
@@ -157,6 +158,32 @@ async def settle(handler: Handler, delivery: Delivery) -> tuple[Outcome, str]:
         log.debug("traceback", exc_info=True)
         return Outcome.DEAD_LETTER, reason
     return Outcome.ACK, ""
+
+
+T = TypeVar("T", bound="TransportBase")
+
+
+class TransportBase:
+    """What both transports share: ``async with`` opens the transport, leaving closes it."""
+
+    async def open(self) -> None:
+        """Connect and declare the topology (nothing to do for some transports)."""
+
+    async def close(self) -> None:
+        """Release the connection."""
+        raise NotImplementedError
+
+    async def __aenter__(self: T) -> T:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
 
 
 @runtime_checkable

@@ -14,7 +14,6 @@ import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from types import TracebackType
 
 from cipherface.exceptions import TransportError
 from cipherface.transport.base import (
@@ -24,6 +23,7 @@ from cipherface.transport.base import (
     Handler,
     Outcome,
     Topology,
+    TransportBase,
     settle,
 )
 
@@ -149,7 +149,7 @@ class _MemoryConsumer:
             self._transport.broker.delete_queue(self._queue_name)
 
 
-class MemoryTransport:
+class MemoryTransport(TransportBase):
     """`Transport` on a `MemoryBroker`."""
 
     def __init__(self, broker: MemoryBroker, topology: Topology | None = None) -> None:
@@ -167,17 +167,6 @@ class MemoryTransport:
         self.broker.bind(t.dead_letters, t.dead_letter_exchange, "#")
         for name in t.work_queues:
             self.broker.declare_queue(name)
-
-    async def __aenter__(self) -> MemoryTransport:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def send(self, queue: str, body: bytes, *, message_id: str | None = None) -> None:
         """Put a message on a queue (created if needed, as RabbitMQ agents declare it)."""

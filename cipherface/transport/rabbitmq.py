@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 import aio_pika
@@ -34,6 +33,7 @@ from cipherface.transport.base import (
     Handler,
     Outcome,
     Topology,
+    TransportBase,
     settle,
 )
 
@@ -105,7 +105,7 @@ class _RabbitConsumer:
                 task.cancel()
 
 
-class RabbitMQTransport:
+class RabbitMQTransport(TransportBase):
     """`Transport` on RabbitMQ. Use as ``async with RabbitMQTransport(url) as t``."""
 
     def __init__(self, url: str, topology: Topology | None = None) -> None:
@@ -115,18 +115,6 @@ class RabbitMQTransport:
         self._publisher: AbstractChannel | None = None
         self._consumers: list[_RabbitConsumer] = []
         self._declared: set[str] = set()
-
-    async def __aenter__(self) -> RabbitMQTransport:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def _queue_arguments(self, name: str) -> dict[str, Any]:
         arguments: dict[str, Any] = {}
@@ -138,7 +126,7 @@ class RabbitMQTransport:
             arguments["x-expires"] = self.topology.idle_queue_expiry_ms
         return arguments
 
-    async def connect(self) -> None:
+    async def open(self) -> None:
         """Connect (robustly) and declare the topology, idempotently."""
         try:
             self._connection = await aio_pika.connect_robust(self.url, timeout=10)
