@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 _CONNECTION_ERRORS = (
     aio_pika.exceptions.AMQPError,
     aiormq.exceptions.AMQPError,
+    # Raised (a RuntimeError, not an AMQPError) by a robust channel used while the
+    # broker restarts: without it a handler's publish dead-letters good work, and
+    # the delivery is left unsettled, starving the consumer of its prefetch slots.
+    aiormq.exceptions.ChannelInvalidStateError,
     ConnectionError,
     OSError,
     asyncio.TimeoutError,
@@ -86,7 +90,13 @@ class _RabbitConsumer:
             elif outcome is Outcome.REQUEUE:
                 await message.nack(requeue=True)
             else:
-                await self._transport.dead_letter(message, self._queue.name, reason)
+                try:
+                    await self._transport.dead_letter(message, self._queue.name, reason)
+                except _CONNECTION_ERRORS:
+                    # The publishing channel is down (mid-reconnect) while this delivery's
+                    # channel may live: hand the message back rather than hold it unsettled.
+                    await message.nack(requeue=True)
+                    raise
                 await message.ack()
         except _CONNECTION_ERRORS as exc:
             # The channel is gone: the broker requeues the unacked message itself.

@@ -73,7 +73,9 @@ class FaultCluster:
             [str(CLI), *args], env=self.env, capture_output=True, timeout=timeout, check=False
         )
         if done.returncode != 0:
-            raise RuntimeError(f"cipherface {' '.join(args)} failed: {done.stderr.decode()[-2000:]}")
+            raise RuntimeError(
+                f"cipherface {' '.join(args)} failed: {done.stderr.decode()[-2000:]}"
+            )
         return done.stdout.decode()
 
     def enroll(self, faces_dir: Path, groups: dict[str, list[str]]) -> None:
@@ -129,7 +131,7 @@ class FaultCluster:
     def stop(self) -> dict[str, int | None]:
         """SIGTERM every daemon (graceful), SIGKILL what does not stop; their exit codes."""
         codes: dict[str, int | None] = {}
-        for role, process in list(self.processes.items()):
+        for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         for role, process in list(self.processes.items()):
@@ -348,7 +350,10 @@ def cluster(
                 )
             )
         # Graceful shutdown after all the faults: both daemons exit cleanly.
-        assert all(code == 0 for code in codes.values()), (codes, cluster.log_text("onprem")[-2000:])
+        assert all(code == 0 for code in codes.values()), (
+            codes,
+            cluster.log_text("onprem")[-2000:],
+        )
 
 
 def _groups(faces_dir: Path) -> dict[str, list[str]]:
