@@ -95,8 +95,8 @@ def _one_to_one(args: argparse.Namespace, rng: np.random.Generator) -> dict[str,
     keys = Keyring.generate(args.preset, relin_keys=False)
     public = Keyring.from_bytes(keys.public_bytes(galois_keys=False), expect="public")
     book = EnrollmentBook(keys, metric, args.dim)
-    slots = book.slots
-    gallery_vectors = _embeddings(rng, slots, args.dim)
+    # One full block: both templates of every slot, so verify_pairs needs two rounds.
+    gallery_vectors = _embeddings(rng, book.capacity, args.dim)
     book.add_many((f"s{i}", v, f"t{i}") for i, v in enumerate(gallery_vectors))
     with EncryptedGallery(public, workers=1) as gallery:
         for block in book.encrypt_blocks():

@@ -2,18 +2,25 @@
 
 Layout
 ------
-Templates are grouped in *blocks* of up to ``S = N/2`` slots (4096 at N=8192,
-8192 at N=16384). Block ``b`` of a ``d``-dimensional gallery is ``d`` ciphertexts,
-*columns*: column ``j`` holds component ``j`` of every template of the block, slot
-``i`` belonging to the template in slot ``i``. The inner products of one probe
-``p`` with all ``S`` templates are then ``sum_j p_j * C_j``: ``d`` scalar products
-and additions, with no rotation, so the cloud needs no Galois keys (and, since
-nothing is relinearised, no relinearisation keys either)::
+A ciphertext has ``S = N/2`` complex slots (4096 at N=8192), and each slot holds
+*two* templates' values: templates are grouped in *blocks* of up to ``2S``, and
+the template at position ``k`` of a block lives in slot ``k % S``, in the real
+part if ``k < S`` and in the imaginary part otherwise (so decryption is the real
+parts followed by the imaginary parts). Block ``b`` of a ``d``-dimensional gallery
+is ``d`` ciphertexts, *columns*: column ``j`` holds component ``j`` of every
+template of the block. The inner products of one probe ``p`` with all ``2S``
+templates are then ``sum_j w_j * C_j``: with a *real* weight,
+``w (a + ib) = wa + i wb`` keeps the two templates of a slot apart. That is ``d``
+scalar products and additions, with no rotation, so the cloud needs no Galois
+keys (and, since nothing is relinearised, no relinearisation keys either)::
 
-    score = [||g||^2] + sum_j w_j * C_j + c
+    score = [||g||^2] + sum_j w_j * C_j + c(1 + i)
     euclidean     w = -2p,  c = ||p||^2,  plus an encrypted ||g||^2 column
     euclidean_l2  w = -2p,  c = 2         (unit vectors: ||g|| = ||p|| = 1)
     cosine        w = -p,   c = 1
+
+Constants are added as ``c + ic`` so that both parts receive them; the edge's
+encrypted ``||p||^2`` is encrypted that way too.
 
 Measured on the 2-core benchmark machine (N=8192, 128-d):
 
@@ -23,26 +30,32 @@ Measured on the 2-core benchmark machine (N=8192, 128-d):
   is a third of a fresh one (131 KB instead of 235 KB in memory).
 - On-prem encrypts columns *symmetrically* with the secret key, and ships them
   seeded (SEAL stores the 64-byte PRNG seed instead of the uniform half): 65.7 KB
-  per column instead of 131 KB, i.e. about 2.05 KB per 128-d template
-  (2.1 KB with the euclidean norm column) against 331 KB seed-style.
-- A plaintext probe costs 128 plaintext multiplications per block of 4096
-  templates: about 7 ms, i.e. ~580,000 inner products per second per core.
+  per column instead of 131 KB; with two templates per slot that is about
+  1.03 KB per 128-d template (1.04 KB with the euclidean norm column) against
+  230 KB seed-style (one ciphertext per template).
+- A plaintext probe costs 128 plaintext multiplications per block of 8192
+  templates: about 8 ms, i.e. ~1,000,000 inner products per second per core.
   An encrypted probe (``d`` ciphertexts, each one probe component in every slot,
   made with the public key at the edge) costs 128 ciphertext products, left
-  unrelinearised: about 14 ms per block (~290,000 per second per core). The
+  unrelinearised: about 16 ms per block (~520,000 per second per core). The
   decrypted score then has three components, which decryption handles.
+- A million templates are 123 blocks: 0.48 s of cloud search and 0.18 s of
+  on-prem decryption and top-5 on 2 cores, 25x plaintext numpy. Batched 1:1
+  (`verify_pairs`) needs two rounds for a full block and verifies ~56,000
+  claims per second, 380x one-ciphertext-per-template verification.
 - TenSEAL's SEAL bindings hold the GIL, so threads do not parallelise; with
   ``workers > 1`` the gallery shards its blocks over worker *processes* that each
   deserialize and keep their share, and searches fan out to all of them.
-- Precision: plaintext probes decrypt within ~3e-5 of numpy, encrypted probes
-  within ~3e-4 (public-key encryption noise at scale 2^25). Scores must stay
-  below 2^9 in magnitude, which limits euclidean embeddings to
-  ``||x||^2 <= MAX_SQUARED_NORM``.
+- Precision, the same in both parts of a slot: plaintext probes decrypt within
+  ~5e-5 of numpy on scores of order 1 (1e-4 on raw euclidean distances near 10),
+  encrypted probes within ~4e-4 (9e-4), from public-key encryption noise at
+  scale 2^25. Scores must stay below 2^9 in magnitude, which limits euclidean
+  embeddings to ``||x||^2 <= MAX_SQUARED_NORM``.
 
 Who knows what: the cloud sees template ids and subject labels (it must, to route
 1:1 requests), never embeddings or distances. On-prem is the layout authority: the
-`EnrollmentBook` decides which template sits in which slot, and `rank` maps
-decrypted slots back to subjects through the book, for the block version the
+`EnrollmentBook` decides which template sits at which position, and `rank` maps
+decrypted positions back to subjects through the book, for the block version the
 scores were computed on, so a stale or tampered cloud label cannot name a match.
 """
 
@@ -106,6 +119,9 @@ _SCORE_SCALE = 2.0 ** (2 * _SCALE_BITS)
 #: Euclidean embeddings above this squared norm could push a squared distance
 #: (at most 4x this) past the 2^9 headroom, where CKKS wraps around silently.
 MAX_SQUARED_NORM = 120.0
+#: A real weight multiplies both templates of a slot, but a constant added to the
+#: scores must be c + ic to reach the imaginary part's template as well.
+_BOTH_PARTS = 1 + 1j
 
 
 # -- SEAL plumbing -------------------------------------------------------------------
@@ -129,6 +145,8 @@ class _Seal:
         self.encoder = sealapi.CKKSEncoder(self.context)
         self.evaluator = sealapi.Evaluator(self.context)
         self.slots = int(self.encoder.slot_count())
+        #: Templates per block: one in the real and one in the imaginary part of each slot.
+        self.capacity = 2 * self.slots
         self.public = sealapi.Encryptor(self.context, keyring.context.public_key().data)
         self.secret: Any = None
         self.decryptor: Any = None
@@ -141,7 +159,9 @@ class _Seal:
         os.close(fd)
         weakref.finalize(self, _unlink, self._path)
 
-    def plain(self, value: float | Sequence[float], scale: float) -> Any:
+    def plain(
+        self, value: float | complex | Sequence[float] | Sequence[complex], scale: float
+    ) -> Any:
         plain = sealapi.Plaintext()
         self.encoder.encode(value, self.level, scale, plain)
         return plain
@@ -163,13 +183,29 @@ class _Seal:
             raise CiphertextError("gallery ciphertexts must be at the lowest modulus level")
         return ciphertext
 
+    def pack(self, values: np.ndarray) -> list[complex]:
+        """Template-ordered values (at most `capacity`) as complex slots.
+
+        Template ``k`` goes to slot ``k % slots``: the real part for ``k < slots``,
+        the imaginary part otherwise, so `unpack` is a concatenation.
+        """
+        packed = np.zeros(self.slots, dtype=np.complex128)
+        packed.real[: min(values.size, self.slots)] = values[: self.slots]
+        packed.imag[: max(values.size - self.slots, 0)] = values[self.slots :]
+        return packed.tolist()
+
+    def unpack(self, plain: Any) -> np.ndarray:
+        """Inverse of `pack`: all `capacity` values of a decrypted plaintext, in template order."""
+        packed = np.asarray(self.encoder.decode_complex(plain), dtype=np.complex128)
+        return np.concatenate([packed.real, packed.imag])
+
     def encrypt_seeded(self, values: np.ndarray, scale: float) -> bytes:
-        """Symmetric encryption, serialized with the seed in place of the random half."""
+        """Symmetric encryption of `pack`ed ``values``, the seed serialized for the random half."""
         if self.secret is None:
             raise SecretKeyError("gallery blocks are encrypted on-prem, with the secret key")
-        return self.dump(self.secret.encrypt_symmetric(self.plain(values.tolist(), scale)))
+        return self.dump(self.secret.encrypt_symmetric(self.plain(self.pack(values), scale)))
 
-    def encrypt_public(self, value: float, scale: float) -> bytes:
+    def encrypt_public(self, value: float | complex, scale: float) -> bytes:
         ciphertext = sealapi.Ciphertext()
         self.public.encrypt(self.plain(value, scale), ciphertext)
         return self.dump(ciphertext)
@@ -179,7 +215,7 @@ class _Seal:
             raise SecretKeyError("only on-prem, holding the secret key, can decrypt scores")
         plain = sealapi.Plaintext()
         self.decryptor.decrypt(self.load(data), plain)
-        return np.asarray(self.encoder.decode_double(plain), dtype=np.float64)
+        return self.unpack(plain)
 
 
 def _unlink(path: str) -> None:
@@ -192,7 +228,7 @@ def _unlink(path: str) -> None:
 def _encrypt_columns(
     seal: _Seal, matrix: np.ndarray, metric: Metric
 ) -> tuple[tuple[bytes, ...], bytes | None]:
-    """Columns (and the euclidean norm column) of one block; ``matrix`` is slots x d."""
+    """Columns (and the euclidean norm column) of one block; ``matrix`` is templates x d."""
     columns = tuple(seal.encrypt_seeded(matrix[:, j], _VALUE_SCALE) for j in range(matrix.shape[1]))
     norms = None
     if metric is Metric.EUCLIDEAN:
@@ -256,8 +292,9 @@ def _metric(data: Mapping[str, object]) -> str:
 class EncryptedBlock:
     """One column-packed block: what on-prem ships and the cloud stores.
 
-    ``columns[j]`` is a seeded ciphertext holding component ``j`` of the template in
-    every slot; ``norms`` holds ``||g||^2`` per slot for the euclidean metric.
+    ``columns[j]`` is a seeded ciphertext holding component ``j`` of every template
+    of the block, two per slot (see the module docstring); ``norms`` holds each
+    template's ``||g||^2`` the same way, for the euclidean metric.
     """
 
     block_id: int
@@ -266,7 +303,7 @@ class EncryptedBlock:
     fingerprint: str
     metric: str
     dimensions: int
-    #: One per allocated slot; '' marks a freed slot.
+    #: One per allocated position, in position order; '' marks a freed one.
     template_ids: tuple[str, ...]
     subjects: tuple[str, ...]
     columns: tuple[bytes, ...]
@@ -316,9 +353,10 @@ class EncryptedBlock:
 class BlockScores:
     """Encrypted scores of one block, cloud -> on-prem.
 
-    Slot ``i`` of ``scores`` decrypts to the metric's value (squared for euclidean
-    metrics) against the template in slot ``i``. For batched 1:1 (`verify_pairs`),
-    ``pairs[i]`` is the index of the pair scored in slot ``i`` (-1: none).
+    ``scores`` decrypts, at position ``k``, to the metric's value (squared for
+    euclidean metrics) against the block's template ``k``. For batched 1:1
+    (`verify_pairs`), ``pairs[k]`` is the index of the pair scored at position ``k``
+    (-1: none, and that position's value is meaningless).
     """
 
     block_id: int
@@ -405,7 +443,7 @@ def encrypt_probe(keyring: Keyring, embedding: np.ndarray, metric: Metric) -> En
     columns = tuple(seal.encrypt_public(factor * float(v), _VALUE_SCALE) for v in vector)
     norm = None
     if metric is Metric.EUCLIDEAN:
-        norm = seal.encrypt_public(float(vector @ vector), _SCORE_SCALE)
+        norm = seal.encrypt_public(float(vector @ vector) * _BOTH_PARTS, _SCORE_SCALE)
     return EncryptedProbe(
         fingerprint=keyring.fingerprint,
         metric=metric.value,
@@ -446,7 +484,7 @@ class _Shipped:
 
 
 class EnrollmentBook:
-    """On-prem plaintext templates and their slots: the authority on the layout.
+    """On-prem plaintext templates and their positions: the authority on the layout.
 
     Embeddings are kept (prepared for the metric) so that a block can be
     re-encrypted whole after an addition or removal; ``path`` is a SQLite file,
@@ -468,7 +506,8 @@ class EnrollmentBook:
         self.metric = Metric.parse(metric)
         self.dimensions = dimensions
         self._seal = _Seal(keyring)
-        self.slots = self._seal.slots
+        #: Templates per block (twice the CKKS slot count: see the module docstring).
+        self.capacity = self._seal.capacity
         self.path = None if path is None else Path(path)
         try:
             self._db = sqlite3.connect(
@@ -505,7 +544,7 @@ class EnrollmentBook:
             "fingerprint": self.keyring.fingerprint,
             "metric": self.metric.value,
             "dimensions": str(self.dimensions),
-            "slots": str(self.slots),
+            "capacity": str(self.capacity),
         }
         stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         if not stored:
@@ -514,7 +553,14 @@ class EnrollmentBook:
             return
         if stored.get("fingerprint") != wanted["fingerprint"]:
             raise KeyMismatchError(wanted["fingerprint"], str(stored.get("fingerprint")))
-        for key in ("metric", "dimensions", "slots"):
+        if "capacity" not in stored:
+            # Books of the one-template-per-slot layout recorded "slots" instead: their
+            # slot numbers mean other positions now, so they cannot be read as they are.
+            raise ConfigError(
+                f"the book at {self.path} uses the older one-template-per-slot layout; "
+                "enroll its templates into a new book"
+            )
+        for key in ("metric", "dimensions", "capacity"):
             if stored.get(key) != wanted[key]:
                 raise ConfigError(
                     f"the book at {self.path} has {key}={stored.get(key)}, not {wanted[key]}"
@@ -548,14 +594,14 @@ class EnrollmentBook:
                 )
         # Freed slots are reused lowest first, so blocks stay dense and few.
         self._free = [
-            block * self.slots + slot
+            block * self.capacity + slot
             for block, row in self._layout.items()
             for slot, tid in enumerate(row)
             if not tid
         ]
         heapq.heapify(self._free)
         self._end = max(
-            (block * self.slots + len(row) for block, row in self._layout.items()), default=0
+            (block * self.capacity + len(row) for block, row in self._layout.items()), default=0
         )
 
     # -- changes ----------------------------------------------------------------------
@@ -588,7 +634,7 @@ class EnrollmentBook:
         for template_id, subject, blob in rows:
             index = heapq.heappop(self._free) if self._free else self._end
             self._end = max(self._end, index + 1)
-            block, slot = divmod(index, self.slots)
+            block, slot = divmod(index, self.capacity)
             placed.append((template_id, subject, block, slot, blob))
         try:
             with self._db:
@@ -606,7 +652,7 @@ class EnrollmentBook:
         return [p[0] for p in placed]
 
     def remove(self, template_id: str) -> None:
-        """Withdraw one template; its slot is freed and its block becomes pending."""
+        """Withdraw one template; its position is freed and its block becomes pending."""
         try:
             block, slot = self._where[template_id]
         except KeyError:
@@ -619,7 +665,7 @@ class EnrollmentBook:
             raise StoreError(f"cannot write the enrollment book: {exc}") from exc
         del self._where[template_id], self._subject[template_id]
         self._layout[block][slot] = ""
-        heapq.heappush(self._free, block * self.slots + slot)
+        heapq.heappush(self._free, block * self.capacity + slot)
 
     def remove_subject(self, subject: str) -> int:
         """Withdraw every template of ``subject``; returns how many there were."""
@@ -661,17 +707,20 @@ class EnrollmentBook:
         subjects = [self._subject.get(tid, "") for tid in row]
         try:
             with self._db:
-                # Bump the version inside the write transaction, not from memory: a
-                # second writer (``cipherface enroll`` beside the daemon) can never
-                # ship two different blocks under one version.
+                # The version moves inside the write transaction, not from memory, so a
+                # second writer (``cipherface enroll`` beside the daemon) can never ship
+                # two different blocks under one version. It moves only when the block
+                # changed: re-shipping an unchanged block (a replica's sync) keeps the
+                # version, so scores computed on the copy a replica holds stay valid.
                 self._db.execute(
-                    "INSERT INTO blocks (block_id, version, pending) VALUES (?, 0, 0) "
+                    "INSERT INTO blocks (block_id, version, pending) VALUES (?, 0, 1) "
                     "ON CONFLICT(block_id) DO NOTHING",
                     (block_id,),
                 )
                 self._db.execute(
-                    "UPDATE blocks SET version = version + 1, pending = 0, shipped = ? "
-                    "WHERE block_id = ?",
+                    "UPDATE blocks SET version = version + "
+                    "(CASE WHEN pending = 1 OR shipped IS NULL THEN 1 ELSE 0 END), "
+                    "pending = 0, shipped = ? WHERE block_id = ?",
                     (msgpack.packb([row, subjects]), block_id),
                 )
                 (version,) = self._db.execute(
@@ -697,7 +746,7 @@ class EnrollmentBook:
         )
 
     def encrypt_block(self, block_id: int) -> EncryptedBlock:
-        """Re-encrypt a whole block under a new version and clear its pending mark."""
+        """Re-encrypt a whole block and clear its pending mark (new version if it changed)."""
         if block_id not in self._layout:
             raise ConfigError(f"no block {block_id}")
         matrix, row = self._matrix(block_id)
@@ -744,7 +793,7 @@ class EnrollmentBook:
         return self._shipped.get(block_id)
 
     def slot_of(self, template_id: str) -> tuple[int, int]:
-        """(block, slot) a template occupies."""
+        """(block, position in the block) a template occupies."""
         try:
             return self._where[template_id]
         except KeyError:
@@ -831,13 +880,13 @@ class _Engine:
                 matrix, consts = request[1][block_id]
                 probe = [seal.plain(matrix[j].tolist(), _VALUE_SCALE) for j in range(len(matrix))]
                 result = self._combine(columns, probe, False)
-                self._add(result, seal.plain(consts.tolist(), _SCORE_SCALE))
+                self._add(result, seal.plain((consts * _BOTH_PARTS).tolist(), _SCORE_SCALE))
             else:
                 result = self._combine(columns, probe, kind == "encrypted")
                 if kind == "encrypted" and extra is not None:
                     seal.evaluator.add_inplace(result, extra)
                 if const:
-                    self._add(result, seal.plain(float(const), _SCORE_SCALE))
+                    self._add(result, seal.plain(const * _BOTH_PARTS, _SCORE_SCALE))
             if norms is not None:
                 seal.evaluator.add_inplace(result, norms)
             out.append((block_id, version, seal.dump(result)))
@@ -950,6 +999,7 @@ class EncryptedGallery:
         self.metric: Metric | None = None
         self.dimensions: int | None = None
         self._layouts: dict[int, _Shipped] = {}
+        self._slots = keyring.slots
         self._lock = threading.Lock()
         self._shards = [_Shard(keyring, workers > 1) for _ in range(max(workers, 1))]
         if store is not None:
@@ -981,6 +1031,11 @@ class EncryptedGallery:
 
     def _install(self, block: EncryptedBlock) -> None:
         metric = Metric.parse(block.metric)
+        if len(block.template_ids) > 2 * self._slots:
+            raise ConfigError(
+                f"block {block.block_id} names {len(block.template_ids)} templates; "
+                f"a block holds at most {2 * self._slots}"
+            )
         if self.metric is None:
             self.metric, self.dimensions = metric, block.dimensions
         elif (metric, block.dimensions) != (self.metric, self.dimensions):
@@ -1049,19 +1104,23 @@ class EncryptedGallery:
     ) -> list[BlockScores]:
         """Batched 1:1: score each (plaintext probe, claimed subject) pair in one pass.
 
-        Every slot of a block gets its own probe (a plaintext *vector* per column
-        instead of a scalar), so one block operation verifies up to N/2 claims.
-        A slot claimed by two pairs is scored in a second round.
+        Every CKKS slot of a block gets its own probe (a plaintext *vector* per
+        column instead of a scalar), so one block operation verifies up to N/2
+        claims. A slot's weight is real, so it scores *both* templates of the slot
+        with the same probe: a round serves one of them, and the other part's score,
+        meant for nobody, is left out of ``pairs``. A slot claimed twice (its two
+        templates, or one template by two pairs) is scored in a further round.
         """
         if self.metric is None or not pairs:
             return []
         factor, const = _weights(self.metric)
-        slots_of: dict[str, list[tuple[int, int]]] = {}
+        positions_of: dict[str, list[tuple[int, int]]] = {}
         for block_id, layout in self._layouts.items():
-            for slot, name in enumerate(layout.subjects):
+            for position, name in enumerate(layout.subjects):
                 if name:
-                    slots_of.setdefault(name, []).append((block_id, slot))
-        rounds: list[dict[int, dict[int, int]]] = []
+                    positions_of.setdefault(name, []).append((block_id, position))
+        # Per round: block -> CKKS slot -> (template position, pair index).
+        rounds: list[dict[int, dict[int, tuple[int, int]]]] = []
         vectors = []
         for index, (probe, subject) in enumerate(pairs):
             vector = prepare_embedding(probe, self.metric)
@@ -1069,13 +1128,14 @@ class EncryptedGallery:
                 raise ConfigError(f"expected a {self.dimensions}-d probe, got {vector.shape}")
             _check_norm(vector, self.metric)
             vectors.append(vector)
-            for block_id, slot in slots_of.get(subject, []):
+            for block_id, position in positions_of.get(subject, []):
+                slot = position % self._slots
                 level = 0
                 while level < len(rounds) and slot in rounds[level].get(block_id, {}):
                     level += 1
                 if level == len(rounds):
                     rounds.append({})
-                rounds[level].setdefault(block_id, {})[slot] = index
+                rounds[level].setdefault(block_id, {})[slot] = (position, index)
         out = []
         assert self.dimensions is not None
         for assignment in rounds:
@@ -1083,17 +1143,17 @@ class EncryptedGallery:
             owners = {}
             for block_id, slots in assignment.items():
                 width = len(self._layouts[block_id].template_ids)
-                matrix = np.zeros((self.dimensions, width))
-                consts = np.zeros(width)
+                matrix = np.zeros((self.dimensions, min(width, self._slots)))
+                consts = np.zeros(matrix.shape[1])
                 owner = [-1] * width
-                for slot, index in slots.items():
+                for slot, (position, index) in slots.items():
                     matrix[:, slot] = factor * vectors[index]
                     consts[slot] = (
                         float(vectors[index] @ vectors[index])
                         if self.metric is Metric.EUCLIDEAN
                         else const
                     )
-                    owner[slot] = index
+                    owner[position] = index
                 per_block[block_id] = (matrix, consts)
                 owners[block_id] = tuple(owner)
             for scores in self._fan_out(("pairs", per_block), assignment):
@@ -1115,7 +1175,7 @@ class EncryptedGallery:
         )
 
     def block_layout(self, block_id: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(template ids, subjects) per slot of a held block, as on-prem shipped them."""
+        """(template ids, subjects) per position of a held block, as on-prem shipped them."""
         layout = self._layouts[block_id]
         return layout.template_ids, layout.subjects
 
@@ -1170,7 +1230,7 @@ def _decrypted(
     for block in scores:
         layout = book.shipped(block.block_id)
         if layout is None or layout.version != block.version:
-            # The cloud scored a layout on-prem no longer vouches for: its slots may
+            # The cloud scored a layout on-prem no longer vouches for: its positions may
             # now belong to other people, so the block is skipped, never guessed at.
             log.warning(
                 "ignoring scores of block %d version %d (on-prem has version %s)",
@@ -1199,8 +1259,8 @@ def rank(
 ) -> list[Match]:
     """On-prem: decrypt 1:N scores and return the ``top_k`` nearest, nearest first.
 
-    Slots are named through the book's own layout of the scored version; freed
-    slots are ignored. ``per_subject`` keeps only each subject's best template.
+    Positions are named through the book's own layout of the scored version; freed
+    ones are ignored. ``per_subject`` keeps only each subject's best template.
     """
     pool: list[Match] = []
     for _, layout, values in _decrypted(keyring, book, scores):
@@ -1209,16 +1269,18 @@ def rank(
         keep = ids != ""
         if subject is not None:
             keep &= names == subject
-        slots = np.flatnonzero(keep)
+        positions = np.flatnonzero(keep)
         # Within a block, the k best distinct subjects (or templates) are all the
         # block can contribute to the global top k: stop there.
         seen: set[str] = set()
         taken = 0
-        for slot in slots[np.argsort(values[slots], kind="stable")]:
-            if per_subject and names[slot] in seen:
+        for position in positions[np.argsort(values[positions], kind="stable")]:
+            if per_subject and names[position] in seen:
                 continue
-            seen.add(names[slot])
-            pool.append(_match(names[slot], ids[slot], float(values[slot]), book.metric))
+            seen.add(names[position])
+            pool.append(
+                _match(names[position], ids[position], float(values[position]), book.metric)
+            )
             taken += 1
             if taken >= top_k:
                 break
@@ -1241,15 +1303,15 @@ def rank_pairs(
     """
     best: list[Match | None] = [None] * count
     for block, layout, values in _decrypted(keyring, book, scores):
-        for slot, index in enumerate(block.pairs[: len(layout.template_ids)]):
-            if index < 0 or index >= count or not layout.template_ids[slot]:
+        for position, index in enumerate(block.pairs[: len(layout.template_ids)]):
+            if index < 0 or index >= count or not layout.template_ids[position]:
                 continue
             current = best[index]
-            if current is None or values[slot] < current.score:
+            if current is None or values[position] < current.score:
                 best[index] = _match(
-                    layout.subjects[slot],
-                    layout.template_ids[slot],
-                    float(values[slot]),
+                    layout.subjects[position],
+                    layout.template_ids[position],
+                    float(values[position]),
                     book.metric,
                 )
     return best

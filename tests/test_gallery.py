@@ -1,11 +1,17 @@
 """The packed encrypted gallery against numpy, on real TenSEAL (n8192).
 
-Tolerances: a plaintext probe decrypts within ~3e-5 of numpy and an encrypted
-probe within ~3e-4 (public-key noise at scale 2^25); the tests allow 1e-3 and
-3e-3 on scores of order 1.
+A block holds 8192 templates: positions 0-4095 in the real parts of the slots,
+4096-8191 in the imaginary parts; sizes below are chosen to fill both and spill
+into a further block.
+
+Tolerances: a plaintext probe decrypts within ~5e-5 of numpy and an encrypted
+probe within ~4e-4 (public-key noise at scale 2^25), in either part of a slot;
+the tests allow 1e-3 and 3e-3 on scores of order 1.
 """
 
 from __future__ import annotations
+
+import sqlite3
 
 import numpy as np
 import pytest
@@ -62,7 +68,7 @@ def _build(
 
 
 @pytest.mark.parametrize("metric", list(Metric))
-@pytest.mark.parametrize("count", [1, 37, 4096 + 5])
+@pytest.mark.parametrize("count", [1, 37, 8192 + 5])
 def test_search_matches_numpy(keys: Keyring, public: Keyring, metric: Metric, count: int) -> None:
     vectors = _vectors(count, seed=count)
     book, gallery, ids = _build(keys, public, metric, vectors)
@@ -120,13 +126,15 @@ def test_rank_top_k_and_threshold(keys: Keyring, public: Keyring) -> None:
 
 def test_verify_pairs_batched(keys: Keyring, public: Keyring) -> None:
     metric = Metric.COSINE
-    vectors = _vectors(4096 + 10, dim=32)
+    vectors = _vectors(8192 + 10, dim=32)
     book, gallery, ids = _build(keys, public, metric, vectors)
-    book.add("s1", vectors[2])  # s1 now has two templates
+    book.add("s1", vectors[2])  # s1 now has two templates (block 1)
     for block in book.encrypt_blocks():
         gallery.put(block)
     rng = np.random.default_rng(5)
-    claims = [0, 1, 4100, 1, 17]  # subject s1 claimed twice: two rounds
+    # s1 claimed twice: two rounds; s4097 (imaginary part) shares s1's CKKS slot;
+    # s8200 sits in the second block.
+    claims = [0, 1, 4100, 1, 17, 4097, 8200]
     probes = [vectors[i] + 0.01 * rng.standard_normal(32) for i in claims]
     pairs = [(p, f"s{c}") for p, c in zip(probes, claims, strict=True)] + [(probes[0], "nobody")]
     matches = rank_pairs(keys, book, gallery.verify_pairs(pairs), len(pairs))
@@ -146,8 +154,13 @@ def test_verify_pairs_batched(keys: Keyring, public: Keyring) -> None:
 def test_stale_versions_are_refused_and_ignored(keys: Keyring, public: Keyring) -> None:
     vectors = _vectors(10)
     book, gallery, _ = _build(keys, public, Metric.COSINE, vectors)
+    unchanged = book.encrypt_block(0)
+    assert unchanged.version == 1  # nothing changed: a resync keeps the version
+    book.add("late", vectors[1])
     old = book.encrypt_block(0)  # version 2
+    book.remove(book.template_ids("late")[0])
     newer = book.encrypt_block(0)  # version 3
+    assert (old.version, newer.version) == (2, 3)
     assert gallery.put(newer) and not gallery.put(old) and not gallery.put(newer)
     stale = EncryptedGallery(public)
     stale.put(old)
@@ -228,19 +241,28 @@ def test_book_persists(tmp_path, keys: Keyring) -> None:
         EnrollmentBook(Keyring.generate("n8192"), Metric.EUCLIDEAN_L2, 16, path)
 
 
+def test_book_of_the_one_per_slot_layout_is_refused(tmp_path, keys: Keyring) -> None:
+    path = tmp_path / "old.sqlite3"
+    EnrollmentBook(keys, Metric.COSINE, 16, path).close()
+    with sqlite3.connect(path) as db:  # what books recorded before two templates per slot
+        db.execute("UPDATE meta SET key = 'slots', value = '4096' WHERE key = 'capacity'")
+    with pytest.raises(ConfigError, match="one-template-per-slot"):
+        EnrollmentBook(keys, Metric.COSINE, 16, path)
+
+
 def test_workers_and_parallel_encryption_agree(keys: Keyring, public: Keyring) -> None:
-    vectors = _vectors(4096 * 2 + 3, dim=8)
+    vectors = _vectors(8192 * 2 + 3, dim=8)
     book = EnrollmentBook(keys, Metric.EUCLIDEAN_L2, 8)
     book.add_many((f"s{i}", v) for i, v in enumerate(vectors))
     with EncryptedGallery(public, workers=2) as gallery:
         for block in book.encrypt_blocks(workers=2):
             gallery.put(block)
-        probe = vectors[4097]
+        probe = vectors[12289]  # block 1, imaginary part
         got = _scores(keys, book, gallery.search(probe))
-        pairs = rank_pairs(keys, book, gallery.verify_pairs([(probe, "s4097")]), 1)
+        pairs = rank_pairs(keys, book, gallery.verify_pairs([(probe, "s12289")]), 1)
     assert len(got) == len(vectors)
     best = min(got, key=got.get)
-    assert book.subject_of(best) == "s4097" and pairs[0].subject == "s4097"
+    assert book.subject_of(best) == "s12289" and pairs[0].subject == "s12289"
 
 
 def test_large_dimensions(keys: Keyring, public: Keyring) -> None:

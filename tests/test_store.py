@@ -18,7 +18,7 @@ def keys() -> Keyring:
 
 def test_gallery_survives_a_restart(tmp_path, keys: Keyring) -> None:
     public = keys.public()
-    vectors = np.random.default_rng(3).standard_normal((4096 + 7, 8))
+    vectors = np.random.default_rng(3).standard_normal((8192 + 7, 8))  # two blocks
     book = EnrollmentBook(keys, Metric.EUCLIDEAN_L2, 8)
     book.add_many((f"s{i}", v) for i, v in enumerate(vectors))
     probe = vectors[4100]
@@ -44,7 +44,9 @@ def test_gallery_survives_a_restart(tmp_path, keys: Keyring) -> None:
 def test_store_keeps_the_highest_version(tmp_path, keys: Keyring) -> None:
     book = EnrollmentBook(keys, Metric.COSINE, 4)
     book.add("a", np.ones(4))
-    v1, v2 = book.encrypt_block(0), book.encrypt_block(0)
+    v1 = book.encrypt_block(0)
+    book.add("b", np.arange(4.0))
+    v2 = book.encrypt_block(0)
     with GalleryStore(tmp_path / "g.db") as store:
         assert store.save_block(v2)
         assert not store.save_block(v1)
