@@ -12,6 +12,7 @@ import pytest
 
 import cipherface
 from cipherface.embedding import Embedder, largest_face
+from tests.environment import missing
 
 #: The photos live beside the project, never inside it (see the folder's README).
 DEFAULT_FACES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"
@@ -22,7 +23,7 @@ def faces_dir() -> Path:
     """The labelled photos: ``$CIPHERFACE_FACES_DIR``, else ``<repo>/../shared/data/faces``."""
     folder = Path(os.environ.get("CIPHERFACE_FACES_DIR") or DEFAULT_FACES_DIR)
     if not folder.is_dir():
-        pytest.skip(f"face photos not found at {folder}; set CIPHERFACE_FACES_DIR to their folder")
+        missing(f"face photos not found at {folder}; set CIPHERFACE_FACES_DIR to their folder")
     return folder
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import amqp_url_or_skip, unique_prefix
+from tests.environment import amqp_url_or_skip, unique_prefix
 
 CLI = [sys.executable, "-m", "cipherface.cli"]
 

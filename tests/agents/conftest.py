@@ -17,7 +17,7 @@ from cipherface.client import Client
 from cipherface.config import Settings
 from cipherface.transport import MemoryBroker, MemoryTransport, RabbitMQTransport, Topology
 from cipherface.transport.base import Transport
-from tests.brokers import amqp_url_or_skip, unique_prefix
+from tests.environment import amqp_url_or_skip, unique_prefix
 
 
 class Deployment:

@@ -30,7 +30,7 @@ from cipherface import wire
 from cipherface.client import Client
 from cipherface.exceptions import TransportError
 from cipherface.transport import Delivery, RabbitMQTransport, Topology
-from tests.brokers import amqp_url_or_skip, unique_prefix
+from tests.environment import amqp_url_or_skip, unique_prefix
 
 __all__ = ["BurstResult", "FaultCluster", "broker_restart", "run_burst"]
 

@@ -8,7 +8,7 @@ import pytest
 
 from cipherface.transport import MemoryBroker, MemoryTransport, RabbitMQTransport, Topology
 from cipherface.transport.base import Transport
-from tests.brokers import amqp_url_or_skip, unique_prefix
+from tests.environment import amqp_url_or_skip, unique_prefix
 
 
 @pytest.fixture(params=["memory", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
