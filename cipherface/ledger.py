@@ -33,6 +33,10 @@ class ProbeLedger:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the probe ledger at {target}: {exc}") from exc
         self._lock = threading.Lock()
+        #: Probes whose event is being decided right now: the ledger row is only
+        #: written once the event is out, and a second delivery of the same result
+        #: may arrive meanwhile (scores redelivered after a broker restart).
+        self._in_flight: set[str] = set()
         #: Duplicates suppressed since start (reported in logs and tests).
         self.duplicates = 0
 
@@ -42,9 +46,19 @@ class ProbeLedger:
             row = self._db.execute(
                 "SELECT 1 FROM emitted WHERE probe_id = ?", (probe_id,)
             ).fetchone()
-        if row is not None:
-            self.duplicates += 1
         return row is not None
+
+    def claim(self, probe_id: str) -> bool:
+        """Take the right to emit this probe's event; False (a duplicate) if it is taken.
+
+        A claim ends with `record` once the event is published, or `release` if
+        deciding failed, so that a redelivery can try again.
+        """
+        if probe_id in self._in_flight or self.seen(probe_id):
+            self.duplicates += 1
+            return False
+        self._in_flight.add(probe_id)
+        return True
 
     def record(self, probe_id: str, at: float) -> None:
         """Remember that the event for this probe is out."""
@@ -53,6 +67,10 @@ class ProbeLedger:
                 self._db.execute("INSERT OR IGNORE INTO emitted VALUES (?, ?)", (probe_id, at))
         except sqlite3.Error as exc:
             raise StoreError(f"cannot record probe {probe_id}: {exc}") from exc
+
+    def release(self, probe_id: str) -> None:
+        """End a claim (after `record`, or without an event when deciding failed)."""
+        self._in_flight.discard(probe_id)
 
     def close(self) -> None:
         """Close the database."""
