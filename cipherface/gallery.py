@@ -91,6 +91,7 @@ from cipherface.exceptions import (
     StoreError,
     WireFormatError,
 )
+from cipherface.fields import blobs, field, strings
 
 if TYPE_CHECKING:
     from cipherface.store import GalleryStore
@@ -256,32 +257,8 @@ def _weights(metric: Metric) -> tuple[float, float]:
 # -- messages ------------------------------------------------------------------------
 
 
-def _field(data: Mapping[str, object], name: str, kind: type | tuple[type, ...]) -> Any:
-    try:
-        value = data[name]
-    except (KeyError, TypeError):
-        raise WireFormatError(f"missing field {name!r}") from None
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise WireFormatError(f"field {name!r} has the wrong type")
-    return value
-
-
-def _strings(data: Mapping[str, object], name: str) -> tuple[str, ...]:
-    items = _field(data, name, (list, tuple))
-    if not all(isinstance(item, str) for item in items):
-        raise WireFormatError(f"field {name!r} must hold strings")
-    return tuple(items)
-
-
-def _blobs(data: Mapping[str, object], name: str) -> tuple[bytes, ...]:
-    items = _field(data, name, (list, tuple))
-    if not all(isinstance(item, bytes) for item in items):
-        raise WireFormatError(f"field {name!r} must hold bytes")
-    return tuple(items)
-
-
 def _metric(data: Mapping[str, object]) -> str:
-    value = _field(data, "metric", str)
+    value = field(data, "metric", str)
     try:
         return Metric(value).value
     except ValueError:
@@ -328,15 +305,15 @@ class EncryptedBlock:
         """Inverse of `to_dict`; raises `WireFormatError` on any inconsistency."""
         metric = _metric(data)
         block = cls(
-            block_id=_field(data, "block_id", int),
-            version=_field(data, "version", int),
-            fingerprint=_field(data, "fingerprint", str),
+            block_id=field(data, "block_id", int),
+            version=field(data, "version", int),
+            fingerprint=field(data, "fingerprint", str),
             metric=metric,
-            dimensions=_field(data, "dimensions", int),
-            template_ids=_strings(data, "template_ids"),
-            subjects=_strings(data, "subjects"),
-            columns=_blobs(data, "columns"),
-            norms=_field(data, "norms", (bytes, type(None))),
+            dimensions=field(data, "dimensions", int),
+            template_ids=strings(data, "template_ids"),
+            subjects=strings(data, "subjects"),
+            columns=blobs(data, "columns"),
+            norms=field(data, "norms", (bytes, type(None))),
         )
         if block.block_id < 0 or block.version < 1 or block.dimensions < 1:
             raise WireFormatError("block id, version and dimensions must be positive")
@@ -376,13 +353,13 @@ class BlockScores:
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> BlockScores:
         """Inverse of `to_dict`; raises `WireFormatError`."""
-        pairs = _field(data, "pairs", (list, tuple)) if "pairs" in data else ()
+        pairs = field(data, "pairs", (list, tuple)) if "pairs" in data else ()
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in pairs):
             raise WireFormatError("field 'pairs' must hold integers")
         return cls(
-            block_id=_field(data, "block_id", int),
-            version=_field(data, "version", int),
-            scores=_field(data, "scores", bytes),
+            block_id=field(data, "block_id", int),
+            version=field(data, "version", int),
+            scores=field(data, "scores", bytes),
             pairs=tuple(pairs),
         )
 
@@ -417,11 +394,11 @@ class EncryptedProbe:
         """Inverse of `to_dict`; raises `WireFormatError`."""
         metric = _metric(data)
         probe = cls(
-            fingerprint=_field(data, "fingerprint", str),
+            fingerprint=field(data, "fingerprint", str),
             metric=metric,
-            dimensions=_field(data, "dimensions", int),
-            columns=_blobs(data, "columns"),
-            norm=_field(data, "norm", (bytes, type(None))),
+            dimensions=field(data, "dimensions", int),
+            columns=blobs(data, "columns"),
+            norm=field(data, "norm", (bytes, type(None))),
         )
         if len(probe.columns) != probe.dimensions or probe.dimensions < 1:
             raise WireFormatError("a probe needs one ciphertext per dimension")

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, TypeVar
 import msgpack
 
 from cipherface.exceptions import WireFormatError
+from cipherface.fields import of_type
 from cipherface.gallery import BlockScores, EncryptedBlock, EncryptedProbe
 
 __all__ = [
@@ -57,17 +58,6 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def _check(value: object, expected: type | tuple[type, ...], name: str) -> Any:
-    if isinstance(value, bool) and expected in (int, float, (int, float)):
-        raise WireFormatError(f"field {name!r} must be {expected}, got bool")
-    if not isinstance(value, expected):
-        raise WireFormatError(
-            f"field {name!r} must be {getattr(expected, '__name__', expected)}, "
-            f"got {type(value).__name__}"
-        )
-    return value
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Message:
     """Base of all messages: a kind name and how the body maps to fields."""
@@ -86,7 +76,9 @@ class Message:
         missing = [name for name in cls.schema if name not in body]
         if missing:
             raise WireFormatError(f"{cls.kind}: missing field(s) {', '.join(missing)}")
-        return {name: _check(body[name], t, f"{cls.kind}.{name}") for name, t in cls.schema.items()}
+        return {
+            name: of_type(body[name], t, f"{cls.kind}.{name}") for name, t in cls.schema.items()
+        }
 
     @classmethod
     def from_body(cls: type[M], body: Mapping[str, Any]) -> M:
@@ -114,7 +106,7 @@ class ContextUpdate(Message):
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> ContextUpdate:
         values = cls.validated(body)
-        blocks = tuple(_check(b, int, "context.blocks[]") for b in values["blocks"])
+        blocks = tuple(of_type(b, int, "context.blocks[]") for b in values["blocks"])
         return cls(context=values["context"], blocks=blocks)
 
 
@@ -224,10 +216,10 @@ class ScoresReady(Message):
     def from_body(cls, body: Mapping[str, Any]) -> ScoresReady:
         checked = cls.validated(body)
         scores = [
-            BlockScores.from_dict(_check(i, dict, "scores.scores[]")) for i in checked["scores"]
+            BlockScores.from_dict(of_type(i, dict, "scores.scores[]")) for i in checked["scores"]
         ]
         timings = {
-            _check(k, str, "scores.timings key"): float(_check(v, (int, float), "scores.timings"))
+            of_type(k, str, "scores.timings key"): float(of_type(v, (int, float), "scores.timings"))
             for k, v in checked["timings"].items()
         }
         return cls(**{**checked, "scores": tuple(scores), "timings": timings})
@@ -396,7 +388,9 @@ def decode(data: bytes, *, expect: tuple[type[Message], ...] | None = None) -> E
     if expect is not None and cls not in expect:
         allowed = ", ".join(c.kind for c in expect)
         raise WireFormatError(f"unexpected message type {kind!r} here (expected {allowed})")
-    head = {name: _check(envelope.get(name), str, name) for name in ("id", "fp", "model", "metric")}
+    head = {
+        name: of_type(envelope.get(name), str, name) for name in ("id", "fp", "model", "metric")
+    }
     body = envelope.get("body")
     if not isinstance(body, dict):
         raise WireFormatError(f"{kind}: body must be a map")
