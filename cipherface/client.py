@@ -13,7 +13,7 @@ from cipherface.crypto import Keyring, Metric
 from cipherface.embedding import Embedder, largest_face
 from cipherface.exceptions import SecretKeyError, WireFormatError
 from cipherface.gallery import EncryptedProbe, encrypt_probe
-from cipherface.transport.base import Consumer, Delivery, Transport
+from cipherface.transport.base import Delivery, Transport
 
 __all__ = ["Client", "EdgeEncryptor", "EventStream"]
 
@@ -47,7 +47,6 @@ class EventStream:
     def __init__(self) -> None:
         self._queue: asyncio.Queue[wire.VerificationEvent] = asyncio.Queue()
         self._seen: set[str] = set()
-        self.consumer: Consumer | None = None
 
     async def deliver(self, delivery: Delivery) -> None:
         """Transport handler: decode and enqueue (a bad event is dead-lettered by the transport)."""
@@ -135,7 +134,6 @@ class Client:
             exclusive=True,
             prefetch=64,
         )
-        stream.consumer = consumer
         try:
             yield stream
         finally:

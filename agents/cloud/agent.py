@@ -22,7 +22,7 @@ from cipherface import wire
 from cipherface.config import Settings
 from cipherface.crypto import Keyring
 from cipherface.embedding import Embedder, EmbeddingCache, largest_face
-from cipherface.exceptions import EmbeddingError, KeyMismatchError, WireFormatError
+from cipherface.exceptions import EmbeddingError, KeyMismatchError, TransportError
 from cipherface.gallery import EncryptedGallery
 from cipherface.metrics import instrumented
 from cipherface.store import GalleryStore
@@ -46,6 +46,8 @@ class CloudAgent:
         self._store_path = settings.cloud_dir / "gallery.sqlite"
         self.store = GalleryStore(self._store_path)
         self.keyring: Keyring | None = None
+        #: The serialized public context behind `keyring`, as on-prem sent it.
+        self._context = b""
         self.gallery: EncryptedGallery | None = None
         self._awaiting: set[int] = set()
         self.ready = asyncio.Event()
@@ -111,6 +113,7 @@ class CloudAgent:
         if claimed is not None:
             keyring.check(claimed)
         if self.keyring is not None and self.keyring.fingerprint == keyring.fingerprint:
+            self._context = data  # the same key, serialized anew: keep the gallery
             return
         stored = self.store.context_fingerprint()
         if stored is not None and stored != keyring.fingerprint:
@@ -125,6 +128,7 @@ class CloudAgent:
         self.store.save_context(data, keyring.fingerprint)
         self.gallery = EncryptedGallery(keyring, self.store, workers=self.settings.workers)
         self.keyring = keyring
+        self._context = data
 
     def _close_gallery(self) -> None:
         if self.gallery is not None:
@@ -135,7 +139,12 @@ class CloudAgent:
         envelope = wire.decode(delivery.body, expect=(wire.ContextUpdate, wire.BlockUpdate))
         message = envelope.message
         if isinstance(message, wire.ContextUpdate):
-            await asyncio.to_thread(self._install_context, message.context, envelope.fingerprint)
+            # Every enrollment and sync re-announces the context: parse and check it
+            # only when its bytes differ from the context this replica holds.
+            if message.context != self._context:
+                await asyncio.to_thread(
+                    self._install_context, message.context, envelope.fingerprint
+                )
             self._awaiting = set(message.blocks)
         elif isinstance(message, wire.BlockUpdate):
             if self.gallery is None or self.keyring is None:
@@ -155,7 +164,8 @@ class CloudAgent:
         assert isinstance(request, (wire.ProbeRequest, wire.EncryptedProbeRequest))
         gallery, keyring = self.gallery, self.keyring
         if gallery is None or keyring is None:
-            raise WireFormatError("no gallery yet")  # unreachable: probes wait for `ready`
+            # Only while a key rotation swaps the gallery: try again shortly.
+            raise TransportError("the gallery is being replaced")
         timings: dict[str, float] = {}
         faces = 1
         try:

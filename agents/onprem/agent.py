@@ -87,8 +87,6 @@ class OnPremAgent:
         self.ledger = ProbeLedger(settings.onprem_dir / "ledger.sqlite")
         self._consumers: list[Consumer] = []
         self._publishing = asyncio.Lock()
-        #: Probes whose result is being turned into an event right now.
-        self._deciding: set[str] = set()
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -167,11 +165,14 @@ class OnPremAgent:
                 blocks=tuple(ids),
             )
             await self.transport.publish(self.transport.topology.gallery, "", self._encode(context))
-            for block_id in ids:
-                block = await asyncio.to_thread(self.book.encrypt_block, block_id)
-                await self.transport.publish(
-                    self.transport.topology.gallery, "", self._encode(wire.BlockUpdate(block=block))
-                )
+            # Blocks are encrypted (by `workers` processes) while earlier ones are sent.
+            blocks = self.book.encrypt_blocks(ids, workers=self.settings.workers)
+            try:
+                while (block := await asyncio.to_thread(next, blocks, None)) is not None:
+                    update = self._encode(wire.BlockUpdate(block=block))
+                    await self.transport.publish(self.transport.topology.gallery, "", update)
+            finally:
+                blocks.close()  # shuts the worker pool down if publishing failed
             log.info("published context and %d block(s)", len(ids))
             return len(ids)
 
@@ -194,15 +195,9 @@ class OnPremAgent:
         envelope = wire.decode(delivery.body, expect=(wire.ScoresReady, wire.ProbeRejected))
         result = envelope.message
         assert isinstance(result, (wire.ScoresReady, wire.ProbeRejected))
-        # Two deliveries of one probe's result may be in flight at once (a replica's
-        # scores redelivered after a broker restart while its retry arrives): the
-        # ledger is only written after publishing, so check in-flight work too.
-        if result.probe_id in self._deciding or self.ledger.seen(result.probe_id):
-            if result.probe_id in self._deciding:
-                self.ledger.duplicates += 1
+        if not self.ledger.claim(result.probe_id):
             log.info("probe %s already has its event; duplicate suppressed", result.probe_id)
             return
-        self._deciding.add(result.probe_id)
         try:
             if isinstance(result, wire.ProbeRejected):
                 event = self._event(result, error=f"{result.error}: {result.reason}")
@@ -228,7 +223,7 @@ class OnPremAgent:
             )
             self.ledger.record(result.probe_id, time.time())
         finally:
-            self._deciding.discard(result.probe_id)
+            self.ledger.release(result.probe_id)
 
     def _decide(
         self, result: wire.ScoresReady, matches: list[Match], decrypt: float
