@@ -28,6 +28,7 @@ __all__ = [
     "Topology",
     "Transport",
     "TransportBase",
+    "drain",
     "settle",
 ]
 
@@ -158,6 +159,21 @@ async def settle(handler: Handler, delivery: Delivery) -> tuple[Outcome, str]:
         log.debug("traceback", exc_info=True)
         return Outcome.DEAD_LETTER, reason
     return Outcome.ACK, ""
+
+
+async def drain(tasks: set[asyncio.Task[None]], timeout: float) -> None:
+    """Let in-flight handlers finish; cancel those still running after ``timeout``.
+
+    A cancelled handler is awaited too: `settle` turns its cancellation into a
+    requeue, and that must happen before the connection goes away.
+    """
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(set(tasks), timeout=timeout)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)
 
 
 T = TypeVar("T", bound="TransportBase")

@@ -24,6 +24,7 @@ from cipherface.transport.base import (
     Outcome,
     Topology,
     TransportBase,
+    drain,
     settle,
 )
 
@@ -138,13 +139,7 @@ class _MemoryConsumer:
         self._pump.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._pump
-        if self._inflight:
-            # Handlers not done in time are cancelled; settle() then requeues them.
-            _, pending = await asyncio.wait(set(self._inflight), timeout=timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+        await drain(self._inflight, timeout)
         if self._exclusive:
             self._transport.broker.delete_queue(self._queue_name)
 

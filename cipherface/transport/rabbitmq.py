@@ -34,6 +34,7 @@ from cipherface.transport.base import (
     Outcome,
     Topology,
     TransportBase,
+    drain,
     settle,
 )
 
@@ -109,10 +110,7 @@ class _RabbitConsumer:
             except _CONNECTION_ERRORS as exc:
                 log.warning("cancelling consumer of %s: %s", self._queue.name, exc)
             self._tag = None
-        if self._inflight:
-            _, pending = await asyncio.wait(set(self._inflight), timeout=timeout)
-            for task in pending:
-                task.cancel()
+        await drain(self._inflight, timeout)
 
 
 class RabbitMQTransport(TransportBase):
