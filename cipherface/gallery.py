@@ -1151,15 +1151,6 @@ class EncryptedGallery:
             if subject is None or subject in layout.subjects
         )
 
-    def block_layout(self, block_id: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(template ids, subjects) per position of a held block, as on-prem shipped them."""
-        layout = self._layouts[block_id]
-        return layout.template_ids, layout.subjects
-
-    def blocks(self) -> dict[int, int]:
-        """Held block ids and their versions: what on-prem needs to resync."""
-        return {block_id: layout.version for block_id, layout in self._layouts.items()}
-
     def subjects(self) -> list[str]:
         """Subjects with at least one template, sorted."""
         return sorted({s for layout in self._layouts.values() for s in layout.subjects if s})
