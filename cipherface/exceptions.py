@@ -10,7 +10,10 @@ know which library failed underneath::
     │   ├── KeyMismatchError          ciphertext made under another key
     │   ├── SecretKeyError            a secret key where only a public one may be,
     │   │                             or no secret key where one is needed
-    │   └── CiphertextError(ValueError)   bytes that are not a ciphertext/context
+    │   ├── CiphertextError(ValueError)   bytes that are not a ciphertext/context
+    │   ├── SignatureError            a message not signed by a key this party trusts
+    │   └── IntegrityError            a well-formed ciphertext the protocol never makes
+    │                                 (tampered scores, a forged edge probe)
     ├── EmbeddingError
     │   ├── ImageDecodeError(ValueError)  corrupt, empty or non-image input
     │   ├── NoFaceError               an image in which no face was found
@@ -30,10 +33,12 @@ __all__ = [
     "CryptoError",
     "EmbeddingError",
     "ImageDecodeError",
+    "IntegrityError",
     "KeyMismatchError",
     "MissingWeightsError",
     "NoFaceError",
     "SecretKeyError",
+    "SignatureError",
     "StoreError",
     "TransportError",
     "UnknownModelError",
@@ -74,6 +79,24 @@ class SecretKeyError(CryptoError):
 
 class CiphertextError(CryptoError, ValueError):
     """Bytes that should hold a ciphertext or a context do not."""
+
+
+class SignatureError(CryptoError):
+    """A message is unsigned, badly signed, or signed by a key this party does not trust.
+
+    CKKS gives confidentiality, not authenticity: anyone holding the public context
+    can make well-formed ciphertexts, so who sent a message is settled by Ed25519
+    signatures, never by the key fingerprint a message claims.
+    """
+
+
+class IntegrityError(CryptoError):
+    """A well-formed input that the protocol would never produce.
+
+    Scores at another scale or level, decryptions outside the metric's range, an
+    edge probe that is not a unit vector under on-prem's key: nothing derived from
+    such an input may leave on-prem, so it ends as an error event without numbers.
+    """
 
 
 class EmbeddingError(CipherFaceError):

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from cipherface.exceptions import StoreError
+from cipherface.private import private_file
 
 __all__ = ["ProbeLedger"]
 
@@ -22,15 +23,16 @@ class ProbeLedger:
 
     def __init__(self, path: Path | None = None) -> None:
         target = ":memory:" if path is None else str(path)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            if path is not None:
+                # On-prem's folder is private (0700, files 0600): see cipherface.private.
+                private_file(path)
             self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS emitted (probe_id TEXT PRIMARY KEY, at REAL)"
             )
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the probe ledger at {target}: {exc}") from exc
         self._lock = threading.Lock()
         #: Probes whose event is being decided right now: the ledger row is only
