@@ -48,6 +48,15 @@ class Settings:
     top_k: int = 5
     #: Processes a cloud replica spreads its gallery over (TenSEAL holds the GIL).
     workers: int = 1
+    #: File holding the broker password, put into `amqp_url` at connect time, so the
+    #: URL in the environment carries none (`cipherface broker-setup` writes these).
+    amqp_password_file: Path | None = None
+    #: ``amqps://``: CA that signed the broker's certificate (else the system CAs).
+    tls_ca: Path | None = None
+    #: ``amqps://``: this party's client certificate (PEM) and its private key, for
+    #: brokers that demand one (``fail_if_no_peer_cert``).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         model_spec(self.model)
@@ -57,6 +66,12 @@ class Settings:
             raise ConfigError(f"unknown preset {self.preset!r}; choose {', '.join(PRESETS)}")
         if min(self.prefetch, self.top_k, self.workers) < 1:
             raise ConfigError("prefetch, top_k and workers must be at least 1")
+        for name in _PATHS:
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together: set both or neither")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -95,6 +110,10 @@ class Settings:
         return self.onprem_dir / "public.key"
 
 
+#: Optional fields that name files.
+_PATHS = ("amqp_password_file", "tls_ca", "tls_cert", "tls_key")
+
+
 def _convert(name: str, raw: str) -> object:
     if name in ("prefetch", "top_k", "metrics_port", "workers"):
         try:
@@ -103,6 +122,6 @@ def _convert(name: str, raw: str) -> object:
             raise ConfigError(
                 f"CIPHERFACE_{name.upper()} must be an integer, got {raw!r}"
             ) from None
-    if name == "data_dir":
+    if name == "data_dir" or name in _PATHS:
         return Path(raw)
     return raw

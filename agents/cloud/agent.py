@@ -68,7 +68,7 @@ class CloudAgent:
             await self.transport.consume(
                 topology.gallery_queue(self.settings.replica),
                 instrumented(self.role, "gallery", self._on_gallery),
-                bindings=[(topology.gallery, "")],
+                bindings=topology.gallery_bindings(self.settings.replica),
                 prefetch=1,  # blocks are applied in order
             )
         )

@@ -151,12 +151,16 @@ class OnPremAgent:
         report.blocks_published = await self.publish_gallery(self.book.pending_blocks())
         return report
 
-    async def publish_gallery(self, block_ids: Iterable[int] | None = None) -> int:
+    async def publish_gallery(
+        self, block_ids: Iterable[int] | None = None, *, replica: str | None = None
+    ) -> int:
         """Publish the public context, then the given blocks (all when None).
 
         The context message announces the block ids that follow, so a replica knows
-        when it holds the whole gallery.
+        when it holds the whole gallery. To every replica, or to ``replica`` only.
         """
+        topology = self.transport.topology
+        key = topology.gallery_broadcast_key if replica is None else topology.gallery_key(replica)
         async with self._publishing:
             self.book.refresh()
             ids = sorted(self.book.all_blocks() if block_ids is None else set(block_ids))
@@ -164,13 +168,13 @@ class OnPremAgent:
                 context=self.keyring.public_bytes(galois_keys=False, relin_keys=False),
                 blocks=tuple(ids),
             )
-            await self.transport.publish(self.transport.topology.gallery, "", self._encode(context))
+            await self.transport.publish(topology.gallery, key, self._encode(context))
             # Blocks are encrypted (by `workers` processes) while earlier ones are sent.
             blocks = self.book.encrypt_blocks(ids, workers=self.settings.workers)
             try:
                 while (block := await asyncio.to_thread(next, blocks, None)) is not None:
                     update = self._encode(wire.BlockUpdate(block=block))
-                    await self.transport.publish(self.transport.topology.gallery, "", update)
+                    await self.transport.publish(topology.gallery, key, update)
             finally:
                 blocks.close()  # shuts the worker pool down if publishing failed
             log.info("published context and %d block(s)", len(ids))
@@ -189,7 +193,7 @@ class OnPremAgent:
         request = wire.decode(delivery.body, expect=(wire.SyncRequest,)).message
         assert isinstance(request, wire.SyncRequest)
         log.info("replica %s asks for the gallery", request.replica)
-        await self.publish_gallery()
+        await self.publish_gallery(replica=request.replica)
 
     async def _on_result(self, delivery: Delivery) -> None:
         envelope = wire.decode(delivery.body, expect=(wire.ScoresReady, wire.ProbeRejected))

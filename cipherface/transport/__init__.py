@@ -11,12 +11,18 @@ from cipherface.transport.base import (
     Delivery,
     Handler,
     Outcome,
+    Role,
     Topology,
     Transport,
     settle,
 )
 from cipherface.transport.memory import MemoryBroker, MemoryTransport
-from cipherface.transport.rabbitmq import RabbitMQTransport
+from cipherface.transport.rabbitmq import (
+    RabbitMQTransport,
+    read_secret,
+    tls_context,
+    with_password,
+)
 
 __all__ = [
     "REASON_HEADER",
@@ -28,24 +34,36 @@ __all__ = [
     "MemoryTransport",
     "Outcome",
     "RabbitMQTransport",
+    "Role",
     "Topology",
     "Transport",
     "open_transport",
     "settle",
+    "tls_context",
 ]
 
 
-def open_transport(settings: Settings, broker: MemoryBroker | None = None) -> Transport:
+def open_transport(
+    settings: Settings, broker: MemoryBroker | None = None, *, role: Role | None = None
+) -> Transport:
     """The transport the settings ask for: RabbitMQ given a URL, else ``broker`` (in-process).
 
-    Use the result as an async context manager.
+    ``role`` says whom the connection acts for, so it declares only what that
+    role's broker user may configure (`Role`); None declares everything, as a
+    guest or the in-process broker can. Use the result as an async context manager.
     """
     topology = Topology(prefix=settings.prefix)
     if settings.amqp_url:
-        return RabbitMQTransport(settings.amqp_url, topology)
+        url = settings.amqp_url
+        if settings.amqp_password_file is not None:
+            url = with_password(url, read_secret(settings.amqp_password_file))
+        context = None
+        if url.startswith("amqps://"):
+            context = tls_context(settings.tls_ca, settings.tls_cert, settings.tls_key)
+        return RabbitMQTransport(url, topology, role=role, ssl_context=context)
     if broker is None:
         raise ConfigError(
             "no broker URL (--amqp-url or CIPHERFACE_AMQP_URL): the in-process broker only "
             "connects agents running in the same process, as 'cipherface demo' does"
         )
-    return MemoryTransport(broker, topology)
+    return MemoryTransport(broker, topology, role=role)

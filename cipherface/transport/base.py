@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from cipherface.exceptions import CipherFaceError, TransportError
 
@@ -23,12 +23,17 @@ __all__ = [
     "SOURCE_HEADER",
     "Consumer",
     "Delivery",
+    "ExchangeSpec",
     "Handler",
     "Outcome",
+    "QueueSpec",
+    "Role",
     "Topology",
     "Transport",
     "TransportBase",
+    "declares",
     "drain",
+    "missing_resource",
     "settle",
 ]
 
@@ -40,6 +45,42 @@ REASON_HEADER = "x-cipherface-reason"
 SOURCE_HEADER = "x-cipherface-queue"
 
 
+class Role(enum.Enum):
+    """Whom a broker connection acts for: it decides what the connection declares.
+
+    Under least privilege (`cipherface broker-setup`) each role may configure only
+    the resources it owns (see `Topology.exchanges` and `Topology.queues`); it
+    checks the others passively, and a missing one is a `TransportError` naming
+    who declares it. A transport without a role (guest, tests, the in-process
+    demo) declares everything.
+    """
+
+    ONPREM = "onprem"
+    CLOUD = "cloud"
+    CLIENT = "client"
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeSpec:
+    """One exchange of the topology: its kind, who declares it, who else relies on it."""
+
+    name: str
+    kind: str  # "direct", "topic" or "fanout"
+    owner: Role
+    users: frozenset[Role] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """One shared durable queue, declared (and bound) by its owner, which consumes it."""
+
+    name: str
+    owner: Role
+    #: The exchange feeding it, and the binding key (ignored by the dead letters' fanout).
+    source: str
+    key: str
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Topology:
     """Names of the queues and exchanges, all under one prefix.
@@ -47,16 +88,30 @@ class Topology:
     ============================  ========  ======================================
     name                          kind      flow
     ============================  ========  ======================================
-    ``<p>.probes``                queue     users -> cloud (competing consumers)
-    ``<p>.results``               queue     cloud -> on-prem (encrypted scores)
-    ``<p>.sync``                  queue     cloud -> on-prem (replica wants gallery)
-    ``<p>.gallery``               fanout    on-prem -> every cloud replica
-    ``<p>.gallery.<replica>``     queue     one per cloud replica, bound to gallery
+    ``<p>.probes.in``             direct    users -> ``<p>.probes``
+    ``<p>.probes``                queue     -> cloud replicas (competing consumers)
+    ``<p>.results.in``            direct    cloud -> ``<p>.results``
+    ``<p>.results``               queue     -> on-prem (encrypted scores)
+    ``<p>.sync.in``               direct    cloud -> ``<p>.sync``
+    ``<p>.sync``                  queue     -> on-prem (replica wants gallery)
+    ``<p>.gallery``               direct    on-prem -> every replica (key ``all``)
+                                            or one (key ``replica.<name>``)
+    ``<p>.gallery.<replica>``     queue     one per cloud replica, bound with both
     ``<p>.events``                topic     on-prem -> any subscriber
     ``<p>.dlx`` / ``<p>.dead``    fanout /  what could not be processed, with the
                                   queue     reason in the ``x-cipherface-reason``
     ============================  ========  ======================================
+
+    Every work queue has an exchange of its own, not the default exchange:
+    RabbitMQ checks write permission on the exchange a message is published to,
+    and everyone may write to the default one, so a user allowed to send probes
+    could also have sent results. The exchange names differ from the queue names
+    because a permission regex matches a name whatever the resource: write on a
+    queue (needed to bind it) must not imply write on an exchange, nor the reverse.
     """
+
+    #: Routing key of gallery messages for every replica (`gallery_key` is never "all").
+    gallery_broadcast_key: ClassVar[str] = "all"
 
     prefix: str = "cipherface"
     #: Delete queues unused for this long (RabbitMQ ``x-expires``); None keeps them
@@ -80,12 +135,20 @@ class Topology:
 
     @property
     def gallery(self) -> str:
-        """Fanout exchange of public contexts and gallery blocks."""
+        """Direct exchange of public contexts and gallery blocks."""
         return f"{self.prefix}.gallery"
 
     def gallery_queue(self, replica: str) -> str:
         """The durable queue through which one cloud replica receives the gallery."""
         return f"{self.prefix}.gallery.{replica}"
+
+    def gallery_key(self, replica: str) -> str:
+        """Routing key of gallery messages for one replica only (e.g. a sync's answer)."""
+        return f"replica.{replica}"
+
+    def gallery_bindings(self, replica: str) -> list[tuple[str, str]]:
+        """What a replica binds its gallery queue with: broadcasts and its own messages."""
+        return [(self.gallery, self.gallery_broadcast_key), (self.gallery, self.gallery_key(replica))]
 
     @property
     def events(self) -> str:
@@ -106,6 +169,69 @@ class Topology:
     def work_queues(self) -> tuple[str, ...]:
         """Queues declared up front, so nothing published before a consumer starts is lost."""
         return (self.probes, self.results, self.sync)
+
+    def work_exchange(self, queue: str) -> str:
+        """The direct exchange in front of a work queue (what `Transport.send` publishes to)."""
+        if queue not in self.work_queues:
+            raise TransportError(f"{queue!r} is not a work queue of prefix {self.prefix!r}")
+        return f"{queue}.in"
+
+    @property
+    def exchanges(self) -> tuple[ExchangeSpec, ...]:
+        """Every exchange: on-prem declares what carries its authority or feeds it,
+        the cloud the probes' way in (it declares the probe queue bound to it)."""
+        onprem, cloud, client = Role.ONPREM, Role.CLOUD, Role.CLIENT
+        return (
+            ExchangeSpec(self.work_exchange(self.probes), "direct", cloud, frozenset({client})),
+            ExchangeSpec(self.work_exchange(self.results), "direct", onprem, frozenset({cloud})),
+            ExchangeSpec(self.work_exchange(self.sync), "direct", onprem, frozenset({cloud})),
+            ExchangeSpec(self.gallery, "direct", onprem, frozenset({cloud})),
+            ExchangeSpec(self.events, "topic", onprem, frozenset({client})),
+            ExchangeSpec(self.dead_letter_exchange, "fanout", onprem, frozenset({cloud, client})),
+        )
+
+    @property
+    def queues(self) -> tuple[QueueSpec, ...]:
+        """The shared queues, each declared by its consumer.
+
+        Its consumer, because RabbitMQ asks for read permission on a queue declared
+        with a dead-letter exchange: on-prem declaring the probe queue would need
+        to be able to read the probe images.
+        """
+        return (
+            QueueSpec(self.probes, Role.CLOUD, self.work_exchange(self.probes), self.probes),
+            QueueSpec(self.results, Role.ONPREM, self.work_exchange(self.results), self.results),
+            QueueSpec(self.sync, Role.ONPREM, self.work_exchange(self.sync), self.sync),
+            QueueSpec(self.dead_letters, Role.ONPREM, self.dead_letter_exchange, ""),
+        )
+
+    def queue_spec(self, name: str) -> QueueSpec | None:
+        """The shared queue of that name; None for a private one (a replica's, a watcher's)."""
+        return next((q for q in self.queues if q.name == name), None)
+
+    def queue_arguments(self, name: str) -> dict[str, Any]:
+        """RabbitMQ arguments of a durable queue (every declarer must pass the same)."""
+        arguments: dict[str, Any] = {}
+        if name != self.dead_letters:
+            # Whatever the broker itself rejects (e.g. a nack without requeue) still
+            # lands in the dead-letter queue rather than vanishing.
+            arguments["x-dead-letter-exchange"] = self.dead_letter_exchange
+        if self.idle_queue_expiry_ms is not None:
+            arguments["x-expires"] = self.idle_queue_expiry_ms
+        return arguments
+
+
+def declares(role: Role | None, owner: Role) -> bool:
+    """Whether a connection acting for ``role`` declares a resource ``owner`` owns."""
+    return role is None or role is owner
+
+
+def missing_resource(name: str, owner: Role) -> TransportError:
+    """The error for a resource a role relies on but may not declare, and nobody did."""
+    return TransportError(
+        f"{name} does not exist: {owner.value} declares it (start it first), "
+        "or run 'cipherface broker-setup'"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -226,7 +352,10 @@ class Transport(Protocol):
     ) -> None: ...
 
     async def send(self, queue: str, body: bytes, *, message_id: str | None = None) -> None:
-        """Put a persistent message on a durable work queue (confirmed by the broker)."""
+        """Put a persistent message on a work queue, through its exchange (confirmed).
+
+        Raises `TransportError` when the queue does not exist (nothing would keep it).
+        """
 
     async def publish(
         self, exchange: str, routing_key: str, body: bytes, *, message_id: str | None = None

@@ -1,8 +1,9 @@
 """An in-process broker with RabbitMQ's semantics, for the demo and broker-free tests.
 
 It models what the agents rely on: durable named queues (competing consumers),
-fanout and topic exchanges with bindings, prefetch, requeue of unfinished work,
-and a dead-letter queue. Messages live in memory: "durable" means "outlives a
+direct, fanout and topic exchanges with bindings, mandatory sends, prefetch,
+requeue of unfinished work, a dead-letter queue, and the passive checks of a
+transport acting for a `Role` (it has no users, so nothing is refused). Messages live in memory: "durable" means "outlives a
 consumer", not "outlives the process".
 """
 
@@ -22,9 +23,12 @@ from cipherface.transport.base import (
     Delivery,
     Handler,
     Outcome,
+    Role,
     Topology,
     TransportBase,
+    declares,
     drain,
+    missing_resource,
     settle,
 )
 
@@ -48,7 +52,7 @@ def topic_matches(pattern: str, routing_key: str) -> bool:
 
 @dataclass(slots=True)
 class _Exchange:
-    kind: str  # "fanout" or "topic"
+    kind: str  # "direct", "fanout" or "topic"
     bindings: list[tuple[str, str]] = field(default_factory=list)  # (pattern, queue)
 
 
@@ -70,6 +74,8 @@ class MemoryBroker:
 
     def bind(self, queue: str, exchange: str, pattern: str) -> None:
         """Route an exchange's messages to a queue."""
+        if exchange not in self.exchanges:
+            raise TransportError(f"no exchange {exchange!r} to bind {queue!r} to")
         bindings = self.exchanges[exchange].bindings
         if (pattern, queue) not in bindings:
             bindings.append((pattern, queue))
@@ -84,15 +90,26 @@ class MemoryBroker:
         """A broker-chosen name, as RabbitMQ gives server-named queues."""
         return f"amq.gen-{next(self._names)}"
 
-    def route(self, exchange: str, delivery: Delivery) -> None:
-        """Deliver to every bound queue that matches."""
+    def route(self, exchange: str, delivery: Delivery) -> int:
+        """Deliver to every bound queue that matches; the number of queues reached."""
         try:
             target = self.exchanges[exchange]
         except KeyError:
             raise TransportError(f"no exchange {exchange!r} (declare the topology first)") from None
+        reached = 0
         for pattern, queue in target.bindings:
-            if target.kind == "fanout" or topic_matches(pattern, delivery.routing_key):
+            if _matches(target.kind, pattern, delivery.routing_key):
                 self.queues[queue].put_nowait(delivery)
+                reached += 1
+        return reached
+
+
+def _matches(kind: str, pattern: str, routing_key: str) -> bool:
+    if kind == "fanout":
+        return True
+    if kind == "direct":
+        return pattern == routing_key
+    return topic_matches(pattern, routing_key)
 
 
 class _MemoryConsumer:
@@ -147,27 +164,42 @@ class _MemoryConsumer:
 class MemoryTransport(TransportBase):
     """`Transport` on a `MemoryBroker`."""
 
-    def __init__(self, broker: MemoryBroker, topology: Topology | None = None) -> None:
+    def __init__(
+        self, broker: MemoryBroker, topology: Topology | None = None, *, role: Role | None = None
+    ) -> None:
         self.broker = broker
         self.topology = topology or Topology()
+        self.role = role
         self._consumers: list[_MemoryConsumer] = []
         self._declare()
 
     def _declare(self) -> None:
+        """What `RabbitMQTransport.open` does: declare what the role owns, check what it uses."""
         t = self.topology
-        self.broker.declare_exchange(t.gallery, "fanout")
-        self.broker.declare_exchange(t.events, "topic")
-        self.broker.declare_exchange(t.dead_letter_exchange, "fanout")
-        self.broker.declare_queue(t.dead_letters)
-        self.broker.bind(t.dead_letters, t.dead_letter_exchange, "#")
-        for name in t.work_queues:
-            self.broker.declare_queue(name)
+        for spec in t.exchanges:
+            if declares(self.role, spec.owner):
+                self.broker.declare_exchange(spec.name, spec.kind)
+        for queue in t.queues:
+            if declares(self.role, queue.owner):
+                self.broker.declare_queue(queue.name)
+                self.broker.bind(queue.name, queue.source, queue.key)
+        for spec in t.exchanges:
+            if self.role in spec.users and spec.name not in self.broker.exchanges:
+                raise missing_resource(spec.name, spec.owner)
+
+    def _declare_queue(self, name: str) -> None:
+        spec = self.topology.queue_spec(name)
+        if spec is not None and not declares(self.role, spec.owner):
+            if name not in self.broker.queues:
+                raise missing_resource(name, spec.owner)
+            return
+        self.broker.declare_queue(name)
 
     async def send(self, queue: str, body: bytes, *, message_id: str | None = None) -> None:
-        """Put a message on a queue (created if needed, as RabbitMQ agents declare it)."""
-        self.broker.declare_queue(queue).put_nowait(
-            Delivery(body=body, message_id=message_id, routing_key=queue)
-        )
+        """Route a message to a work queue through its exchange; an error if none takes it."""
+        delivery = Delivery(body=body, message_id=message_id, routing_key=queue)
+        if not self.broker.route(self.topology.work_exchange(queue), delivery):
+            raise TransportError(f"cannot send to {queue}: no such queue (unroutable)")
 
     async def publish(
         self, exchange: str, routing_key: str, body: bytes, *, message_id: str | None = None
@@ -193,7 +225,7 @@ class MemoryTransport(TransportBase):
     ) -> _MemoryConsumer:
         """Declare, bind and consume a queue."""
         name = queue or self.broker.temporary_name()
-        self.broker.declare_queue(name)
+        self._declare_queue(name)
         for exchange, pattern in bindings:
             self.broker.bind(name, exchange, pattern)
         consumer = _MemoryConsumer(self, name, handler, prefetch, exclusive)

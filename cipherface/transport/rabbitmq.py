@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -25,20 +27,23 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from cipherface.exceptions import TransportError
+from cipherface.exceptions import ConfigError, TransportError
 from cipherface.transport.base import (
     REASON_HEADER,
     SOURCE_HEADER,
     Delivery,
     Handler,
     Outcome,
+    Role,
     Topology,
     TransportBase,
+    declares,
     drain,
+    missing_resource,
     settle,
 )
 
-__all__ = ["RabbitMQTransport"]
+__all__ = ["RabbitMQTransport", "read_secret", "tls_context", "with_password"]
 
 log = logging.getLogger(__name__)
 
@@ -114,62 +119,102 @@ class _RabbitConsumer:
 
 
 class RabbitMQTransport(TransportBase):
-    """`Transport` on RabbitMQ. Use as ``async with RabbitMQTransport(url) as t``."""
+    """`Transport` on RabbitMQ. Use as ``async with RabbitMQTransport(url) as t``.
 
-    def __init__(self, url: str, topology: Topology | None = None) -> None:
+    ``role`` limits what it declares to what that role's broker user may configure
+    (see `Role`); ``ssl_context`` is used for ``amqps://`` URLs (CA, client cert).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        topology: Topology | None = None,
+        *,
+        role: Role | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.url = url
         self.topology = topology or Topology()
+        self.role = role
+        self._ssl_context = ssl_context
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractChannel | None = None
         self._consumers: list[_RabbitConsumer] = []
-        self._declared: set[str] = set()
-
-    def _queue_arguments(self, name: str) -> dict[str, Any]:
-        arguments: dict[str, Any] = {}
-        if name != self.topology.dead_letters:
-            # Whatever the broker itself rejects (e.g. a nack without requeue) still
-            # lands in the dead-letter queue rather than vanishing.
-            arguments["x-dead-letter-exchange"] = self.topology.dead_letter_exchange
-        if self.topology.idle_queue_expiry_ms is not None:
-            arguments["x-expires"] = self.topology.idle_queue_expiry_ms
-        return arguments
 
     async def open(self) -> None:
         """Connect (robustly) and declare the topology, idempotently."""
         try:
-            self._connection = await aio_pika.connect_robust(self.url, timeout=10)
+            self._connection = await aio_pika.connect_robust(
+                self.url, timeout=10, ssl_context=self._ssl_context
+            )
         except _CONNECTION_ERRORS as exc:
+            hint = (
+                " (TLS: check tls_ca, tls_cert and tls_key against the broker's CA)"
+                if isinstance(exc, ssl.SSLError) or self.url.startswith("amqps")
+                else ""
+            )
             raise TransportError(
-                f"cannot connect to RabbitMQ at {_redact(self.url)}: {exc}"
+                f"cannot connect to RabbitMQ at {_redact(self.url)}: {exc}{hint}"
             ) from exc
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         try:
-            self._publisher = await self._connection.channel(publisher_confirms=True)
-            await self._declare_topology(self._publisher)
+            # A returned (unroutable) mandatory message raises instead of vanishing.
+            self._publisher = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            await self._declare_topology()
+        except TransportError:
+            await self.close()
+            raise
         except _CONNECTION_ERRORS as exc:
+            await self.close()
             raise TransportError(f"cannot declare the topology: {exc}") from exc
 
     def _on_reconnect(self, *_: object) -> None:
         log.warning("reconnected to RabbitMQ at %s", _redact(self.url))
 
-    async def _declare_topology(self, channel: AbstractChannel) -> None:
+    async def _declare_topology(self) -> None:
+        """Declare what this role owns; check passively what it uses and others own.
+
+        Passive checks run on a channel of their own: a missing resource closes it.
+        """
         t = self.topology
-        await channel.declare_exchange(t.gallery, aio_pika.ExchangeType.FANOUT, durable=True)
-        await channel.declare_exchange(t.events, aio_pika.ExchangeType.TOPIC, durable=True)
-        dlx = await channel.declare_exchange(
-            t.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-        )
-        dead = await self._declare_queue(channel, t.dead_letters)
-        await dead.bind(dlx)
-        for name in t.work_queues:
-            await self._declare_queue(channel, name)
+        channel = self._channel()
+        for spec in t.exchanges:
+            if declares(self.role, spec.owner):
+                await channel.declare_exchange(
+                    spec.name, aio_pika.ExchangeType(spec.kind), durable=True
+                )
+        for queue in t.queues:
+            if declares(self.role, queue.owner):
+                declared = await self._declare_queue(channel, queue.name)
+                await declared.bind(queue.source, routing_key=queue.key)
+        if self.role is None:
+            return
+        assert self._connection is not None
+        checker = await self._connection.channel()
+        try:
+            for spec in t.exchanges:
+                if self.role in spec.users:
+                    try:
+                        await checker.get_exchange(spec.name, ensure=True)
+                    except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                        raise missing_resource(spec.name, spec.owner) from exc
+        finally:
+            if not checker.is_closed:
+                await checker.close()
 
     async def _declare_queue(self, channel: AbstractChannel, name: str) -> AbstractQueue:
-        queue = await channel.declare_queue(
-            name, durable=True, arguments=self._queue_arguments(name)
+        """Declare a queue, or only check it (passively) when another role owns it."""
+        spec = self.topology.queue_spec(name)
+        if spec is not None and not declares(self.role, spec.owner):
+            try:
+                return await channel.declare_queue(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                raise missing_resource(name, spec.owner) from exc
+        return await channel.declare_queue(
+            name, durable=True, arguments=self.topology.queue_arguments(name)
         )
-        self._declared.add(name)
-        return queue
 
     def _channel(self) -> AbstractChannel:
         if self._publisher is None:
@@ -177,12 +222,15 @@ class RabbitMQTransport(TransportBase):
         return self._publisher
 
     async def send(self, queue: str, body: bytes, *, message_id: str | None = None) -> None:
-        """Persistent message to a durable queue, confirmed by the broker."""
+        """Persistent message to a work queue through its exchange, confirmed by the broker.
+
+        ``mandatory``: a queue that does not exist yet is an error, not a lost probe.
+        """
+        exchange = self.topology.work_exchange(queue)
         channel = self._channel()
         try:
-            if queue not in self._declared:
-                await self._declare_queue(channel, queue)
-            await channel.default_exchange.publish(_message(body, message_id), routing_key=queue)
+            target = await channel.get_exchange(exchange, ensure=False)
+            await target.publish(_message(body, message_id), routing_key=queue, mandatory=True)
         except _CONNECTION_ERRORS as exc:
             raise TransportError(f"cannot send to {queue}: {exc}") from exc
 
@@ -272,9 +320,46 @@ def _message(body: bytes, message_id: str | None) -> aio_pika.Message:
     )
 
 
+
+
 def _redact(url: str) -> str:
     """The URL without its password, for logs and errors."""
     from yarl import URL
 
     parsed = URL(url)
     return str(parsed.with_password("***")) if parsed.password else url
+
+
+def tls_context(
+    ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
+    """A client TLS context: verifies the broker (against ``ca``, else the system CAs)
+    and presents ``cert``/``key`` when given, for brokers that require a client cert."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca) if ca else None)
+        if cert is not None:
+            context.load_cert_chain(str(cert), str(key) if key else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS material ({ca}, {cert}, {key}): {exc}") from exc
+    return context
+
+
+def read_secret(path: Path) -> str:
+    """A password from a file (its first line), such as `cipherface broker-setup` writes."""
+    try:
+        text = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the broker password from {path}: {exc}") from exc
+    if not text or not text[0]:
+        raise ConfigError(f"{path} holds no password")
+    return text[0]
+
+
+def with_password(url: str, password: str) -> str:
+    """The URL with ``password`` as its password (the user stays the URL's)."""
+    from yarl import URL
+
+    parsed = URL(url)
+    if not parsed.user:
+        raise ConfigError(f"{_redact(url)} names no user to go with the password file")
+    return str(parsed.with_password(password))

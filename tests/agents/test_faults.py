@@ -159,7 +159,7 @@ class FaultCluster:
             for name in queues:
                 with contextlib.suppress(Exception):
                     await channel.queue_delete(name)
-            for name in (t.gallery, t.events, t.dead_letter_exchange):
+            for name in (spec.name for spec in t.exchanges):
                 with contextlib.suppress(Exception):
                     await channel.exchange_delete(name)
 

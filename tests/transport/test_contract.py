@@ -7,8 +7,9 @@ import asyncio
 import pytest
 
 from cipherface.exceptions import TransportError, WireFormatError
-from cipherface.transport import REASON_HEADER, SOURCE_HEADER, Delivery, Transport
+from cipherface.transport import REASON_HEADER, SOURCE_HEADER, Delivery, Role, Transport
 from cipherface.transport.memory import topic_matches
+from tests.transport.conftest import Links
 
 Pair = tuple[Transport, Transport]
 
@@ -66,16 +67,77 @@ async def test_competing_consumers_each_message_once(transport_pair: Pair) -> No
     assert sorted(bodies) == sorted(str(i).encode() for i in range(20))
 
 
-async def test_fanout_reaches_every_bound_queue(transport_pair: Pair) -> None:
+async def test_gallery_broadcast_reaches_every_replica_a_replica_key_only_one(
+    transport_pair: Pair,
+) -> None:
     producer, consumer_side = transport_pair
     t = producer.topology
     a, b = Collector(), Collector()
-    await consumer_side.consume(t.gallery_queue("a"), a, bindings=[(t.gallery, "")])
-    await consumer_side.consume(t.gallery_queue("b"), b, bindings=[(t.gallery, "")])
-    await producer.publish(t.gallery, "", b"block")
+    await consumer_side.consume(t.gallery_queue("a"), a, bindings=t.gallery_bindings("a"))
+    await consumer_side.consume(t.gallery_queue("b"), b, bindings=t.gallery_bindings("b"))
+    await producer.publish(t.gallery, t.gallery_key("b"), b"for-b")
+    await producer.publish(t.gallery, t.gallery_broadcast_key, b"block")
     await a.wait(1)
-    await b.wait(1)
-    assert a.deliveries[0].body == b.deliveries[0].body == b"block"
+    await b.wait(2)
+    await asyncio.sleep(0.2)
+    assert [d.body for d in a.deliveries] == [b"block"]
+    assert [d.body for d in b.deliveries] == [b"for-b", b"block"]
+
+
+async def test_a_replica_named_all_gets_a_broadcast_once(transport_pair: Pair) -> None:
+    producer, consumer_side = transport_pair
+    t = producer.topology
+    seen = Collector()
+    await consumer_side.consume(t.gallery_queue("all"), seen, bindings=t.gallery_bindings("all"))
+    await producer.publish(t.gallery, t.gallery_broadcast_key, b"block")
+    await seen.wait(1)
+    await asyncio.sleep(0.2)
+    assert [d.body for d in seen.deliveries] == [b"block"]
+
+
+async def test_send_goes_through_the_work_queues_own_exchange(transport_pair: Pair) -> None:
+    producer, consumer_side = transport_pair
+    t = producer.topology
+    seen = Collector()
+    await consumer_side.consume(t.results, seen)
+    await producer.publish(t.work_exchange(t.results), t.results, b"via-exchange")
+    await producer.send(t.results, b"via-send")
+    await seen.wait(2)
+    assert sorted(d.body for d in seen.deliveries) == [b"via-exchange", b"via-send"]
+    # The probes' exchange routes nothing to the results queue, whatever the key.
+    await producer.publish(t.work_exchange(t.probes), t.results, b"misrouted")
+    await asyncio.sleep(0.2)
+    assert len(seen.deliveries) == 2
+    with pytest.raises(TransportError, match="not a work queue"):
+        await producer.send(t.events, b"x")
+
+
+async def test_each_role_declares_what_it_owns_and_checks_the_rest(links: Links) -> None:
+    t = links.topology
+    # Nothing is declared yet: a client relies on the cloud's and on-prem's exchanges.
+    with pytest.raises(TransportError, match="broker-setup"):
+        await links.open(Role.CLIENT)
+    with pytest.raises(TransportError, match="onprem declares it"):
+        await links.open(Role.CLOUD)
+    onprem = await links.open(Role.ONPREM)
+    cloud = await links.open(Role.CLOUD)
+    client = await links.open(Role.CLIENT)
+    probes, results = Collector(), Collector()
+    await cloud.consume(t.probes, probes)
+    await onprem.consume(t.results, results)
+    await client.send(t.probes, b"probe")
+    await cloud.send(t.results, b"scores")
+    await probes.wait(1)
+    await results.wait(1)
+    assert [d.body for d in probes.deliveries] == [b"probe"]
+    assert [d.body for d in results.deliveries] == [b"scores"]
+
+
+async def test_send_to_a_queue_nobody_declared_is_an_error(links: Links) -> None:
+    t = links.topology
+    onprem = await links.open(Role.ONPREM)  # declares results, not the probes' way in
+    with pytest.raises(TransportError):
+        await onprem.send(t.probes, b"lost?")
 
 
 async def test_topic_bindings_filter_events(transport_pair: Pair) -> None:
