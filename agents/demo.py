@@ -21,6 +21,7 @@ from agents.cloud.agent import CloudAgent
 from agents.onprem.agent import OnPremAgent, generate_keys
 from cipherface.client import Client
 from cipherface.config import Settings
+from cipherface.signing import TrustStore
 from cipherface.transport import MemoryBroker, open_transport
 
 __all__ = ["plan", "run_demo"]
@@ -67,6 +68,8 @@ async def run_demo(settings: Settings, folder: Path) -> dict[str, Any]:
     ):
         onprem = OnPremAgent(settings, onprem_link)
         cloud = CloudAgent(settings, cloud_link)
+        # What an operator does once per replica: trust its signing key on-prem.
+        TrustStore(settings.trust_store_path).add(settings.replica, cloud.signer.verify_key)
         await onprem.start()
         started = time.perf_counter()
         report = await onprem.enroll(staging, labels=to_enroll, progress=False)
@@ -74,7 +77,7 @@ async def run_demo(settings: Settings, folder: Path) -> dict[str, Any]:
         await cloud.start()
         await asyncio.wait_for(cloud.ready.wait(), timeout=300)
 
-        client = Client(client_link)
+        client = Client(client_link, onprem.signer.verify_key)
         results = []
         latencies = []
         claims = [(photo, truth, None) for photo, truth in probes]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,11 +12,14 @@ from pathlib import Path
 from cipherface import wire
 from cipherface.crypto import Keyring, Metric
 from cipherface.embedding import Embedder, largest_face
-from cipherface.exceptions import SecretKeyError, WireFormatError
+from cipherface.exceptions import ConfigError, SecretKeyError, SignatureError, WireFormatError
 from cipherface.gallery import EncryptedProbe, encrypt_probe
+from cipherface.signing import PinnedKey, VerifyKey
 from cipherface.transport.base import Delivery, Transport
 
 __all__ = ["Client", "EdgeEncryptor", "EventStream"]
+
+log = logging.getLogger(__name__)
 
 
 class EdgeEncryptor:
@@ -42,15 +46,28 @@ class EventStream:
 
     Created by `Client.events`; iterate with ``async for``. Events are
     deduplicated by probe id, so a subscriber sees each probe's decision once.
+    Anyone who may publish to the exchange could forge a decision, so only
+    events signed by on-prem's pinned key pass; the others are dropped and
+    counted in `forged` (the queue is private: nobody else would read a dead letter).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, onprem_key: VerifyKey) -> None:
+        self._verifier = PinnedKey(onprem_key)
         self._queue: asyncio.Queue[wire.VerificationEvent] = asyncio.Queue()
         self._seen: set[str] = set()
+        #: Events dropped because on-prem's key did not sign them.
+        self.forged = 0
 
     async def deliver(self, delivery: Delivery) -> None:
-        """Transport handler: decode and enqueue (a bad event is dead-lettered by the transport)."""
-        envelope = wire.decode(delivery.body, expect=(wire.VerificationEvent,))
+        """Transport handler: verify, decode and enqueue (a malformed event is dead-lettered)."""
+        try:
+            envelope = wire.decode(
+                delivery.body, expect=(wire.VerificationEvent,), verifier=self._verifier
+            )
+        except SignatureError as exc:
+            self.forged += 1
+            log.warning("dropped an event on-prem did not sign: %s", exc)
+            return
         event = envelope.message
         if not isinstance(event, wire.VerificationEvent):  # narrowed by `expect`
             raise WireFormatError("not a verification event")
@@ -85,8 +102,10 @@ class EventStream:
 class Client:
     """Publish probe images and subscribe to verification events."""
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, onprem_key: VerifyKey | None = None) -> None:
         self.transport = transport
+        #: On-prem's verify key: needed to read events (`events`, `verify`), not to publish.
+        self.onprem_key = onprem_key
 
     async def publish_probe(
         self,
@@ -124,9 +143,12 @@ class Client:
     async def events(self, pattern: str = "#") -> AsyncIterator[EventStream]:
         """Subscribe (before publishing, so nothing is missed) to events matching ``pattern``.
 
-        Routing keys are ``event.<1to1|1toN>.<verified|rejected|error>``.
+        Routing keys are ``event.<1to1|1toN>.<verified|rejected|error>``. Events
+        not signed by `onprem_key` are dropped (`EventStream.forged` counts them).
         """
-        stream = EventStream()
+        if self.onprem_key is None:
+            raise ConfigError("reading events needs on-prem's verify key (Client(..., onprem_key))")
+        stream = EventStream(self.onprem_key)
         consumer = await self.transport.consume(
             "",
             stream.deliver,

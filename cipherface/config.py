@@ -57,6 +57,13 @@ class Settings:
     #: brokers that demand one (``fail_if_no_peer_cert``).
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: Seconds between two gallery republishes on-prem sends one replica: syncs
+    #: arriving meanwhile are coalesced into one answer (no amplification).
+    sync_interval: float = 10.0
+    #: On-prem's Ed25519 verify key, pinned by cloud replicas and event readers: only
+    #: gallery messages and events it signed are accepted. Default: on-prem's own
+    #: ``onprem/signing.pub`` under `data_dir` (one machine, the demo, the tests).
+    onprem_key: Path | None = None
 
     def __post_init__(self) -> None:
         model_spec(self.model)
@@ -109,12 +116,42 @@ class Settings:
         """The public context (no secret key, no Galois keys)."""
         return self.onprem_dir / "public.key"
 
+    @property
+    def conjugation_key_path(self) -> Path:
+        """The one Galois key cloud replicas get (complex conjugation, edge-probe checks)."""
+        return self.onprem_dir / "conjugation.key"
+
+    @property
+    def signing_key_path(self) -> Path:
+        """On-prem's Ed25519 signing key, mode 0600 (its verify key beside it, ``.pub``)."""
+        return self.onprem_dir / "signing.key"
+
+    @property
+    def onprem_verify_key_path(self) -> Path:
+        """Where replicas and event readers find on-prem's verify key (`onprem_key`)."""
+        return self.onprem_key or self.signing_key_path.with_suffix(".pub")
+
+    @property
+    def trust_store_path(self) -> Path:
+        """On-prem's trusted cloud replicas: name -> verify key (``cipherface trust``)."""
+        return self.onprem_dir / "trusted-replicas.json"
+
+    @property
+    def replica_key_path(self) -> Path:
+        """This cloud replica's Ed25519 signing key, created on first start."""
+        return self.cloud_dir / "signing.key"
+
 
 #: Optional fields that name files.
-_PATHS = ("amqp_password_file", "tls_ca", "tls_cert", "tls_key")
+_PATHS = ("amqp_password_file", "tls_ca", "tls_cert", "tls_key", "onprem_key")
 
 
 def _convert(name: str, raw: str) -> object:
+    if name == "sync_interval":
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"CIPHERFACE_{name.upper()} must be a number, got {raw!r}") from None
     if name in ("prefetch", "top_k", "metrics_port", "workers"):
         try:
             return int(raw)

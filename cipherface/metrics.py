@@ -14,7 +14,15 @@ from prometheus_client import Counter, Histogram, start_http_server
 
 from cipherface.transport.base import Delivery, Handler
 
-__all__ = ["ERRORS", "LATENCY", "MESSAGES", "instrumented", "serve_metrics"]
+__all__ = [
+    "ERRORS",
+    "INTEGRITY_FAILURES",
+    "LATENCY",
+    "MESSAGES",
+    "SYNCS",
+    "instrumented",
+    "serve_metrics",
+]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +35,17 @@ ERRORS = Counter(
     "cipherface_errors_total",
     "Messages that could not be processed, by agent and error type.",
     ["agent", "error"],
+)
+INTEGRITY_FAILURES = Counter(
+    "cipherface_integrity_failures_total",
+    "Well-formed inputs the protocol never makes (tampered scores, forged edge probes): "
+    "answered with an error event that carries no number.",
+    ["agent", "reason"],
+)
+SYNCS = Counter(
+    "cipherface_sync_requests_total",
+    "Gallery sync requests on-prem received, by outcome (answered, coalesced, deferred).",
+    ["outcome"],
 )
 LATENCY = Histogram(
     "cipherface_handle_seconds",

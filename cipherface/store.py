@@ -28,7 +28,9 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS context (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     fingerprint TEXT NOT NULL,
-    data BLOB NOT NULL
+    data BLOB NOT NULL,
+    conjugation BLOB NOT NULL DEFAULT x'',
+    issued_at REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS blocks (
     block_id INTEGER PRIMARY KEY,
@@ -36,6 +38,12 @@ CREATE TABLE IF NOT EXISTS blocks (
     payload BLOB NOT NULL
 );
 """
+
+#: Context columns added after the first release, with their definitions.
+_ADDED_COLUMNS = (
+    ("conjugation", "BLOB NOT NULL DEFAULT x''"),
+    ("issued_at", "REAL NOT NULL DEFAULT 0"),
+)
 
 
 class GalleryStore:
@@ -57,17 +65,43 @@ class GalleryStore:
             # loss may drop the last commits, which on-prem re-ships by version.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(context)")}
+            for name, kind in _ADDED_COLUMNS:
+                if name not in columns:  # a store written before the column existed
+                    self._db.execute(f"ALTER TABLE context ADD COLUMN {name} {kind}")
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the gallery store at {path}: {exc}") from exc
 
-    def save_context(self, data: bytes, fingerprint: str) -> None:
-        """Keep the public context the blocks were encrypted for (replacing any other)."""
+    def save_context(self, data: bytes, fingerprint: str, conjugation_key: bytes = b"") -> None:
+        """Keep the public context the blocks were encrypted for (replacing any other).
+
+        ``conjugation_key`` is the Galois key on-prem ships beside the context, with
+        which the replica proves an edge probe's norm.
+        """
         self._run(
-            "INSERT INTO context (id, fingerprint, data) VALUES (1, ?, ?) "
+            "INSERT INTO context (id, fingerprint, data, conjugation) VALUES (1, ?, ?, ?) "
             "ON CONFLICT(id) DO UPDATE SET fingerprint = excluded.fingerprint, "
-            "data = excluded.data",
-            (fingerprint, data),
+            "data = excluded.data, conjugation = excluded.conjugation",
+            (fingerprint, data, conjugation_key),
         )
+
+    def conjugation_key(self) -> bytes:
+        """The stored conjugation key (empty when none was stored)."""
+        row = self._one("SELECT conjugation FROM context WHERE id = 1")
+        return b"" if row is None else bytes(row[0])  # type: ignore[arg-type]
+
+    def save_issued_at(self, issued_at: float) -> None:
+        """When on-prem issued the newest context this replica accepted.
+
+        A context under another key issued earlier is a replay (it would drop the
+        gallery), and the replica must still know that after a restart.
+        """
+        self._run("UPDATE context SET issued_at = MAX(issued_at, ?) WHERE id = 1", (issued_at,))
+
+    def issued_at(self) -> float:
+        """See `save_issued_at` (0 for a new store)."""
+        row = self._one("SELECT issued_at FROM context WHERE id = 1")
+        return 0.0 if row is None else float(row[0])  # type: ignore[arg-type]
 
     def load_context(self) -> bytes | None:
         """The stored public context, or None for a new store."""

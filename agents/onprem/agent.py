@@ -1,9 +1,15 @@
 """The on-prem agent: holds the secret key, enrolls faces, turns encrypted scores into events.
 
-What leaves on-prem: the public context (no secret key, no Galois keys), the
-encrypted gallery blocks, and verification events carrying only the decision
-and a distance rounded to a few decimals. Exact decryptions never leave: with
-CKKS they would help an observer recover the secret key.
+What leaves on-prem: the public context (no secret key; one Galois key, for
+complex conjugation), the encrypted gallery blocks, and verification events
+carrying only the decision and a noise-flooded distance rounded to a few
+decimals, all signed with on-prem's Ed25519 key. Exact decryptions never leave:
+with CKKS they would help an observer recover the secret key, and nothing is
+decrypted that fails the integrity checks of `cipherface.gallery.integrity`.
+
+Scores, rejections and sync requests are accepted only from replicas in the
+trust store, and a sync is answered to the asking replica alone, at most once
+per `Settings.sync_interval`, from the book's cached ciphertexts.
 """
 
 from __future__ import annotations
@@ -21,13 +27,22 @@ from cipherface import wire
 from cipherface.config import Settings
 from cipherface.crypto import Keyring
 from cipherface.embedding import Embedder, largest_face, model_spec, threshold
-from cipherface.exceptions import ConfigError, EmbeddingError
+from cipherface.exceptions import ConfigError, EmbeddingError, IntegrityError, SignatureError
 from cipherface.gallery import EnrollmentBook, Match, accept, rank
+from cipherface.gallery.integrity import conjugation_key, flood
 from cipherface.ledger import ProbeLedger
-from cipherface.metrics import instrumented
+from cipherface.metrics import INTEGRITY_FAILURES, SYNCS, instrumented
+from cipherface.private import private_dir, write_private
+from cipherface.signing import SigningKey, TrustStore
 from cipherface.transport.base import Consumer, Delivery, Transport
 
-__all__ = ["IMAGE_SUFFIXES", "EnrollReport", "OnPremAgent", "generate_keys", "subject_of"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "EnrollReport",
+    "OnPremAgent",
+    "generate_keys",
+    "subject_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +50,23 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
 
 def generate_keys(settings: Settings, *, overwrite: bool = False) -> Keyring:
-    """Create on-prem's key pair in its data folder (secret 0600, public: public key only)."""
+    """Create on-prem's keys in its private folder (0700; every file 0600).
+
+    The CKKS secret key, the public context (public key only: the packed gallery
+    needs neither rotation nor relinearisation keys), the conjugation key replicas
+    use to check edge probes, and the Ed25519 signing key with its ``.pub`` half,
+    which cloud replicas and event readers pin.
+    """
     if settings.secret_key_path.exists() and not overwrite:
         raise ConfigError(
             f"{settings.secret_key_path} exists; refusing to replace keys that encrypt a gallery"
         )
-    settings.onprem_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.onprem_dir)
     keyring = Keyring.generate(settings.preset)
     keyring.save_secret(settings.secret_key_path)
-    # The packed gallery needs neither Galois nor relinearisation keys: 355 KB, not 19 MB.
     keyring.save_public(settings.public_key_path, galois_keys=False, relin_keys=False)
+    write_private(settings.conjugation_key_path, conjugation_key(keyring))
+    SigningKey.generate("onprem").save(settings.signing_key_path)
     return keyring
 
 
@@ -75,7 +97,11 @@ class OnPremAgent:
             raise ConfigError(
                 f"no secret key at {settings.secret_key_path}; run 'cipherface keygen' first"
             )
+        private_dir(settings.onprem_dir)
         self.keyring = Keyring.load(settings.secret_key_path, expect="secret")
+        self.signer = SigningKey.load(settings.signing_key_path, "onprem")
+        self.trusted = TrustStore(settings.trust_store_path)
+        self._conjugation_key = settings.conjugation_key_path.read_bytes()
         self.embedder = Embedder(settings.model, settings.detector)
         self.threshold = threshold(settings.model, settings.metric.value)
         self.book = EnrollmentBook(
@@ -87,6 +113,9 @@ class OnPremAgent:
         self.ledger = ProbeLedger(settings.onprem_dir / "ledger.sqlite")
         self._consumers: list[Consumer] = []
         self._publishing = asyncio.Lock()
+        #: Per replica: when its last sync answer started, and a pending deferred one.
+        self._synced: dict[str, float] = {}
+        self._deferred: dict[str, asyncio.Task[None]] = {}
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -114,6 +143,8 @@ class OnPremAgent:
 
     async def stop(self) -> None:
         """Drain in-flight work and close the stores."""
+        for task in self._deferred.values():
+            task.cancel()
         for consumer in self._consumers:
             await consumer.cancel(timeout=30)
         self._consumers.clear()
@@ -166,7 +197,9 @@ class OnPremAgent:
             ids = sorted(self.book.all_blocks() if block_ids is None else set(block_ids))
             context = wire.ContextUpdate(
                 context=self.keyring.public_bytes(galois_keys=False, relin_keys=False),
+                conjugation_key=self._conjugation_key,
                 blocks=tuple(ids),
+                issued_at=time.time(),
             )
             await self.transport.publish(topology.gallery, key, self._encode(context))
             # Blocks are encrypted (by `workers` processes) while earlier ones are sent.
@@ -186,17 +219,49 @@ class OnPremAgent:
             fingerprint=self.keyring.fingerprint,
             model=self.settings.model,
             metric=self.settings.metric.value,
+            signer=self.signer,
         )
 
     # -- handlers ---------------------------------------------------------------------
     async def _on_sync(self, delivery: Delivery) -> None:
-        request = wire.decode(delivery.body, expect=(wire.SyncRequest,)).message
+        envelope = wire.decode(delivery.body, expect=(wire.SyncRequest,), verifier=self.trusted)
+        request = envelope.message
         assert isinstance(request, wire.SyncRequest)
-        log.info("replica %s asks for the gallery", request.replica)
-        await self.publish_gallery(replica=request.replica)
+        replica = request.replica
+        if envelope.signer != replica:
+            raise SignatureError(f"replica {envelope.signer!r} asked on behalf of {replica!r}")
+        last = self._synced.get(replica)
+        if last is not None and request.requested_at <= last:
+            # Asked before the last answer to this replica started: that answer serves it.
+            SYNCS.labels("coalesced").inc()
+            log.info("sync from %s coalesced into the answer of %.0f", replica, last)
+            return
+        wait = 0.0 if last is None else last + self.settings.sync_interval - time.time()
+        if wait > 0:
+            if replica not in self._deferred:
+                SYNCS.labels("deferred").inc()
+                self._deferred[replica] = asyncio.create_task(self._answer_sync(replica, wait))
+            else:
+                SYNCS.labels("coalesced").inc()
+            return
+        await self._answer_sync(replica)
+
+    async def _answer_sync(self, replica: str, delay: float = 0.0) -> None:
+        """Republish the whole gallery to ``replica`` alone (cached ciphertexts, no re-encryption)."""
+        try:
+            await asyncio.sleep(delay)
+            self._synced[replica] = time.time()
+            SYNCS.labels("answered").inc()
+            log.info("replica %s asks for the gallery", replica)
+            await self.publish_gallery(replica=replica)
+        finally:
+            if delay:
+                self._deferred.pop(replica, None)
 
     async def _on_result(self, delivery: Delivery) -> None:
-        envelope = wire.decode(delivery.body, expect=(wire.ScoresReady, wire.ProbeRejected))
+        envelope = wire.decode(
+            delivery.body, expect=(wire.ScoresReady, wire.ProbeRejected), verifier=self.trusted
+        )
         result = envelope.message
         assert isinstance(result, (wire.ScoresReady, wire.ProbeRejected))
         if not self.ledger.claim(result.probe_id):
@@ -209,20 +274,33 @@ class OnPremAgent:
                 self.keyring.check(envelope.fingerprint)
                 started = time.perf_counter()
                 self.book.refresh()  # `cipherface enroll` may have run beside this daemon
-                matches = await asyncio.to_thread(
-                    rank,
-                    self.keyring,
-                    self.book,
-                    result.scores,
-                    subject=result.subject,
-                    top_k=self.settings.top_k,
-                )
-                decrypt = time.perf_counter() - started
-                event = self._decide(result, matches, decrypt)
+                try:
+                    matches = await asyncio.to_thread(
+                        rank,
+                        self.keyring,
+                        self.book,
+                        result.scores,
+                        subject=result.subject,
+                        top_k=self.settings.top_k,
+                        probe_check=result.probe_check,
+                    )
+                except IntegrityError as exc:
+                    # Nothing derived from a tampered decryption leaves on-prem: the
+                    # event names the failure and carries no distance.
+                    INTEGRITY_FAILURES.labels(self.role, "scores").inc()
+                    log.warning("probe %s from %s refused: %s", result.probe_id, envelope.signer, exc)
+                    event = self._event(result, error=f"IntegrityError: {exc}")
+                else:
+                    event = self._decide(result, matches, time.perf_counter() - started)
             await self.transport.publish(
                 self.transport.topology.events,
                 event.routing_key,
-                wire.encode(event, model=self.settings.model, metric=self.settings.metric.value),
+                wire.encode(
+                    event,
+                    model=self.settings.model,
+                    metric=self.settings.metric.value,
+                    signer=self.signer,
+                ),
                 message_id=event.probe_id,
             )
             self.ledger.record(result.probe_id, time.time())
@@ -241,11 +319,13 @@ class OnPremAgent:
             )
             return self._event(result, error=reason, timings=timings)
         best = matches[0]
+        verified = accept(best, self.threshold, self.settings.metric)
+        released = flood(best.distance, self.threshold, verified)
         return self._event(
             result,
             subject=best.subject,
-            verified=accept(best, self.threshold, self.settings.metric),
-            distance=round(best.distance, wire.VerificationEvent.DISTANCE_DECIMALS),
+            verified=verified,
+            distance=round(released, wire.VerificationEvent.DISTANCE_DECIMALS),
             timings=timings,
         )
 

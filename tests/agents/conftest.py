@@ -15,6 +15,7 @@ from agents.cloud.agent import CloudAgent
 from agents.onprem.agent import OnPremAgent, generate_keys
 from cipherface.client import Client
 from cipherface.config import Settings
+from cipherface.signing import TrustStore, VerifyKey
 from cipherface.transport import MemoryBroker, MemoryTransport, RabbitMQTransport, Topology
 from cipherface.transport.base import Transport
 from tests.environment import amqp_url_or_skip, unique_prefix
@@ -48,8 +49,9 @@ class Deployment:
         return agent
 
     async def cloud(self, replica: str = "r1") -> CloudAgent:
-        """A started cloud replica."""
+        """A started cloud replica, its key in on-prem's trust store (as an operator adds it)."""
         agent = CloudAgent(replace(self.settings, replica=replica), await self.link())
+        TrustStore(self.settings.trust_store_path).add(replica, agent.signer.verify_key)
         await agent.start()
         self.agents.append(agent)
         return agent
@@ -60,8 +62,8 @@ class Deployment:
         await agent.stop()
 
     async def client(self) -> Client:
-        """A user's client."""
-        return Client(await self.link())
+        """A user's client, on-prem's verify key pinned."""
+        return Client(await self.link(), VerifyKey.load(self.settings.onprem_verify_key_path))
 
     async def close(self) -> None:
         for agent in list(self.agents):
@@ -75,7 +77,9 @@ async def deployment(
 ) -> AsyncIterator[Deployment]:
     """Keys generated, nothing enrolled, nothing started."""
     url = amqp_url_or_skip() if request.param == "rabbitmq" else None
-    settings = Settings(data_dir=tmp_path / "data", prefix=unique_prefix(), amqp_url=url)
+    settings = Settings(
+        data_dir=tmp_path / "data", prefix=unique_prefix(), amqp_url=url, sync_interval=2.0
+    )
     generate_keys(settings)
     deployment = Deployment(settings, url)
     try:
