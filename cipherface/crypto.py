@@ -25,7 +25,6 @@ import os
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Literal
 
@@ -39,6 +38,7 @@ from cipherface.exceptions import (
     KeyMismatchError,
     SecretKeyError,
 )
+from cipherface.metric import Metric
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -115,38 +115,6 @@ PRESETS: Mapping[str, Preset] = {
     )
 }
 DEFAULT_PRESET = "n8192"
-
-
-class Metric(str, Enum):
-    """Distance metrics computable under encryption.
-
-    Euclidean distances are computed *squared* on ciphertexts (a square root is
-    not a polynomial) and compared with the squared threshold, as the original
-    CipherFace did; cosine is ``1 - a.b`` on L2-normalised embeddings.
-    """
-
-    EUCLIDEAN = "euclidean"
-    COSINE = "cosine"
-    EUCLIDEAN_L2 = "euclidean_l2"
-
-    @classmethod
-    def parse(cls, value: str | Metric) -> Metric:
-        """Accept a metric or its name; raise `ConfigError` naming the choices."""
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(m.value for m in cls)
-            raise ConfigError(f"unknown distance metric {value!r}; choose {choices}") from None
-
-    @property
-    def normalises(self) -> bool:
-        """Whether embeddings are L2-normalised before encryption for this metric."""
-        return self is not Metric.EUCLIDEAN
-
-    @property
-    def squared(self) -> bool:
-        """Whether the encrypted value is a squared distance."""
-        return self is not Metric.COSINE
 
 
 def prepare_embedding(embedding: Sequence[float] | np.ndarray, metric: Metric) -> np.ndarray:

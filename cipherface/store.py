@@ -13,14 +13,11 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import msgpack
 
 from cipherface.exceptions import StoreError, WireFormatError
-
-if TYPE_CHECKING:
-    from cipherface.gallery import EncryptedBlock
+from cipherface.wire.payloads import EncryptedBlock
 
 __all__ = ["GalleryStore"]
 
@@ -134,8 +131,6 @@ class GalleryStore:
 
     def iter_blocks(self) -> Iterator[EncryptedBlock]:
         """Stored blocks one at a time, by block id: a large gallery never sits twice in memory."""
-        from cipherface.gallery import EncryptedBlock
-
         try:
             ids = [row[0] for row in self._db.execute("SELECT block_id FROM blocks ORDER BY 1")]
         except sqlite3.Error as exc:

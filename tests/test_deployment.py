@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from cipherface.cli import build_parser
+from agents.cli import build_parser
 
 ROOT = Path(__file__).parents[1]
 

@@ -6,6 +6,7 @@ import msgpack
 import pytest
 
 from cipherface import wire
+from cipherface.wire import envelope
 from cipherface.exceptions import WireFormatError
 
 
@@ -107,7 +108,7 @@ def test_unexpected_kind_is_refused() -> None:
 
 
 def test_oversized_messages_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(wire, "MAX_MESSAGE_BYTES", 1000)
+    monkeypatch.setattr(envelope, "MAX_MESSAGE_BYTES", 1000)
     with pytest.raises(WireFormatError, match="exceeds"):
         wire.encode(wire.ProbeRequest(probe_id="p", image=b"x" * 2000))
     with pytest.raises(WireFormatError, match="exceeds"):

@@ -18,7 +18,7 @@ import pytest
 
 from tests.environment import amqp_url_or_skip, unique_prefix
 
-CLI = [sys.executable, "-m", "cipherface.cli"]
+CLI = [sys.executable, "-m", "agents.cli"]
 
 
 def _env(tmp_path: Path, deepface_home: Path, **extra: str) -> dict[str, str]:

@@ -1,0 +1,135 @@
+"""On-prem's decisions: decrypt the cloud's scores and name the nearest templates.
+
+Positions are named through the `EnrollmentBook`'s own layout of the block
+version the scores were computed on, never through the cloud's labels: a stale
+or tampered label cannot name a match.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cipherface.crypto import Keyring, Metric, decision
+from cipherface.gallery.book import EnrollmentBook, _Shipped
+from cipherface.gallery.packing import _Seal
+from cipherface.wire.payloads import BlockScores
+
+__all__ = ["Match", "accept", "rank", "rank_pairs"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Match:
+    """One candidate of a search, as on-prem decrypted it."""
+
+    subject: str
+    template_id: str
+    #: The metric's real distance (square root taken for euclidean metrics).
+    distance: float
+    #: What decryption gave: squared for euclidean metrics, as `decision` expects.
+    score: float
+
+
+def accept(match: Match, threshold: float, metric: Metric | str) -> bool:
+    """Whether ``match`` is within the model's ``threshold`` (e.g. `embedding.threshold`)."""
+    return decision(match.score, threshold, Metric.parse(metric))
+
+
+def _decrypted(
+    keyring: Keyring, book: EnrollmentBook, scores: Sequence[BlockScores]
+) -> Iterator[tuple[BlockScores, _Shipped, np.ndarray]]:
+    keyring.check(book.keyring.fingerprint)
+    seal = book._seal if keyring is book.keyring else _Seal(keyring)
+    for block in scores:
+        layout = book.shipped(block.block_id)
+        if layout is None or layout.version != block.version:
+            # The cloud scored a layout on-prem no longer vouches for: its positions may
+            # now belong to other people, so the block is skipped, never guessed at.
+            log.warning(
+                "ignoring scores of block %d version %d (on-prem has version %s)",
+                block.block_id,
+                block.version,
+                None if layout is None else layout.version,
+            )
+            continue
+        values = seal.decrypt(block.scores)[: len(layout.template_ids)]
+        yield block, layout, values
+
+
+def _match(subject: str, template_id: str, score: float, metric: Metric) -> Match:
+    distance = float(np.sqrt(max(score, 0.0))) if metric.squared else score
+    return Match(subject=subject, template_id=template_id, distance=distance, score=score)
+
+
+def rank(
+    keyring: Keyring,
+    book: EnrollmentBook,
+    scores: Sequence[BlockScores],
+    *,
+    subject: str | None = None,
+    top_k: int = 5,
+    per_subject: bool = True,
+) -> list[Match]:
+    """On-prem: decrypt 1:N scores and return the ``top_k`` nearest, nearest first.
+
+    Positions are named through the book's own layout of the scored version; freed
+    ones are ignored. ``per_subject`` keeps only each subject's best template.
+    """
+    pool: list[Match] = []
+    for _, layout, values in _decrypted(keyring, book, scores):
+        ids = np.array(layout.template_ids, dtype=object)
+        names = np.array(layout.subjects, dtype=object)
+        keep = ids != ""
+        if subject is not None:
+            keep &= names == subject
+        positions = np.flatnonzero(keep)
+        # Within a block, the k best distinct subjects (or templates) are all the
+        # block can contribute to the global top k: stop there.
+        seen: set[str] = set()
+        taken = 0
+        for position in positions[np.argsort(values[positions], kind="stable")]:
+            if per_subject and names[position] in seen:
+                continue
+            seen.add(names[position])
+            pool.append(
+                _match(names[position], ids[position], float(values[position]), book.metric)
+            )
+            taken += 1
+            if taken >= top_k:
+                break
+    pool.sort(key=lambda m: m.score)
+    if not per_subject:
+        return pool[:top_k]
+    best: dict[str, Match] = {}
+    for match in pool:
+        best.setdefault(match.subject, match)
+    return list(best.values())[:top_k]
+
+
+def rank_pairs(
+    keyring: Keyring, book: EnrollmentBook, scores: Sequence[BlockScores], count: int
+) -> list[Match | None]:
+    """On-prem: the best match of each of ``count`` `verify_pairs` claims (None: unscored).
+
+    Decide each with `accept`. Only templates of the claimed subject are scored
+    for a pair, so the best one answers the claim.
+    """
+    best: list[Match | None] = [None] * count
+    for block, layout, values in _decrypted(keyring, book, scores):
+        for position, index in enumerate(block.pairs[: len(layout.template_ids)]):
+            if index < 0 or index >= count or not layout.template_ids[position]:
+                continue
+            current = best[index]
+            if current is None or values[position] < current.score:
+                best[index] = _match(
+                    layout.subjects[position],
+                    layout.template_ids[position],
+                    float(values[position]),
+                    book.metric,
+                )
+    return best

@@ -1,0 +1,183 @@
+"""Worker processes: the book's encryption pool and the cloud's gallery shards.
+
+TenSEAL's SEAL bindings hold the GIL, so threads do not parallelise. On-prem
+encrypts blocks in a pool of spawned processes that receive the secret context
+over a local pipe (`_init_encryptor`, `_encrypt_in_worker`). The cloud shards its
+blocks over worker processes that each deserialize and keep their share (an
+`_Engine` behind `_serve`), driven by a small (method, args) RPC over a pipe;
+`_Shard` hides whether its engine is local or remote, and
+`cipherface.gallery.engine` fans searches out to all of them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import tenseal.sealapi as sealapi
+
+from cipherface.crypto import Keyring, Metric
+from cipherface.exceptions import CipherFaceError, CiphertextError
+from cipherface.gallery.packing import (
+    _BOTH_PARTS,
+    _SCORE_SCALE,
+    _VALUE_SCALE,
+    _encrypt_columns,
+    _Seal,
+)
+
+__all__: list[str] = []
+
+_worker_seal: list[tuple[_Seal, Metric]] = []
+
+
+def _init_encryptor(secret: bytes, metric: str) -> None:
+    # Runs in a spawned encryption worker: the one place a per-process global is
+    # the simplest correct holder of the worker's SEAL objects.
+    _worker_seal.append((_Seal(Keyring.from_bytes(secret, expect="secret")), Metric(metric)))
+
+
+def _encrypt_in_worker(matrix: np.ndarray) -> tuple[tuple[bytes, ...], bytes | None]:
+    seal, metric = _worker_seal[0]
+    return _encrypt_columns(seal, matrix, metric)
+
+
+class _Engine:
+    """Deserialized blocks of one shard and the arithmetic on them."""
+
+    def __init__(self, keyring: Keyring) -> None:
+        self.seal = _Seal(keyring)
+        self.blocks: dict[int, tuple[int, list[Any], Any]] = {}
+
+    def put(
+        self, block_id: int, version: int, columns: Sequence[bytes], norms: bytes | None
+    ) -> None:
+        loaded = [self.seal.load(c) for c in columns]
+        self.blocks[block_id] = (version, loaded, None if norms is None else self.seal.load(norms))
+
+    def drop(self, block_id: int) -> None:
+        self.blocks.pop(block_id, None)
+
+    def score(
+        self, request: tuple[Any, ...], block_ids: Sequence[int]
+    ) -> list[tuple[int, int, bytes]]:
+        seal = self.seal
+        kind = request[0]
+        if kind == "plain":
+            weights = [seal.plain(float(w), _VALUE_SCALE) for w in request[1]]
+            probe, const = weights, request[2]
+        elif kind == "encrypted":
+            probe = [seal.load(c) for c in request[1]]
+            const = request[3]
+            extra = None if request[2] is None else seal.load(request[2])
+        out = []
+        for block_id in block_ids:
+            version, columns, norms = self.blocks[block_id]
+            if kind == "pairs":
+                matrix, consts = request[1][block_id]
+                probe = [seal.plain(matrix[j].tolist(), _VALUE_SCALE) for j in range(len(matrix))]
+                result = self._combine(columns, probe, False)
+                self._add(result, seal.plain((consts * _BOTH_PARTS).tolist(), _SCORE_SCALE))
+            else:
+                result = self._combine(columns, probe, kind == "encrypted")
+                if kind == "encrypted" and extra is not None:
+                    seal.evaluator.add_inplace(result, extra)
+                if const:
+                    self._add(result, seal.plain(const * _BOTH_PARTS, _SCORE_SCALE))
+            if norms is not None:
+                seal.evaluator.add_inplace(result, norms)
+            out.append((block_id, version, seal.dump(result)))
+        return out
+
+    def _combine(self, columns: list[Any], probe: list[Any], encrypted: bool) -> Any:
+        evaluator = self.seal.evaluator
+        acc = None
+        term = sealapi.Ciphertext()
+        for column, weight in zip(columns, probe, strict=True):
+            if encrypted:
+                # Left at three components: relinearising would cost a key switch
+                # per block and a 0.7 MB key at the cloud, for nothing decryption needs.
+                evaluator.multiply(column, weight, term)
+            elif weight.is_zero():
+                continue  # SEAL refuses products that would be transparent
+            else:
+                evaluator.multiply_plain(column, weight, term)
+            if acc is None:
+                acc, term = term, sealapi.Ciphertext()
+            else:
+                evaluator.add_inplace(acc, term)
+        if acc is None:  # an all-zero probe: every score is the constant part
+            acc = self.seal.load(self.seal.encrypt_public(0.0, _SCORE_SCALE))
+        return acc
+
+    def _add(self, ciphertext: Any, plain: Any) -> None:
+        if not plain.is_zero():
+            self.seal.evaluator.add_plain_inplace(ciphertext, plain)
+
+
+def _serve(conn: Connection, context: bytes) -> None:
+    """Worker-process loop: one `_Engine`, driven by (method, args) messages."""
+    engine = _Engine(Keyring.from_bytes(context, expect="public"))
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        name, args = message
+        try:
+            conn.send(("ok", getattr(engine, name)(*args)))
+        except CipherFaceError as exc:
+            conn.send(("error", str(exc)))
+
+
+class _Shard:
+    """An `_Engine` in this process or in a worker; call `send` on all, then `receive`."""
+
+    def __init__(self, keyring: Keyring, remote: bool) -> None:
+        self._engine: _Engine | None = None
+        self._result: Any = None
+        if not remote:
+            self._engine = _Engine(keyring)
+            return
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_serve,
+            args=(child, keyring.public_bytes(galois_keys=False, relin_keys=False)),
+            daemon=True,
+            name="cipherface-gallery-shard",
+        )
+        self._process.start()
+        child.close()
+
+    def send(self, name: str, *args: Any) -> None:
+        if self._engine is not None:
+            self._result = getattr(self._engine, name)(*args)
+        else:
+            self._conn.send((name, args))
+
+    def receive(self) -> Any:
+        if self._engine is not None:
+            return self._result
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            raise CiphertextError("a gallery worker process died") from None
+        if status != "ok":
+            raise CiphertextError(value)
+        return value
+
+    def close(self) -> None:
+        if self._engine is None:
+            try:
+                self._conn.send(None)
+            except OSError:
+                pass
+            self._process.join(timeout=5)
+            if self._process.is_alive():
+                self._process.kill()

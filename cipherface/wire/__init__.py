@@ -1,0 +1,51 @@
+"""The wire contract: every message CipherFace agents exchange, encoded with msgpack.
+
+==============  ===========================================================
+module          owns
+==============  ===========================================================
+`payloads`      `EncryptedBlock`, `BlockScores`, `EncryptedProbe`: gallery data
+`messages`      one frozen dataclass per message kind, and its validation
+`envelope`      `encode` / `decode`, the `Envelope` metadata, size limits
+==============  ===========================================================
+
+The wire layer loads no TenSEAL (a test asserts it): decoding an event, or
+dead-lettering a malformed block, never pays for the crypto library.
+"""
+
+from cipherface.wire.envelope import (
+    MAX_MESSAGE_BYTES,
+    SCHEMA_VERSION,
+    Envelope,
+    decode,
+    encode,
+)
+from cipherface.wire.messages import (
+    BlockUpdate,
+    ContextUpdate,
+    EncryptedProbeRequest,
+    Message,
+    ProbeRejected,
+    ProbeRequest,
+    ScoresReady,
+    SyncRequest,
+    VerificationEvent,
+    new_id,
+)
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "SCHEMA_VERSION",
+    "BlockUpdate",
+    "ContextUpdate",
+    "EncryptedProbeRequest",
+    "Envelope",
+    "Message",
+    "ProbeRejected",
+    "ProbeRequest",
+    "ScoresReady",
+    "SyncRequest",
+    "VerificationEvent",
+    "decode",
+    "encode",
+    "new_id",
+]

@@ -1,0 +1,169 @@
+"""The gallery's payloads on the wire: encrypted blocks, block scores, encrypted probes.
+
+Pure data with msgpack-native `to_dict` / `from_dict`: they travel inside
+messages (`cipherface.wire.messages`) and rest in the cloud's store, so they live
+here, TenSEAL-free, rather than beside the arithmetic that makes them
+(`cipherface.gallery`). `from_dict` validates everything a peer from another trust
+zone could get wrong and raises `WireFormatError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cipherface.exceptions import WireFormatError
+from cipherface.fields import blobs, field, strings
+from cipherface.metric import Metric
+
+__all__ = ["BlockScores", "EncryptedBlock", "EncryptedProbe"]
+
+
+def _metric(data: Mapping[str, object]) -> str:
+    value = field(data, "metric", str)
+    try:
+        return Metric(value).value
+    except ValueError:
+        raise WireFormatError(f"unknown metric {value!r}") from None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EncryptedBlock:
+    """One column-packed block: what on-prem ships and the cloud stores.
+
+    ``columns[j]`` is a seeded ciphertext holding component ``j`` of every template
+    of the block, two per slot (see `cipherface.gallery.packing`); ``norms`` holds each
+    template's ``||g||^2`` the same way, for the euclidean metric.
+    """
+
+    block_id: int
+    #: Bumps on every re-encryption; the cloud keeps the highest it has seen.
+    version: int
+    fingerprint: str
+    metric: str
+    dimensions: int
+    #: One per allocated position, in position order; '' marks a freed one.
+    template_ids: tuple[str, ...]
+    subjects: tuple[str, ...]
+    columns: tuple[bytes, ...]
+    norms: bytes | None
+
+    def to_dict(self) -> dict[str, object]:
+        """msgpack-native form (ints, strings, bytes, lists, None)."""
+        return {
+            "block_id": self.block_id,
+            "version": self.version,
+            "fingerprint": self.fingerprint,
+            "metric": self.metric,
+            "dimensions": self.dimensions,
+            "template_ids": list(self.template_ids),
+            "subjects": list(self.subjects),
+            "columns": list(self.columns),
+            "norms": self.norms,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> EncryptedBlock:
+        """Inverse of `to_dict`; raises `WireFormatError` on any inconsistency."""
+        metric = _metric(data)
+        block = cls(
+            block_id=field(data, "block_id", int),
+            version=field(data, "version", int),
+            fingerprint=field(data, "fingerprint", str),
+            metric=metric,
+            dimensions=field(data, "dimensions", int),
+            template_ids=strings(data, "template_ids"),
+            subjects=strings(data, "subjects"),
+            columns=blobs(data, "columns"),
+            norms=field(data, "norms", (bytes, type(None))),
+        )
+        if block.block_id < 0 or block.version < 1 or block.dimensions < 1:
+            raise WireFormatError("block id, version and dimensions must be positive")
+        if len(block.columns) != block.dimensions:
+            raise WireFormatError("a block needs one column per dimension")
+        if len(block.template_ids) != len(block.subjects):
+            raise WireFormatError("a block needs one subject per template slot")
+        if (block.norms is None) == (metric == Metric.EUCLIDEAN.value):
+            raise WireFormatError("the euclidean metric, and only it, carries a norm column")
+        return block
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockScores:
+    """Encrypted scores of one block, cloud -> on-prem.
+
+    ``scores`` decrypts, at position ``k``, to the metric's value (squared for
+    euclidean metrics) against the block's template ``k``. For batched 1:1
+    (`verify_pairs`), ``pairs[k]`` is the index of the pair scored at position ``k``
+    (-1: none, and that position's value is meaningless).
+    """
+
+    block_id: int
+    version: int
+    scores: bytes
+    pairs: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        """msgpack-native form."""
+        return {
+            "block_id": self.block_id,
+            "version": self.version,
+            "scores": self.scores,
+            "pairs": list(self.pairs),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> BlockScores:
+        """Inverse of `to_dict`; raises `WireFormatError`."""
+        pairs = field(data, "pairs", (list, tuple)) if "pairs" in data else ()
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in pairs):
+            raise WireFormatError("field 'pairs' must hold integers")
+        return cls(
+            block_id=field(data, "block_id", int),
+            version=field(data, "version", int),
+            scores=field(data, "scores", bytes),
+            pairs=tuple(pairs),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EncryptedProbe:
+    """A probe encrypted at the edge with the public context.
+
+    ``columns[j]`` encrypts the weighted component ``w * p_j`` in every slot (see
+    `cipherface.gallery.packing`), so the cloud multiplies it straight into column ``j``;
+    ``norm`` encrypts ``||p||^2`` for the euclidean metric.
+    """
+
+    fingerprint: str
+    metric: str
+    dimensions: int
+    columns: tuple[bytes, ...]
+    norm: bytes | None
+
+    def to_dict(self) -> dict[str, object]:
+        """msgpack-native form."""
+        return {
+            "fingerprint": self.fingerprint,
+            "metric": self.metric,
+            "dimensions": self.dimensions,
+            "columns": list(self.columns),
+            "norm": self.norm,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> EncryptedProbe:
+        """Inverse of `to_dict`; raises `WireFormatError`."""
+        metric = _metric(data)
+        probe = cls(
+            fingerprint=field(data, "fingerprint", str),
+            metric=metric,
+            dimensions=field(data, "dimensions", int),
+            columns=blobs(data, "columns"),
+            norm=field(data, "norm", (bytes, type(None))),
+        )
+        if len(probe.columns) != probe.dimensions or probe.dimensions < 1:
+            raise WireFormatError("a probe needs one ciphertext per dimension")
+        if (probe.norm is None) == (metric == Metric.EUCLIDEAN.value):
+            raise WireFormatError("the euclidean metric, and only it, carries a probe norm")
+        return probe
