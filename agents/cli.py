@@ -21,7 +21,7 @@ from cipherface.config import Settings
 from cipherface.crypto import PRESETS, Metric
 from cipherface.daemon import configure_logging, run_until_signalled
 from cipherface.embedding import MODELS, install_weights, weights_dir
-from cipherface.exceptions import CipherFaceError
+from cipherface.exceptions import CipherFaceError, ConfigError
 from cipherface.metrics import serve_metrics
 
 __all__ = ["build_parser", "find_faces_dir", "main"]
@@ -62,6 +62,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         preset=args.preset,
         replica=getattr(args, "replica", None),
         metrics_port=args.metrics_port,
+        onprem_key=args.onprem_key,
     )
 
 
@@ -81,14 +82,49 @@ async def _keygen(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     keyring = generate_keys(settings, overwrite=args.overwrite)
+    verify_key = settings.signing_key_path.with_suffix(".pub")
     _print_json(
         {
             "fingerprint": keyring.fingerprint,
             "secret_key": str(settings.secret_key_path),
             "public_key": str(settings.public_key_path),
+            "signing_key": str(settings.signing_key_path),
+            # Pinned by every cloud replica and event reader (CIPHERFACE_ONPREM_KEY).
+            "verify_key": str(verify_key),
+            "verify_key_text": verify_key.read_text().strip(),
             "preset": settings.preset,
         }
     )
+
+
+async def _replica_key(args: argparse.Namespace) -> None:
+    from cipherface.signing import SigningKey
+
+    settings = _settings(args)
+    settings.cloud_dir.mkdir(parents=True, exist_ok=True)
+    key = SigningKey.load_or_create(settings.replica_key_path, settings.replica)
+    _print_json(
+        {
+            "replica": settings.replica,
+            "verify_key": str(settings.replica_key_path.with_suffix(".pub")),
+            "verify_key_text": key.verify_key.to_text(),
+        }
+    )
+
+
+async def _trust(args: argparse.Namespace) -> None:
+    from cipherface.signing import TrustStore, VerifyKey
+
+    settings = _settings(args)
+    store = TrustStore(settings.trust_store_path)
+    if args.action == "add":
+        if not args.replica or args.key is None:
+            raise ConfigError("trust add needs REPLICA and KEY (a replica's signing.pub)")
+        store.add(args.replica, VerifyKey.load(args.key))
+    elif args.action == "remove":
+        if not args.replica or not store.remove(args.replica):
+            raise ConfigError(f"replica {args.replica!r} is not trusted")
+    _print_json({name: key.to_text() for name, key in store.keys().items()})
 
 
 async def _enroll(args: argparse.Namespace) -> None:
@@ -125,21 +161,25 @@ async def _daemon(args: argparse.Namespace) -> None:
 
 async def _probe(args: argparse.Namespace) -> None:
     from cipherface.client import Client
+    from cipherface.signing import VerifyKey
     from cipherface.transport import open_transport
 
     settings = _settings(args)
     async with open_transport(settings) as transport:
-        event = await Client(transport).verify(args.image, args.subject, timeout=args.timeout)
+        client = Client(transport, VerifyKey.load(settings.onprem_verify_key_path))
+        event = await client.verify(args.image, args.subject, timeout=args.timeout)
     _print_json(event.to_json())
 
 
 async def _watch(args: argparse.Namespace) -> None:
     from cipherface.client import Client
+    from cipherface.signing import VerifyKey
     from cipherface.transport import open_transport
 
     settings = _settings(args)
     async with open_transport(settings) as transport:
-        async with Client(transport).events(args.pattern) as events:
+        client = Client(transport, VerifyKey.load(settings.onprem_verify_key_path))
+        async with client.events(args.pattern) as events:
             count = 0
             async for event in events:
                 _print_json(event.to_json())
@@ -174,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--metric", choices=[m.value for m in Metric], help="default cosine")
     common.add_argument("--preset", choices=sorted(PRESETS), help="CKKS parameters (default n8192)")
     common.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    common.add_argument(
+        "--onprem-key",
+        type=Path,
+        help="on-prem's verify key to pin (env CIPHERFACE_ONPREM_KEY; "
+        "default DATA_DIR/onprem/signing.pub)",
+    )
     common.add_argument("--log-level", default=os.environ.get("CIPHERFACE_LOG_LEVEL", "INFO"))
 
     parser = argparse.ArgumentParser(
@@ -182,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("weights", parents=[common], help="place the offline Dlib weights")
-    keygen = sub.add_parser("keygen", parents=[common], help="create on-prem's CKKS keys")
+    keygen = sub.add_parser(
+        "keygen", parents=[common], help="create on-prem's CKKS and signing keys"
+    )
     keygen.add_argument("--overwrite", action="store_true", help="replace existing keys")
     enroll = sub.add_parser("enroll", parents=[common], help="enroll a folder of face photos")
     enroll.add_argument("folder", type=Path)
@@ -190,6 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("onprem", parents=[common], help="run the on-prem daemon")
     cloud = sub.add_parser("cloud", parents=[common], help="run a cloud daemon")
     cloud.add_argument("--replica", help="replica name (default: host name)")
+    replica_key = sub.add_parser(
+        "replica-key", parents=[common], help="create/print a cloud replica's verify key"
+    )
+    replica_key.add_argument("--replica", help="replica name (default: host name)")
+    trust = sub.add_parser(
+        "trust", parents=[common], help="on-prem: the replicas whose scores and syncs it accepts"
+    )
+    trust.add_argument("action", choices=["add", "remove", "list"])
+    trust.add_argument("replica", nargs="?", help="replica name (add, remove)")
+    trust.add_argument("key", nargs="?", type=Path, help="the replica's signing.pub (add)")
     probe = sub.add_parser("probe", parents=[common], help="verify/identify one image")
     probe.add_argument("image", type=Path)
     probe.add_argument("--subject", help="claimed subject (1:1); omit for 1:N")
@@ -208,6 +266,8 @@ _COMMANDS = {
     "enroll": _enroll,
     "onprem": _daemon,
     "cloud": _daemon,
+    "replica-key": _replica_key,
+    "trust": _trust,
     "probe": _probe,
     "watch": _watch,
     "demo": _demo,

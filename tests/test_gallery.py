@@ -29,6 +29,8 @@ from cipherface.gallery import (
     rank,
     rank_pairs,
 )
+from cipherface.gallery.integrity import conjugation_key, prove_probe
+from cipherface.wire.payloads import ProbeCheck
 
 PLAIN_TOLERANCE = 1e-3
 ENCRYPTED_TOLERANCE = 3e-3
@@ -49,11 +51,17 @@ def _vectors(count: int, dim: int = 16, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((count, dim)) * 0.2
 
 
-def _scores(keys: Keyring, book: EnrollmentBook, scores: list[BlockScores]) -> dict[str, float]:
+@pytest.fixture(scope="module")
+def conjugation(keys: Keyring) -> bytes:
+    return conjugation_key(keys)
+
+
+def _scores(
+    keys: Keyring, book: EnrollmentBook, scores: list[BlockScores], check: ProbeCheck | None = None
+) -> dict[str, float]:
     """Every template's decrypted score, by template id."""
-    return {
-        m.template_id: m.score for m in rank(keys, book, scores, top_k=10**9, per_subject=False)
-    }
+    matches = rank(keys, book, scores, top_k=10**9, per_subject=False, probe_check=check)
+    return {m.template_id: m.score for m in matches}
 
 
 def _build(
@@ -69,16 +77,19 @@ def _build(
 
 @pytest.mark.parametrize("metric", list(Metric))
 @pytest.mark.parametrize("count", [1, 37, 8192 + 5])
-def test_search_matches_numpy(keys: Keyring, public: Keyring, metric: Metric, count: int) -> None:
+def test_search_matches_numpy(
+    keys: Keyring, public: Keyring, conjugation: bytes, metric: Metric, count: int
+) -> None:
     vectors = _vectors(count, seed=count)
     book, gallery, ids = _build(keys, public, metric, vectors)
     probe = _vectors(1, seed=99)[0]
     expected = {tid: plain_distance(v, probe, metric) for tid, v in zip(ids, vectors, strict=True)}
-    for query, tolerance in (
-        (probe, PLAIN_TOLERANCE),
-        (encrypt_probe(public, probe, metric), ENCRYPTED_TOLERANCE),
+    edge = encrypt_probe(public, probe, metric)
+    for query, check, tolerance in (
+        (probe, None, PLAIN_TOLERANCE),
+        (edge, prove_probe(public, conjugation, edge), ENCRYPTED_TOLERANCE),
     ):
-        got = _scores(keys, book, gallery.search(query))
+        got = _scores(keys, book, gallery.search(query), check)
         assert got.keys() == expected.keys()
         error = max(abs(got[t] - expected[t]) for t in ids)
         assert error < tolerance, (metric, count, error)

@@ -6,13 +6,28 @@ import msgpack
 import pytest
 
 from cipherface import wire
+from cipherface.exceptions import SignatureError, WireFormatError
+from cipherface.signing import PinnedKey, SigningKey
 from cipherface.wire import envelope
-from cipherface.exceptions import WireFormatError
+
+ONPREM = SigningKey.generate("onprem")
+PINNED = PinnedKey(ONPREM.verify_key)
 
 
 def _roundtrip(message: wire.Message) -> wire.Envelope:
-    data = wire.encode(message, fingerprint="ab12", model="Dlib", metric="cosine", message_id="m1")
-    return wire.decode(data)
+    data = wire.encode(
+        message,
+        fingerprint="ab12",
+        model="Dlib",
+        metric="cosine",
+        message_id="m1",
+        signer=ONPREM if message.signed else None,
+    )
+    return wire.decode(data, verifier=PINNED)
+
+
+def _inner(data: bytes) -> dict[str, object]:
+    return msgpack.unpackb(msgpack.unpackb(data, raw=False)["signed"], raw=False)
 
 
 def test_probe_roundtrip_keeps_bytes_raw() -> None:
@@ -25,15 +40,15 @@ def test_probe_roundtrip_keeps_bytes_raw() -> None:
         "Dlib",
         "cosine",
     )
-    raw = msgpack.unpackb(wire.encode(request), raw=False)
-    assert isinstance(raw["body"]["image"], bytes)  # msgpack bin, not base64 text
+    raw = _inner(wire.encode(request))
+    assert isinstance(raw["body"]["image"], bytes)  # type: ignore[index]  # bin, not base64
 
 
 @pytest.mark.parametrize(
     "message",
     [
-        wire.ContextUpdate(context=b"ctx", blocks=(0, 1, 2)),
-        wire.SyncRequest(replica="r1", fingerprint="ab12"),
+        wire.ContextUpdate(context=b"ctx", conjugation_key=b"g", blocks=(0, 1, 2), issued_at=5.0),
+        wire.SyncRequest(replica="r1", fingerprint="ab12", requested_at=3.0),
         wire.ProbeRejected(
             probe_id="p", subject=None, error="NoFaceError", reason="x", submitted_at=1.0
         ),
@@ -68,10 +83,15 @@ def test_event_routing_keys() -> None:
     assert errored.routing_key == "event.1toN.error"
 
 
+def _outer(inner: object, by: str = "", sig: bytes = b"") -> bytes:
+    outer = {"v": wire.SCHEMA_VERSION, "signed": inner, "by": by, "sig": sig}
+    return msgpack.packb(outer, use_bin_type=True)
+
+
 def _raw_probe(body: dict[str, object]) -> bytes:
     """A probe envelope with a hand-made body, bypassing `wire.encode`'s checks."""
-    head = {"v": 1, "type": "probe", "id": "i", "fp": "", "model": "", "metric": ""}
-    return msgpack.packb({**head, "body": body}, use_bin_type=True)
+    head = {"type": "probe", "id": "i", "fp": "", "model": "", "metric": ""}
+    return _outer(msgpack.packb({**head, "body": body}, use_bin_type=True))
 
 
 @pytest.mark.parametrize(
@@ -81,7 +101,10 @@ def _raw_probe(body: dict[str, object]) -> bytes:
         (b"\xc1", "not a msgpack message"),
         (msgpack.packb([1, 2]), "envelope must be a map"),
         (msgpack.packb({"v": 99, "type": "probe"}), "unsupported schema version"),
-        (msgpack.packb({"v": 1, "type": "pickle"}), "unknown message type"),
+        (msgpack.packb({"v": 1, "type": "probe", "body": {}}), "unsupported schema version"),
+        (_outer("not bytes"), "signed"),
+        (_outer(msgpack.packb([1])), "envelope must be a map"),
+        (_outer(msgpack.packb({"type": "pickle"})), "unknown message type"),
         (_raw_probe({}), "missing field"),
         (
             _raw_probe({"probe_id": 7, "image": b"", "subject": None, "submitted_at": 1.0}),
@@ -102,7 +125,7 @@ def test_truncated_message_is_refused() -> None:
 
 
 def test_unexpected_kind_is_refused() -> None:
-    data = wire.encode(wire.SyncRequest(replica="r"))
+    data = wire.encode(wire.SyncRequest(replica="r"), signer=ONPREM)
     with pytest.raises(WireFormatError, match="unexpected message type"):
         wire.decode(data, expect=(wire.ProbeRequest,))
 
@@ -113,3 +136,46 @@ def test_oversized_messages_are_refused(monkeypatch: pytest.MonkeyPatch) -> None
         wire.encode(wire.ProbeRequest(probe_id="p", image=b"x" * 2000))
     with pytest.raises(WireFormatError, match="exceeds"):
         wire.decode(b"\x00" * 2000)
+
+
+EVENT = wire.VerificationEvent(
+    probe_id="p",
+    mode="1:1",
+    subject="bob",
+    verified=True,
+    distance=0.01,
+    threshold=0.07,
+    model="Dlib",
+    metric="cosine",
+)
+
+
+def test_signed_kinds_need_a_signature_from_the_pinned_key() -> None:
+    with pytest.raises(Exception, match="must be signed"):
+        wire.encode(EVENT)
+    good = wire.encode(EVENT, signer=ONPREM)
+    assert wire.decode(good, verifier=PINNED).signer == "onprem"
+    with pytest.raises(SignatureError, match="none is pinned"):
+        wire.decode(good)
+    forged = wire.encode(EVENT, signer=SigningKey.generate("onprem"))
+    with pytest.raises(SignatureError, match="does not verify"):
+        wire.decode(forged, verifier=PINNED)
+    inner = msgpack.unpackb(good, raw=False)["signed"]
+    with pytest.raises(SignatureError, match="not signed"):
+        wire.decode(_outer(inner), verifier=PINNED)
+
+
+def test_a_signature_covers_every_byte_of_the_message() -> None:
+    good = msgpack.unpackb(wire.encode(EVENT, signer=ONPREM), raw=False)
+    tampered = bytearray(good["signed"])
+    tampered[tampered.index(b"bob")] = ord("B")
+    with pytest.raises(SignatureError):
+        wire.decode(_outer(bytes(tampered), good["by"], good["sig"]), verifier=PINNED)
+
+
+def test_an_unsigned_probe_decodes_without_a_verifier_but_a_signed_one_is_checked() -> None:
+    probe = wire.ProbeRequest(probe_id="p", image=b"x")
+    assert wire.decode(wire.encode(probe)).signer == ""
+    signed = wire.encode(probe, signer=SigningKey.generate("someone"))
+    with pytest.raises(SignatureError):
+        wire.decode(signed, verifier=PINNED)

@@ -132,8 +132,11 @@ class CloudAgent:
             try:
                 await asyncio.wait_for(self.ready.wait(), SYNC_RETRY)
             except asyncio.TimeoutError:
-                log.info("replica %s still waits for %d block(s): asking again",
-                         self.settings.replica, len(self._awaiting))
+                log.info(
+                    "replica %s still waits for %d block(s): asking again",
+                    self.settings.replica,
+                    len(self._awaiting),
+                )
                 await self._ask_sync()
 
     async def _serve_probes_when_ready(self) -> None:

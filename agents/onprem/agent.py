@@ -288,7 +288,9 @@ class OnPremAgent:
                     # Nothing derived from a tampered decryption leaves on-prem: the
                     # event names the failure and carries no distance.
                     INTEGRITY_FAILURES.labels(self.role, "scores").inc()
-                    log.warning("probe %s from %s refused: %s", result.probe_id, envelope.signer, exc)
+                    log.warning(
+                        "probe %s from %s refused: %s", result.probe_id, envelope.signer, exc
+                    )
                     event = self._event(result, error=f"IntegrityError: {exc}")
                 else:
                     event = self._decide(result, matches, time.perf_counter() - started)

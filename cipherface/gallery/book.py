@@ -11,6 +11,7 @@ or tampered cloud label cannot name a match.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import multiprocessing
 import sqlite3
@@ -28,6 +29,7 @@ from cipherface.crypto import Keyring, Metric, prepare_embedding
 from cipherface.exceptions import ConfigError, KeyMismatchError, SecretKeyError, StoreError
 from cipherface.gallery.packing import _check_norm, _encrypt_columns, _Seal
 from cipherface.gallery.workers import _encrypt_in_worker, _init_encryptor
+from cipherface.private import private_file
 from cipherface.wire.payloads import EncryptedBlock
 
 __all__ = ["EnrollmentBook"]
@@ -47,6 +49,11 @@ CREATE TABLE IF NOT EXISTS blocks (
     version INTEGER NOT NULL,
     pending INTEGER NOT NULL,
     shipped BLOB
+);
+CREATE TABLE IF NOT EXISTS ciphertexts (
+    block_id INTEGER PRIMARY KEY,
+    version INTEGER NOT NULL,
+    payload BLOB NOT NULL
 );
 """
 
@@ -87,15 +94,21 @@ class EnrollmentBook:
         self.capacity = self._seal.capacity
         self.path = None if path is None else Path(path)
         try:
+            if self.path is not None:
+                # Plaintext face embeddings: 0600 before SQLite (and its WAL) exist.
+                private_file(self.path)
             self._db = sqlite3.connect(
                 ":memory:" if path is None else str(path), check_same_thread=False
             )
+            # A removed template's embedding is overwritten with zeros, not left in
+            # freed pages; `remove` also truncates the WAL that held its last copy.
+            self._db.execute("PRAGMA secure_delete=ON")
             if path is not None:
                 self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_BOOK_SCHEMA)
             self._check_meta()
             self._load_index()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the enrollment book at {path}: {exc}") from exc
 
     def _changes_seen(self) -> int:
@@ -240,6 +253,11 @@ class EnrollmentBook:
                 self._mark(block)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write the enrollment book: {exc}") from exc
+        try:
+            # The WAL still holds the deleted row's page: empty it now.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot checkpoint the enrollment book: {exc}") from exc
         del self._where[template_id], self._subject[template_id]
         self._layout[block][slot] = ""
         heapq.heappush(self._free, block * self.capacity + slot)
@@ -282,6 +300,17 @@ class EnrollmentBook:
         self, block_id: int, row: list[str], columns: tuple[bytes, ...], norms: bytes | None
     ) -> EncryptedBlock:
         subjects = [self._subject.get(tid, "") for tid in row]
+        block = EncryptedBlock(
+            block_id=block_id,
+            version=0,
+            fingerprint=self.keyring.fingerprint,
+            metric=self.metric.value,
+            dimensions=self.dimensions,
+            template_ids=tuple(row),
+            subjects=tuple(subjects),
+            columns=columns,
+            norms=norms,
+        )
         try:
             with self._db:
                 # The version moves inside the write transaction, not from memory, so a
@@ -303,6 +332,12 @@ class EnrollmentBook:
                 (version,) = self._db.execute(
                     "SELECT version FROM blocks WHERE block_id = ?", (block_id,)
                 ).fetchone()
+                block = dataclasses.replace(block, version=version)
+                # Kept, so a replica's sync is answered without re-encrypting.
+                self._db.execute(
+                    "INSERT OR REPLACE INTO ciphertexts VALUES (?, ?, ?)",
+                    (block_id, version, msgpack.packb(block.to_dict(), use_bin_type=True)),
+                )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write the enrollment book: {exc}") from exc
         self._version[block_id] = version
@@ -310,17 +345,18 @@ class EnrollmentBook:
         self._shipped[block_id] = _Shipped(
             version=version, template_ids=tuple(row), subjects=tuple(subjects)
         )
-        return EncryptedBlock(
-            block_id=block_id,
-            version=version,
-            fingerprint=self.keyring.fingerprint,
-            metric=self.metric.value,
-            dimensions=self.dimensions,
-            template_ids=tuple(row),
-            subjects=tuple(subjects),
-            columns=columns,
-            norms=norms,
-        )
+        return block
+
+    def _cached(self, block_id: int) -> EncryptedBlock | None:
+        """The block as last shipped, if nothing changed since (same version, not pending)."""
+        if block_id in self._pending or block_id not in self._shipped:
+            return None
+        row = self._db.execute(
+            "SELECT version, payload FROM ciphertexts WHERE block_id = ?", (block_id,)
+        ).fetchone()
+        if row is None or row[0] != self._shipped[block_id].version:
+            return None
+        return EncryptedBlock.from_dict(msgpack.unpackb(row[1], raw=False))
 
     def encrypt_block(self, block_id: int) -> EncryptedBlock:
         """Re-encrypt a whole block and clear its pending mark (new version if it changed)."""
@@ -334,10 +370,18 @@ class EnrollmentBook:
     ) -> Iterator[EncryptedBlock]:
         """Encrypt many blocks (default: the pending ones), yielding each as it is ready.
 
-        Encryption is CPU-bound under the GIL, so ``workers > 1`` runs it in
-        worker processes that receive the secret context over a local pipe.
+        A block unchanged since it was last shipped comes from the cache of shipped
+        ciphertexts, as it was: a sync costs reading, not encrypting. Encryption is
+        CPU-bound under the GIL, so ``workers > 1`` runs it in worker processes that
+        receive the secret context over a local pipe.
         """
-        ids = self.pending_blocks() if block_ids is None else list(block_ids)
+        ids = []
+        for block_id in self.pending_blocks() if block_ids is None else block_ids:
+            cached = self._cached(block_id)
+            if cached is None:
+                ids.append(block_id)
+            else:
+                yield cached
         if workers <= 1 or len(ids) <= 1:
             for block_id in ids:
                 yield self.encrypt_block(block_id)

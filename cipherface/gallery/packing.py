@@ -57,7 +57,7 @@ import numpy as np
 import tenseal.sealapi as sealapi
 
 from cipherface.crypto import Keyring, Metric, prepare_embedding
-from cipherface.exceptions import CiphertextError, ConfigError, SecretKeyError
+from cipherface.exceptions import CiphertextError, ConfigError, IntegrityError, SecretKeyError
 from cipherface.wire.payloads import EncryptedProbe
 
 __all__ = ["MAX_SQUARED_NORM", "encrypt_probe"]
@@ -119,16 +119,40 @@ class _Seal:
             obj.save(self._path)
             return Path(self._path).read_bytes()
 
-    def load(self, data: bytes) -> Any:
-        ciphertext = sealapi.Ciphertext()
+    def load_into(self, target: Any, data: bytes) -> Any:
+        """Deserialize SEAL object ``target`` (a ciphertext, Galois keys) from ``data``."""
         with self._lock:
             Path(self._path).write_bytes(data)
             try:
-                ciphertext.load(self.context, self._path)
+                target.load(self.context, self._path)
             except (ValueError, RuntimeError, TypeError) as exc:
-                raise CiphertextError("bytes are not a CKKS ciphertext under this context") from exc
+                raise CiphertextError("bytes are not a SEAL object under this context") from exc
+        return target
+
+    def load(self, data: bytes) -> Any:
+        ciphertext = self.load_into(sealapi.Ciphertext(), data)
         if ciphertext.parms_id() != self.level:
             raise CiphertextError("gallery ciphertexts must be at the lowest modulus level")
+        return ciphertext
+
+    def load_checked(self, data: bytes, *, size: int, scale: float = _SCORE_SCALE) -> Any:
+        """A ciphertext the protocol made, or `IntegrityError`: checked *before* decryption.
+
+        Scores and edge-probe norms are products of two ``2^25``-scale factors at the
+        lowest level, in NTT form; ``size`` is 2 for ciphertext x plaintext and 3 for
+        an unrelinearised ciphertext x ciphertext. Any other ciphertext (scale 1, an
+        extra component) would make decryption a chosen-ciphertext oracle.
+        """
+        try:
+            ciphertext = self.load(data)
+        except CiphertextError as exc:
+            raise IntegrityError(f"not a score ciphertext of this gallery: {exc}") from exc
+        if not ciphertext.is_ntt_form() or ciphertext.size() != size:
+            raise IntegrityError(
+                f"a ciphertext of {ciphertext.size()} components where the protocol makes {size}"
+            )
+        if ciphertext.scale != scale:
+            raise IntegrityError(f"a ciphertext at scale {ciphertext.scale:g}, not {scale:g}")
         return ciphertext
 
     def pack(self, values: np.ndarray) -> list[complex]:
@@ -158,12 +182,18 @@ class _Seal:
         self.public.encrypt(self.plain(value, scale), ciphertext)
         return self.dump(ciphertext)
 
-    def decrypt(self, data: bytes) -> np.ndarray:
+    def decrypt_slots(self, ciphertext: Any) -> np.ndarray:
+        """The complex slots of a ciphertext `load_checked` accepted."""
         if self.decryptor is None:
             raise SecretKeyError("only on-prem, holding the secret key, can decrypt scores")
         plain = sealapi.Plaintext()
-        self.decryptor.decrypt(self.load(data), plain)
-        return self.unpack(plain)
+        self.decryptor.decrypt(ciphertext, plain)
+        return np.asarray(self.encoder.decode_complex(plain), dtype=np.complex128)
+
+    def decrypt(self, ciphertext: Any) -> np.ndarray:
+        """All `capacity` template-ordered values of a ciphertext `load_checked` accepted."""
+        packed = self.decrypt_slots(ciphertext)
+        return np.concatenate([packed.real, packed.imag])
 
 
 def _unlink(path: str) -> None:

@@ -2,7 +2,9 @@
 
 Positions are named through the `EnrollmentBook`'s own layout of the block
 version the scores were computed on, never through the cloud's labels: a stale
-or tampered label cannot name a match.
+or tampered label cannot name a match. Nothing is decrypted before it passed
+`cipherface.gallery.integrity`'s checks, and no value is returned from a block
+whose decryption falls outside the metric's range (`IntegrityError`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import numpy as np
 
 from cipherface.crypto import Keyring, Metric, decision
 from cipherface.gallery.book import EnrollmentBook, _Shipped
+from cipherface.gallery.integrity import check_probe, check_scores
 from cipherface.gallery.packing import _Seal
-from cipherface.wire.payloads import BlockScores
+from cipherface.wire.payloads import BlockScores, ProbeCheck
 
 __all__ = ["Match", "accept", "rank", "rank_pairs"]
 
@@ -41,10 +44,21 @@ def accept(match: Match, threshold: float, metric: Metric | str) -> bool:
 
 
 def _decrypted(
-    keyring: Keyring, book: EnrollmentBook, scores: Sequence[BlockScores]
+    keyring: Keyring,
+    book: EnrollmentBook,
+    scores: Sequence[BlockScores],
+    probe_check: ProbeCheck | None = None,
 ) -> Iterator[tuple[BlockScores, _Shipped, np.ndarray]]:
+    """Check, decrypt and range-check each block's scores the book vouches for.
+
+    With ``probe_check`` (an edge probe) the probe is checked first and scores must
+    be ciphertext products (three components); without, plaintext products (two).
+    """
     keyring.check(book.keyring.fingerprint)
     seal = book._seal if keyring is book.keyring else _Seal(keyring)
+    if probe_check is not None:
+        check_probe(seal, probe_check, book.metric)
+    size = 2 if probe_check is None else 3
     for block in scores:
         layout = book.shipped(block.block_id)
         if layout is None or layout.version != block.version:
@@ -57,8 +71,18 @@ def _decrypted(
                 None if layout is None else layout.version,
             )
             continue
-        values = seal.decrypt(block.scores)[: len(layout.template_ids)]
-        yield block, layout, values
+        values = seal.decrypt(seal.load_checked(block.scores, size=size))
+        width = len(layout.template_ids)
+        occupied = np.zeros(values.size, dtype=bool)
+        occupied[:width] = [bool(t) for t in layout.template_ids]
+        if block.pairs:
+            # Batched 1:1: only the positions a pair owns carry a meaningful score.
+            owned = np.zeros(values.size, dtype=bool)
+            owned[: len(block.pairs)] = np.asarray(block.pairs) >= 0
+            check_scores(values, occupied & owned, book.metric, empty=None)
+        else:
+            check_scores(values, occupied, book.metric, empty=~occupied)
+        yield block, layout, values[:width]
 
 
 def _match(subject: str, template_id: str, score: float, metric: Metric) -> Match:
@@ -74,14 +98,17 @@ def rank(
     subject: str | None = None,
     top_k: int = 5,
     per_subject: bool = True,
+    probe_check: ProbeCheck | None = None,
 ) -> list[Match]:
     """On-prem: decrypt 1:N scores and return the ``top_k`` nearest, nearest first.
 
     Positions are named through the book's own layout of the scored version; freed
     ones are ignored. ``per_subject`` keeps only each subject's best template.
+    ``probe_check`` comes with the scores of an edge-encrypted probe. Raises
+    `IntegrityError` for scores or a probe the protocol would not produce.
     """
     pool: list[Match] = []
-    for _, layout, values in _decrypted(keyring, book, scores):
+    for _, layout, values in _decrypted(keyring, book, scores, probe_check):
         ids = np.array(layout.template_ids, dtype=object)
         names = np.array(layout.subjects, dtype=object)
         keep = ids != ""

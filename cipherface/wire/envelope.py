@@ -1,13 +1,21 @@
-"""The envelope every message travels in, and the size limits, encoded with msgpack.
+"""The envelope every message travels in, its signature, and the size limits (msgpack).
 
-One envelope for all messages::
+Two layers, so that the signature covers exact bytes rather than a re-encoding::
 
-    {"v": 1, "type": "<kind>", "id": "<message id>", "fp": "...", "model": "...",
-     "metric": "...", "body": {...}}
+    {"v": 2, "signed": <bin: msgpack of the inner map>, "by": "<signer>", "sig": <bin>}
+    inner = {"type": "<kind>", "id": "<message id>", "fp": "...", "model": "...",
+             "metric": "...", "body": {...}}
 
-Decoding checks the size first, then the envelope, then every field's type
-(`cipherface.wire.messages`), and raises `WireFormatError` naming what is wrong.
-Never pickle: a message is data from another trust zone.
+``sig`` is the Ed25519 signature of ``by``'s key over ``signed`` (`cipherface.signing`).
+Kinds that carry gallery material, scores or decisions (``Message.signed``) are
+refused unless a `Verifier` accepts their signature *before* their body is
+parsed; probes from users travel unsigned (``by`` and ``sig`` empty), since
+whoever may publish a probe is settled by broker permissions, and what a probe
+may do by on-prem's checks (`cipherface.gallery.integrity`).
+
+Decoding checks the size first, then both layers, then every field's type
+(`cipherface.wire.messages`), and raises `WireFormatError` (or `SignatureError`)
+naming what is wrong. Never pickle: a message is data from another trust zone.
 
 Size: RabbitMQ refuses messages over 128 MiB by default; CipherFace refuses to
 encode or decode anything over `MAX_MESSAGE_BYTES` (64 MiB), which leaves room for
@@ -17,16 +25,18 @@ headers and for a broker configured lower.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 
-from cipherface.exceptions import WireFormatError
+from cipherface.exceptions import ConfigError, SignatureError, WireFormatError
 from cipherface.fields import of_type
+from cipherface.signing import SigningKey, Verifier
 from cipherface.wire.messages import _KINDS, Message, new_id
 
 __all__ = ["MAX_MESSAGE_BYTES", "SCHEMA_VERSION", "Envelope", "decode", "encode"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -43,6 +53,8 @@ class Envelope:
     fingerprint: str
     model: str
     metric: str
+    #: Who signed it ('' for an unsigned user probe); verified when decoded.
+    signer: str
     message: Message
 
 
@@ -53,18 +65,28 @@ def encode(
     model: str = "",
     metric: str = "",
     message_id: str | None = None,
+    signer: SigningKey | None = None,
 ) -> bytes:
-    """Serialize a message into its envelope; refuses to build an oversized one."""
-    envelope = {
+    """Serialize (and sign) a message into its envelope; refuses to build an oversized one."""
+    if message.signed and signer is None:
+        raise ConfigError(f"a {message.kind} message must be signed")
+    inner = _pack(
+        {
+            "type": message.kind,
+            "id": message_id or new_id(),
+            "fp": fingerprint,
+            "model": model,
+            "metric": metric,
+            "body": message.body(),
+        }
+    )
+    outer = {
         "v": SCHEMA_VERSION,
-        "type": message.kind,
-        "id": message_id or new_id(),
-        "fp": fingerprint,
-        "model": model,
-        "metric": metric,
-        "body": message.body(),
+        "signed": inner,
+        "by": "" if signer is None else signer.name,
+        "sig": b"" if signer is None else signer.sign(inner),
     }
-    data = msgpack.packb(envelope, use_bin_type=True)
+    data = _pack(outer)
     if len(data) > MAX_MESSAGE_BYTES:
         raise WireFormatError(
             f"{message.kind} message of {len(data)} bytes exceeds the "
@@ -73,31 +95,30 @@ def encode(
     return data
 
 
-def decode(data: bytes, *, expect: tuple[type[Message], ...] | None = None) -> Envelope:
-    """Parse and validate an envelope; ``expect`` restricts the accepted kinds."""
+def decode(
+    data: bytes,
+    *,
+    expect: tuple[type[Message], ...] | None = None,
+    verifier: Verifier | None = None,
+) -> Envelope:
+    """Parse and validate an envelope; ``expect`` restricts the accepted kinds.
+
+    A kind that must be signed is parsed only after ``verifier`` accepted its
+    signature (`SignatureError` otherwise); a signature on any other kind is
+    checked too when a verifier is given.
+    """
     if len(data) > MAX_MESSAGE_BYTES:
         raise WireFormatError(
             f"message of {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit"
         )
-    try:
-        envelope = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=MAX_MESSAGE_BYTES,
-            max_str_len=1024 * 1024,
-            max_array_len=1_000_000,
-            max_map_len=10_000,
-        )
-    # msgpack signals malformed input with several unrelated exception types
-    # (ExtraData, FormatError, StackError, ValueError, TypeError on truncation).
-    except Exception as exc:
-        raise WireFormatError(f"not a msgpack message: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(envelope, dict):
-        raise WireFormatError("message envelope must be a map")
-    version = envelope.get("v")
+    outer = _unpack(data)
+    version = outer.get("v")
     if version != SCHEMA_VERSION:
         raise WireFormatError(f"unsupported schema version {version!r} (this is {SCHEMA_VERSION})")
+    inner_bytes = of_type(outer.get("signed"), bytes, "signed")
+    signer = of_type(outer.get("by"), str, "by")
+    signature = of_type(outer.get("sig"), bytes, "sig")
+    envelope = _unpack(inner_bytes)
     kind = envelope.get("type")
     cls = _KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
@@ -105,6 +126,12 @@ def decode(data: bytes, *, expect: tuple[type[Message], ...] | None = None) -> E
     if expect is not None and cls not in expect:
         allowed = ", ".join(c.kind for c in expect)
         raise WireFormatError(f"unexpected message type {kind!r} here (expected {allowed})")
+    if cls.signed or signature:
+        if verifier is None:
+            raise SignatureError(f"a {kind} message needs a trusted signer, and none is pinned")
+        if not signature:
+            raise SignatureError(f"{kind} message is not signed")
+        verifier.verify(signer, signature, inner_bytes)
     head = {
         name: of_type(envelope.get(name), str, name) for name in ("id", "fp", "model", "metric")
     }
@@ -122,5 +149,30 @@ def decode(data: bytes, *, expect: tuple[type[Message], ...] | None = None) -> E
         fingerprint=head["fp"],
         model=head["model"],
         metric=head["metric"],
+        signer=signer,
         message=message,
     )
+
+
+def _pack(value: dict[str, Any]) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def _unpack(data: bytes) -> dict[str, Any]:
+    try:
+        value = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_MESSAGE_BYTES,
+            max_str_len=1024 * 1024,
+            max_array_len=1_000_000,
+            max_map_len=10_000,
+        )
+    # msgpack signals malformed input with several unrelated exception types
+    # (ExtraData, FormatError, StackError, ValueError, TypeError on truncation).
+    except Exception as exc:
+        raise WireFormatError(f"not a msgpack message: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise WireFormatError("message envelope must be a map")
+    return value

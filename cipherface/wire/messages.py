@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 
 from cipherface.exceptions import WireFormatError
 from cipherface.fields import of_type
-from cipherface.wire.payloads import BlockScores, EncryptedBlock, EncryptedProbe
+from cipherface.wire.payloads import BlockScores, EncryptedBlock, EncryptedProbe, ProbeCheck
 
 __all__ = [
     "BlockUpdate",
@@ -46,6 +46,9 @@ class Message:
     """Base of all messages: a kind name and how the body maps to fields."""
 
     kind: ClassVar[str]
+    #: Whether the sender must sign it (on-prem or a trusted replica): everything
+    #: but a user's probe. `cipherface.wire.envelope.decode` enforces it.
+    signed: ClassVar[bool] = True
     #: Field name -> accepted Python type(s) after msgpack decoding.
     schema: ClassVar[Mapping[str, type | tuple[type, ...]]]
 
@@ -78,19 +81,33 @@ class ContextUpdate(Message):
     """
 
     kind: ClassVar[str] = "context"
-    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {"context": bytes, "blocks": list}
+    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
+        "context": bytes,
+        "conjugation_key": bytes,
+        "blocks": list,
+        "issued_at": float,
+    }
     context: bytes = field(repr=False)
+    #: The one Galois key replicas get (complex conjugation), to check edge probes.
+    conjugation_key: bytes = field(repr=False, default=b"")
     #: Ids of the blocks that follow this message.
     blocks: tuple[int, ...] = ()
+    #: When on-prem issued it: a replica refuses a key change older than its context.
+    issued_at: float = field(default_factory=time.time)
 
     def body(self) -> dict[str, Any]:
-        return {"context": self.context, "blocks": list(self.blocks)}
+        return {
+            "context": self.context,
+            "conjugation_key": self.conjugation_key,
+            "blocks": list(self.blocks),
+            "issued_at": self.issued_at,
+        }
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> ContextUpdate:
         values = cls.validated(body)
         blocks = tuple(of_type(b, int, "context.blocks[]") for b in values["blocks"])
-        return cls(context=values["context"], blocks=blocks)
+        return cls(**{**values, "blocks": blocks})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,10 +131,16 @@ class SyncRequest(Message):
     """cloud -> on-prem: a replica (new, or back with an empty store) asks for everything."""
 
     kind: ClassVar[str] = "sync"
-    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {"replica": str, "fingerprint": str}
+    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
+        "replica": str,
+        "fingerprint": str,
+        "requested_at": float,
+    }
     replica: str
     #: The key fingerprint the replica holds ('' for none).
     fingerprint: str = ""
+    #: When the replica asked: on-prem answers each replica once for all earlier asks.
+    requested_at: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -125,6 +148,7 @@ class ProbeRequest(Message):
     """user -> cloud: an image to verify (with a claimed subject) or identify (without)."""
 
     kind: ClassVar[str] = "probe"
+    signed: ClassVar[bool] = False
     schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
         "probe_id": str,
         "image": bytes,
@@ -142,6 +166,7 @@ class EncryptedProbeRequest(Message):
     """edge -> cloud: a probe embedded and encrypted at the edge; the cloud sees no image."""
 
     kind: ClassVar[str] = "encrypted_probe"
+    signed: ClassVar[bool] = False
     schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
         "probe_id": str,
         "probe": dict,
@@ -179,6 +204,7 @@ class ScoresReady(Message):
         "faces": int,
         "submitted_at": float,
         "timings": dict,
+        "probe_check": (dict, type(None)),
     }
     probe_id: str
     subject: str | None
@@ -186,13 +212,16 @@ class ScoresReady(Message):
     #: How many faces the cloud found in the probe image (it used the largest).
     faces: int
     submitted_at: float
-    #: Seconds spent per stage on the cloud ("embed", "search").
+    #: Seconds spent per stage on the cloud ("embed", "check", "search").
     timings: Mapping[str, float]
+    #: For an edge-encrypted probe: its encrypted norms, which on-prem checks.
+    probe_check: ProbeCheck | None = field(repr=False, default=None)
 
     def body(self) -> dict[str, Any]:
         body = {f.name: getattr(self, f.name) for f in fields(self)}
         body["scores"] = [s.to_dict() for s in self.scores]
         body["timings"] = dict(self.timings)
+        body["probe_check"] = None if self.probe_check is None else self.probe_check.to_dict()
         return body
 
     @classmethod
@@ -205,7 +234,15 @@ class ScoresReady(Message):
             of_type(k, str, "scores.timings key"): float(of_type(v, (int, float), "scores.timings"))
             for k, v in checked["timings"].items()
         }
-        return cls(**{**checked, "scores": tuple(scores), "timings": timings})
+        check = checked["probe_check"]
+        return cls(
+            **{
+                **checked,
+                "scores": tuple(scores),
+                "timings": timings,
+                "probe_check": None if check is None else ProbeCheck.from_dict(check),
+            }
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

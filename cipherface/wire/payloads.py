@@ -16,7 +16,7 @@ from cipherface.exceptions import WireFormatError
 from cipherface.fields import blobs, field, strings
 from cipherface.metric import Metric
 
-__all__ = ["BlockScores", "EncryptedBlock", "EncryptedProbe"]
+__all__ = ["BlockScores", "EncryptedBlock", "EncryptedProbe", "ProbeCheck"]
 
 
 def _metric(data: Mapping[str, object]) -> str:
@@ -167,3 +167,32 @@ class EncryptedProbe:
         if (probe.norm is None) == (metric == Metric.EUCLIDEAN.value):
             raise WireFormatError("the euclidean metric, and only it, carries a probe norm")
         return probe
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeCheck:
+    """An edge probe's encrypted norms, cloud -> on-prem, beside its scores.
+
+    The cloud computes them from the probe's own ciphertexts ``c_j``: ``squares``
+    encrypts ``sum_j c_j^2`` and ``norms`` ``sum_j c_j conj(c_j)`` in every slot;
+    ``norm`` repeats the probe's encrypted ``||p||^2`` (euclidean only). On-prem
+    decides nothing from a probe whose norms are not those of a real unit vector
+    under its key (`cipherface.gallery.integrity`).
+    """
+
+    squares: bytes
+    norms: bytes
+    norm: bytes | None
+
+    def to_dict(self) -> dict[str, object]:
+        """msgpack-native form."""
+        return {"squares": self.squares, "norms": self.norms, "norm": self.norm}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> ProbeCheck:
+        """Inverse of `to_dict`; raises `WireFormatError`."""
+        return cls(
+            squares=field(data, "squares", bytes),
+            norms=field(data, "norms", bytes),
+            norm=field(data, "norm", (bytes, type(None))),
+        )

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-import tenseal.sealapi as sealapi
 
 from cipherface import wire
 from cipherface.crypto import Keyring, Metric
@@ -24,6 +23,7 @@ from cipherface.gallery import encrypt_probe
 from cipherface.gallery.packing import _SCORE_SCALE, _VALUE_SCALE, _Seal
 from cipherface.signing import SigningKey
 from cipherface.transport import REASON_HEADER, Delivery
+from cipherface.wire.payloads import BlockScores, EncryptedBlock, EncryptedProbe
 from tests.agents.conftest import Deployment
 
 #: Cosine similarity of A and B: honest distance 0.075 (rejected at 0.07).
@@ -105,10 +105,10 @@ def _public(deployment: Deployment) -> Keyring:
     return Keyring.load(deployment.settings.public_key_path, expect="public")
 
 
-def _edge_probe(keyring: Keyring, weights: Sequence[complex | float]) -> wire.EncryptedProbe:
-    """An edge probe whose column j encrypts ``weights[j]`` in every slot, as an attacker makes it."""
+def _edge_probe(keyring: Keyring, weights: Sequence[complex | float]) -> EncryptedProbe:
+    """An edge probe: column j encrypts ``weights[j]`` in every slot, as an attacker makes it."""
     seal = _Seal(keyring)
-    return wire.EncryptedProbe(
+    return EncryptedProbe(
         fingerprint=keyring.fingerprint,
         metric=Metric.COSINE.value,
         dimensions=len(weights),
@@ -117,7 +117,7 @@ def _edge_probe(keyring: Keyring, weights: Sequence[complex | float]) -> wire.En
     )
 
 
-async def _submit(deployment: Deployment, probe: wire.EncryptedProbe, subject: str | None) -> str:
+async def _submit(deployment: Deployment, probe: EncryptedProbe, subject: str | None) -> str:
     client = await deployment.client()
     return await client.publish_encrypted_probe(probe, subject)
 
@@ -157,7 +157,7 @@ async def test_complex_edge_probe_keeping_the_square_at_one_is_refused(
     y /= np.linalg.norm(y)
     s = 1.06
     t = np.sqrt(s**2 - 1)
-    probe = _edge_probe(_public(deployment), [complex(-s * u, -t * w) for u, w in zip(a, y)])
+    probe = _edge_probe(_public(deployment), [complex(-s * u, -t * w) for u, w in zip(a, y, strict=True)])
     event = await watch.event(await _submit(deployment, probe, "B"))
     assert not event.verified and event.distance is None
     assert event.error and event.error.startswith("IntegrityError")
@@ -169,7 +169,7 @@ async def test_edge_probe_under_an_attackers_key_relabelled_is_refused(
     deployment, watch = rig
     attacker = Keyring.generate(deployment.settings.preset, relin_keys=False)
     forged = encrypt_probe(attacker.public(), _people()["B"], Metric.COSINE)
-    relabelled = wire.EncryptedProbe(
+    relabelled = EncryptedProbe(
         fingerprint=_public(deployment).fingerprint,
         metric=forged.metric,
         dimensions=forged.dimensions,
@@ -185,7 +185,7 @@ async def test_edge_probe_under_an_attackers_key_relabelled_is_refused(
 # -- tampered scores ---------------------------------------------------------------
 
 
-def _scores(deployment: Deployment, probe_id: str, blocks: list[wire.BlockScores]) -> bytes:
+def _scores(deployment: Deployment, probe_id: str, blocks: list[BlockScores]) -> bytes:
     """A scores message signed by the trusted replica: a malicious cloud, or its stolen key."""
     cloud = deployment.agents[1]
     message = wire.ScoresReady(
@@ -203,7 +203,7 @@ def _scores(deployment: Deployment, probe_id: str, blocks: list[wire.BlockScores
     )
 
 
-def _honest_block_scores(deployment: Deployment) -> wire.BlockScores:
+def _honest_block_scores(deployment: Deployment) -> BlockScores:
     cloud = deployment.agents[1]
     [block] = cloud.gallery.search(_people()["B"])  # type: ignore[union-attr]
     return block
@@ -220,7 +220,7 @@ async def test_scores_at_another_scale_are_refused(rig: tuple[Deployment, Watch]
     seal = _Seal(_public(deployment))
     ciphertext = seal.load(honest.scores)
     ciphertext.scale = 1.0
-    tampered = wire.BlockScores(
+    tampered = BlockScores(
         block_id=honest.block_id, version=honest.version, scores=seal.dump(ciphertext)
     )
     await _result(deployment, _scores(deployment, "scale-1", [tampered]))
@@ -238,7 +238,7 @@ async def test_chosen_score_ciphertexts_are_not_decrypted_into_events(
     deployment, watch = rig
     honest = _honest_block_scores(deployment)
     seal = _Seal(_public(deployment))
-    chosen = wire.BlockScores(
+    chosen = BlockScores(
         block_id=honest.block_id, version=honest.version, scores=seal.encrypt_public(value, scale)
     )
     probe_id = f"chosen-{abs(value)}-{scale}"
@@ -287,7 +287,9 @@ async def test_context_under_a_new_key_not_signed_by_onprem_changes_nothing(
     )
     await _gallery(
         deployment,
-        wire.encode(context, fingerprint=attacker.fingerprint, signer=SigningKey.generate("onprem")),
+        wire.encode(
+            context, fingerprint=attacker.fingerprint, signer=SigningKey.generate("onprem")
+        ),
     )
     await watch.dead_letter(lambda d: "SignatureError" in str(d.headers[REASON_HEADER]))
     assert cloud.keyring.fingerprint == held  # type: ignore[union-attr]
@@ -301,7 +303,7 @@ async def test_replayed_block_with_a_higher_version_is_refused(
     deployment, watch = rig
     cloud = deployment.agents[1]
     [stored] = list(cloud.store.iter_blocks())  # type: ignore[union-attr]
-    pinned = wire.EncryptedBlock(**{**_fields(stored), "version": 99})
+    pinned = EncryptedBlock(**{**_fields(stored), "version": 99})
     forger = SigningKey.generate("onprem")
     await _gallery(deployment, wire.encode(wire.BlockUpdate(block=pinned), signer=forger))
     await watch.dead_letter(lambda d: "SignatureError" in str(d.headers[REASON_HEADER]))
@@ -319,10 +321,8 @@ async def test_block_from_another_publisher_is_not_scored(rig: tuple[Deployment,
     public = _public(deployment)
     seal = _Seal(public)
     # Every column encrypts -1 * (the probe's component) ... here: the attacker's template.
-    forged_columns = tuple(
-        seal.encrypt_public(float(v), _VALUE_SCALE) for v in _people()["A"]
-    )
-    forged = wire.EncryptedBlock(
+    forged_columns = tuple(seal.encrypt_public(float(v), _VALUE_SCALE) for v in _people()["A"])
+    forged = EncryptedBlock(
         **{**_fields(stored), "version": stored.version + 1, "columns": forged_columns}
     )
     for signer in (None, SigningKey.generate("onprem")):
@@ -339,7 +339,7 @@ async def test_block_from_another_publisher_is_not_scored(rig: tuple[Deployment,
     assert held.version == stored.version
 
 
-def _fields(block: wire.EncryptedBlock) -> dict[str, object]:
+def _fields(block: EncryptedBlock) -> dict[str, object]:
     return {name: getattr(block, name) for name in block.__dataclass_fields__}
 
 
@@ -348,7 +348,14 @@ def _unsigned(message: wire.Message) -> bytes:
     import msgpack
 
     inner = msgpack.packb(
-        {"type": message.kind, "id": "x", "fp": "", "model": "", "metric": "", "body": message.body()},
+        {
+            "type": message.kind,
+            "id": "x",
+            "fp": "",
+            "model": "",
+            "metric": "",
+            "body": message.body(),
+        },
         use_bin_type=True,
     )
     return msgpack.packb(
