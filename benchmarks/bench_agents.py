@@ -28,6 +28,7 @@ from cipherface.client import Client, EdgeEncryptor
 from cipherface.config import DEFAULT_AMQP_URL, Settings
 from cipherface.crypto import Keyring
 from cipherface.embedding import Embedder, install_weights
+from cipherface.signing import TrustStore
 from cipherface.transport import MemoryBroker, open_transport
 from cipherface.transport.base import Transport
 
@@ -87,7 +88,8 @@ async def run(broker: str, faces: Path, sizes: dict[str, list[int]]) -> dict[str
         ):
             onprem = OnPremAgent(settings, Recording(a, sizes))  # type: ignore[arg-type]
             cloud = CloudAgent(settings, Recording(b, sizes))  # type: ignore[arg-type]
-            client = Client(Recording(c, sizes))  # type: ignore[arg-type]
+            TrustStore(settings.trust_store_path).add(settings.replica, cloud.signer.verify_key)
+            client = Client(Recording(c, sizes), onprem.signer.verify_key)  # type: ignore[arg-type]
             await onprem.start()
             started = time.perf_counter()
             report = await onprem.enroll(photos, labels=labels, progress=False)

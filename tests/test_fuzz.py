@@ -2,7 +2,8 @@
 
 Over 10,000 generated inputs (most against `wire.decode`, which is fast; fewer but
 still hundreds against the handlers, which may touch TenSEAL or OpenCV). The
-contract: the decoder raises only `WireFormatError`; a handler, run through
+contract: the decoder raises only `WireFormatError` (or `SignatureError` for a
+signed kind whose signature does not verify); a handler, run through
 `settle` exactly as both transports run it, either acks (a bad probe gets an error
 event) or dead-letters with a reason, never requeues bad input forever and never
 takes the process down. Afterwards the agents still answer valid probes, plain
@@ -36,8 +37,9 @@ from cipherface import wire
 from cipherface.config import Settings
 from cipherface.crypto import Keyring, Metric
 from cipherface.embedding import MAX_IMAGE_BYTES
-from cipherface.exceptions import WireFormatError
+from cipherface.exceptions import SignatureError, WireFormatError
 from cipherface.gallery import BlockScores, EncryptedBlock, EncryptedProbe, encrypt_probe
+from cipherface.signing import PinnedKey, SigningKey, TrustStore
 from cipherface.store import GalleryStore
 from cipherface.transport import (
     REASON_HEADER,
@@ -86,6 +88,10 @@ values = st.recursive(
 )
 
 _FP = "0123456789abcdef"
+#: Signs the decoder's samples, so that a mutated body re-signed with it is parsed
+#: and its validation fuzzed, not just its signature.
+SIGNER = SigningKey.generate("onprem")
+VERIFIER = PinnedKey(SIGNER.verify_key)
 
 
 def _sample_messages() -> list[wire.Message]:
@@ -133,13 +139,19 @@ def _sample_messages() -> list[wire.Message]:
 
 
 SAMPLES = _sample_messages()
-ENCODED = [wire.encode(m, fingerprint=_FP, model="Dlib", metric="cosine") for m in SAMPLES]
+
+
+def _encode(message: wire.Message) -> bytes:
+    return wire.encode(message, fingerprint=_FP, model="Dlib", metric="cosine", signer=SIGNER)
+
+
+ENCODED = [_encode(m) for m in SAMPLES]
 
 
 def _envelope(message: wire.Message) -> dict[str, Any]:
-    return msgpack.unpackb(
-        wire.encode(message, fingerprint=_FP, model="Dlib", metric="cosine"), raw=False
-    )
+    """Both layers as one nested map: the inner message under ``signed``."""
+    outer = msgpack.unpackb(_encode(message), raw=False)
+    return {**outer, "signed": msgpack.unpackb(outer["signed"], raw=False)}
 
 
 def _mutate(data: Any, path: list[Any], replacement: Any, delete: bool) -> Any:
@@ -182,13 +194,20 @@ def mutated_envelopes(draw: st.DrawFn) -> bytes:
     path = draw(st.sampled_from(_paths(envelope)[1:]))
     delete = draw(st.booleans())
     mutated = _mutate(envelope, path, draw(values), delete)
-    return msgpack.packb(mutated, use_bin_type=draw(st.booleans()))
+    use_bin_type = draw(st.booleans())
+    inner = mutated.get("signed")
+    if isinstance(inner, dict):
+        packed = msgpack.packb(inner, use_bin_type=use_bin_type)
+        mutated["signed"] = packed
+        if draw(st.booleans()) and path[0] == "signed":
+            mutated["sig"] = SIGNER.sign(packed)  # a signed, ill-formed body
+    return msgpack.packb(mutated, use_bin_type=use_bin_type)
 
 
 def _decode_or_reject(data: bytes) -> wire.Envelope | None:
     try:
-        return wire.decode(data)
-    except WireFormatError as exc:
+        return wire.decode(data, verifier=VERIFIER)
+    except (WireFormatError, SignatureError) as exc:
         assert str(exc)  # a reason a dead letter can carry
         return None
 
@@ -228,29 +247,33 @@ _LENGTH_HEADERS = [b"\xc6", b"\xdb", b"\xdd", b"\xdf", b"\xc9"]
     st.sampled_from(_LENGTH_HEADERS),
     st.integers(min_value=2**16, max_value=2**32 - 1),
     st.binary(max_size=32),
-    st.sampled_from(["top", "body", "image"]),
+    st.sampled_from(["top", "signed", "body", "image"]),
 )
 def test_decode_huge_declared_lengths(header: bytes, length: int, tail: bytes, where: str) -> None:
     FUZZED["decode huge lengths"] += 1
     bomb = header + length.to_bytes(4, "big") + (b"\x01" if header == b"\xc9" else b"") + tail
     if where == "top":
         data = bomb
+    elif where == "signed":
+        # A valid start of the outer map, then the bomb where the inner message goes.
+        data = b"\x84" + msgpack.packb({"v": wire.SCHEMA_VERSION})[1:] + msgpack.packb("signed")
+        data += bomb
     else:
-        # A valid prefix of a probe envelope, then the bomb where a field's value goes.
-        prefix = msgpack.packb(
-            {"v": 1, "type": "probe", "id": "x", "fp": "", "model": "", "metric": ""}
-        )
+        # A valid prefix of a probe's inner map, then the bomb where a field's value goes.
+        prefix = msgpack.packb({"type": "probe", "id": "x", "fp": "", "model": "", "metric": ""})
         if where == "body":
-            data = b"\x87" + prefix[1:] + msgpack.packb("body") + bomb
+            inner = b"\x86" + prefix[1:] + msgpack.packb("body") + bomb
         else:
-            data = (
-                b"\x87"
+            inner = (
+                b"\x86"
                 + prefix[1:]
                 + msgpack.packb("body")
                 + b"\x81"
                 + msgpack.packb("image")
                 + bomb
             )
+        outer = {"v": wire.SCHEMA_VERSION, "signed": inner, "by": "", "sig": b""}
+        data = msgpack.packb(outer, use_bin_type=True)
     started = time.perf_counter()
     with pytest.raises(WireFormatError):
         wire.decode(data)
@@ -305,12 +328,17 @@ class Rig:
             self.onprem.book.add(subject, rng.normal(size=128), template_id=f"t{i}")
         await self.onprem.start()
         self.cloud = CloudAgent(self.settings, self.link())
+        TrustStore(self.settings.trust_store_path).add("f1", self.cloud.signer.verify_key)
         await self.cloud.start()
         await asyncio.wait_for(self.cloud.ready.wait(), 60)
         watcher = self.link()
 
+        onprem_key = PinnedKey(self.onprem.signer.verify_key)
+
         async def on_event(delivery: Delivery) -> None:
-            event = wire.decode(delivery.body, expect=(wire.VerificationEvent,)).message
+            event = wire.decode(
+                delivery.body, expect=(wire.VerificationEvent,), verifier=onprem_key
+            ).message
             assert isinstance(event, wire.VerificationEvent)
             self.events[event.probe_id] = event
 
@@ -430,16 +458,16 @@ def test_cloud_encrypted_probe_with_garbage_ciphertexts(
     st.one_of(
         st.binary(max_size=2048),
         mutated_envelopes(),
-        st.builds(
-            lambda ctx, blocks: wire.encode(wire.ContextUpdate(context=ctx, blocks=tuple(blocks))),
-            st.binary(max_size=4096),
-            st.lists(st.integers(0, 10), max_size=3),
-        ),
+        st.tuples(st.binary(max_size=4096), st.lists(st.integers(0, 10), max_size=3)),
     )
 )
-def test_cloud_gallery_handler_garbage(rig: Rig, body: bytes) -> None:
+def test_cloud_gallery_handler_garbage(rig: Rig, body: bytes | tuple[bytes, list[int]]) -> None:
+    """Garbage, mutated messages, and garbage contexts that on-prem's own key signed."""
     FUZZED["cloud gallery: garbage"] += 1
-    assert rig.cloud is not None
+    assert rig.cloud is not None and rig.onprem is not None
+    if isinstance(body, tuple):
+        context = wire.ContextUpdate(context=body[0], blocks=tuple(body[1]))
+        body = wire.encode(context, signer=rig.onprem.signer)
     rig.feed(rig.cloud._on_gallery, body)
     assert (
         rig.cloud.keyring is not None and rig.cloud.keyring.fingerprint == rig.keyring.fingerprint
@@ -471,7 +499,8 @@ def test_cloud_gallery_block_with_garbage_ciphertexts(
         columns=tuple(blobs[i % len(blobs)] for i in range(dimensions)),
         norms=None,
     )
-    body = wire.encode(wire.BlockUpdate(block=block), fingerprint=fp)
+    assert rig.onprem is not None
+    body = wire.encode(wire.BlockUpdate(block=block), fingerprint=fp, signer=rig.onprem.signer)
     outcome, reason = rig.feed(rig.cloud._on_gallery, body)
     assert outcome is Outcome.DEAD_LETTER, reason
     assert "mallory" not in rig.cloud.gallery.subjects()  # type: ignore[union-attr]
@@ -501,7 +530,11 @@ def test_cloud_refuses_context_with_secret_key_and_other_keys(rig: Rig) -> None:
     }
     for name, (context, claimed, error) in cases.items():
         FUZZED["cloud gallery: bad contexts"] += 1
-        body = wire.encode(wire.ContextUpdate(context=context, blocks=()), fingerprint=claimed)
+        body = wire.encode(
+            wire.ContextUpdate(context=context, blocks=()),
+            fingerprint=claimed,
+            signer=rig.onprem.signer,  # type: ignore[union-attr]
+        )
         outcome, reason = rig.feed(rig.cloud._on_gallery, body)
         assert outcome is Outcome.DEAD_LETTER and error in reason, name
     assert rig.cloud.keyring is not None and not rig.cloud.keyring.is_private
@@ -533,7 +566,9 @@ def test_onprem_result_handler_garbage(rig: Rig, case: Any) -> None:
         probe_id=pid, subject=subject, scores=scores, faces=1, submitted_at=time.time(), timings={}
     )
     fp = rig.keyring.fingerprint if right_key else _FP
-    outcome, _ = rig.feed(rig.onprem._on_result, wire.encode(message, fingerprint=fp))
+    # Signed by the trusted replica: garbage from a malicious cloud reaches the checks.
+    body = wire.encode(message, fingerprint=fp, signer=rig.cloud.signer)  # type: ignore[union-attr]
+    outcome, _ = rig.feed(rig.onprem._on_result, body)
     if outcome is Outcome.DEAD_LETTER:
         assert pid not in rig.events  # nothing decided from garbage
     else:

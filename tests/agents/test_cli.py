@@ -81,6 +81,10 @@ def daemons(tmp_path: Path, deepface_home: Path, faces_dir: Path) -> Iterator[di
     url = amqp_url_or_skip()
     env = _env(tmp_path, deepface_home, CIPHERFACE_AMQP_URL=url, CIPHERFACE_PREFIX=unique_prefix())
     assert _run(["keygen"], env).returncode == 0
+    # The operator's step: trust the replica's signing key on-prem before it serves.
+    replica = json.loads(_run(["replica-key", "--replica", "c1"], env).stdout)
+    trusted = _run(["trust", "add", "c1", replica["verify_key"]], env)
+    assert trusted.returncode == 0 and "c1" in json.loads(trusted.stdout), trusted.stderr
     port = _free_port()
     logs = {name: (tmp_path / f"{name}.log").open("w+") for name in ("onprem", "cloud")}
     procs = {

@@ -29,6 +29,7 @@ import pytest
 from cipherface import wire
 from cipherface.client import Client
 from cipherface.exceptions import TransportError
+from cipherface.signing import PinnedKey, VerifyKey
 from cipherface.transport import Delivery, RabbitMQTransport, Topology
 from tests.environment import amqp_url_or_skip, unique_prefix
 
@@ -79,8 +80,12 @@ class FaultCluster:
         return done.stdout.decode()
 
     def enroll(self, faces_dir: Path, groups: dict[str, list[str]]) -> None:
-        """Keys, then two photos of each enrolled group (before on-prem starts)."""
+        """Keys (on-prem's, and the replica's, trusted on-prem), then two photos of each
+        enrolled group (before on-prem starts)."""
         self.run("keygen")
+        self.run("replica-key", "--replica", self.replica)
+        replica_key = self.data_dir / f"cloud-{self.replica}" / "signing.pub"
+        self.run("trust", "add", self.replica, str(replica_key))
         folder = self.root / "enroll"
         for group in ENROLLED:
             (folder / group).mkdir(parents=True, exist_ok=True)
@@ -227,9 +232,12 @@ async def run_burst(
     progress = asyncio.Event()
     threshold = max(1, int(count * fault_after))
     queue = f"{cluster.prefix}.watch-{scenario}"
+    onprem_key = VerifyKey.load(cluster.data_dir / "onprem" / "signing.pub")
 
     async def record(delivery: Delivery) -> None:
-        event = wire.decode(delivery.body, expect=(wire.VerificationEvent,)).message
+        event = wire.decode(
+            delivery.body, expect=(wire.VerificationEvent,), verifier=PinnedKey(onprem_key)
+        ).message
         assert isinstance(event, wire.VerificationEvent)
         result.counts[event.probe_id] += 1
         result.events[event.probe_id] = event
@@ -241,7 +249,7 @@ async def run_burst(
     async with transport:
         # A durable queue, not an exclusive one: it must outlive a broker restart.
         await transport.consume(queue, record, bindings=[(transport.topology.events, "#")])
-        client = Client(transport)
+        client = Client(transport, onprem_key)
 
         async def publish_all() -> None:
             for start in range(0, count, 50):

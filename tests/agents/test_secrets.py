@@ -29,6 +29,7 @@ from cipherface import wire
 from cipherface.client import EdgeEncryptor
 from cipherface.crypto import Keyring
 from cipherface.embedding import Embedder
+from cipherface.signing import PinnedKey
 from tests.agents.conftest import Deployment
 
 pytestmark = pytest.mark.slow
@@ -104,8 +105,9 @@ async def test_onprem_publishes_no_secret_key_and_only_rounded_distances(
     secret = Keyring.load(settings.secret_key_path, expect="secret")
     windows = _secret_key_windows(secret)
     kinds: dict[str, int] = {}
+    signed_by_onprem = PinnedKey(onprem.signer.verify_key)
     for target, body in recorded:
-        message = wire.decode(body).message
+        message = wire.decode(body, verifier=signed_by_onprem).message
         assert isinstance(message, ALLOWED), (target, message.kind)
         kinds[message.kind] = kinds.get(message.kind, 0) + 1
         if isinstance(message, wire.ContextUpdate):
