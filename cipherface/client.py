@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,9 +18,13 @@ from cipherface.gallery import EncryptedProbe, encrypt_probe
 from cipherface.signing import PinnedKey, VerifyKey
 from cipherface.transport.base import Delivery, Transport
 
-__all__ = ["Client", "EdgeEncryptor", "EventStream"]
+__all__ = ["REPLAY_WINDOW", "Client", "EdgeEncryptor", "EventStream"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds before a subscription opened that an event may have been issued: an
+#: older (signed, genuine) event is a replay and is dropped, counted in `replayed`.
+REPLAY_WINDOW = 60.0
 
 
 class EdgeEncryptor:
@@ -48,15 +53,20 @@ class EventStream:
     deduplicated by probe id, so a subscriber sees each probe's decision once.
     Anyone who may publish to the exchange could forge a decision, so only
     events signed by on-prem's pinned key pass; the others are dropped and
-    counted in `forged` (the queue is private: nobody else would read a dead letter).
+    counted in `forged` (the queue is private: nobody else would read a dead letter);
+    a genuine event issued more than `REPLAY_WINDOW` before the stream opened is a
+    replay, dropped and counted in `replayed`.
     """
 
     def __init__(self, onprem_key: VerifyKey) -> None:
         self._verifier = PinnedKey(onprem_key)
         self._queue: asyncio.Queue[wire.VerificationEvent] = asyncio.Queue()
         self._seen: set[str] = set()
+        self._opened_at = time.time()
         #: Events dropped because on-prem's key did not sign them.
         self.forged = 0
+        #: Signed events dropped because they were issued long before the stream opened.
+        self.replayed = 0
 
     async def deliver(self, delivery: Delivery) -> None:
         """Transport handler: verify, decode and enqueue (a malformed event is dead-lettered)."""
@@ -71,6 +81,10 @@ class EventStream:
         event = envelope.message
         if not isinstance(event, wire.VerificationEvent):  # narrowed by `expect`
             raise WireFormatError("not a verification event")
+        if event.issued_at < self._opened_at - REPLAY_WINDOW:
+            self.replayed += 1
+            log.warning("dropped a replayed event of probe %s", event.probe_id)
+            return
         if event.probe_id not in self._seen:
             self._seen.add(event.probe_id)
             self._queue.put_nowait(event)

@@ -7,6 +7,7 @@ which is what a consumer dead-letters the message with.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,11 +19,14 @@ Kind = type | tuple[type, ...]
 
 
 def of_type(value: object, kind: Kind, name: str) -> Any:
-    """``value`` if it is of ``kind``; a bool never passes for a number."""
+    """``value`` if it is of ``kind``; a bool never passes for a number, NaN or an
+    infinity never for a float (they would reach timings, JSON and decisions)."""
     numeric = kind in (int, float) or (isinstance(kind, tuple) and int in kind)
     if not isinstance(value, kind) or (numeric and isinstance(value, bool)):
         expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise WireFormatError(f"field {name!r} must be {expected}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise WireFormatError(f"field {name!r} must be a finite number, got {value}")
     return value
 
 

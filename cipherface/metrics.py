@@ -39,8 +39,8 @@ ERRORS = Counter(
 INTEGRITY_FAILURES = Counter(
     "cipherface_integrity_failures_total",
     "Well-formed inputs the protocol never makes (tampered scores, forged edge probes): "
-    "answered with an error event that carries no number.",
-    ["agent", "reason"],
+    "answered with an error event that carries no number; by the replica that sent them.",
+    ["agent", "replica"],
 )
 SYNCS = Counter(
     "cipherface_sync_requests_total",

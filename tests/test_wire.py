@@ -179,3 +179,10 @@ def test_an_unsigned_probe_decodes_without_a_verifier_but_a_signed_one_is_checke
     signed = wire.encode(probe, signer=SigningKey.generate("someone"))
     with pytest.raises(SignatureError):
         wire.decode(signed, verifier=PINNED)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_numbers_are_refused_at_decode(value: float) -> None:
+    probe = wire.ProbeRequest(probe_id="p", image=b"x", submitted_at=value)
+    with pytest.raises(WireFormatError, match="finite"):
+        wire.decode(wire.encode(probe))

@@ -287,7 +287,7 @@ class OnPremAgent:
                 except IntegrityError as exc:
                     # Nothing derived from a tampered decryption leaves on-prem: the
                     # event names the failure and carries no distance.
-                    INTEGRITY_FAILURES.labels(self.role, "scores").inc()
+                    INTEGRITY_FAILURES.labels(self.role, envelope.signer).inc()
                     log.warning(
                         "probe %s from %s refused: %s", result.probe_id, envelope.signer, exc
                     )

@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import multiprocessing
+import secrets
 import sqlite3
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 
 from cipherface.crypto import Keyring, Metric, prepare_embedding
 from cipherface.exceptions import ConfigError, KeyMismatchError, SecretKeyError, StoreError
+from cipherface.gallery.consistency import decoy_rows
 from cipherface.gallery.packing import _check_norm, _encrypt_columns, _Seal
 from cipherface.gallery.workers import _encrypt_in_worker, _init_encryptor
 from cipherface.private import private_file
@@ -65,6 +67,8 @@ class _Shipped:
     version: int
     template_ids: tuple[str, ...]
     subjects: tuple[str, ...]
+    #: Whether the positions without a template hold decoys (`decoy_rows`), not zeros.
+    decoys: bool = False
 
 
 class EnrollmentBook:
@@ -137,6 +141,14 @@ class EnrollmentBook:
             "capacity": str(self.capacity),
         }
         stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        if "decoy_seed" not in stored:
+            # Secret: it decides the decoys on-prem fits scores against (`decoy_rows`).
+            stored["decoy_seed"] = secrets.token_hex(16)
+            with self._db:
+                self._db.execute(
+                    "INSERT INTO meta VALUES ('decoy_seed', ?)", (stored["decoy_seed"],)
+                )
+        self._decoy_seed = bytes.fromhex(stored.pop("decoy_seed"))
         if not stored:
             with self._db:
                 self._db.executemany("INSERT INTO meta VALUES (?, ?)", wanted.items())
@@ -178,9 +190,12 @@ class EnrollmentBook:
             if pending:
                 self._pending.add(block_id)
             if shipped is not None:
-                ids, subjects = msgpack.unpackb(shipped)
+                ids, subjects, *decoys = msgpack.unpackb(shipped)
                 self._shipped[block_id] = _Shipped(
-                    version=version, template_ids=tuple(ids), subjects=tuple(subjects)
+                    version=version,
+                    template_ids=tuple(ids),
+                    subjects=tuple(subjects),
+                    decoys=bool(decoys and decoys[0]),
                 )
         # Freed slots are reused lowest first, so blocks stay dense and few.
         self._free = [
@@ -288,13 +303,37 @@ class EnrollmentBook:
         return sorted(self._layout)
 
     def _matrix(self, block_id: int) -> tuple[np.ndarray, list[str]]:
+        """Every position of the block: its template, or a decoy where there is none."""
         row = list(self._layout.get(block_id, []))
-        matrix = np.zeros((max(len(row), 1), self.dimensions))
+        empty = [k for k in range(self.capacity) if k >= len(row) or not row[k]]
+        matrix = np.empty((self.capacity, self.dimensions))
+        matrix[empty] = self.decoys(block_id, empty)
         for slot, blob in self._db.execute(
             "SELECT slot, embedding FROM templates WHERE block = ?", (block_id,)
         ):
             matrix[slot] = np.frombuffer(blob, dtype=np.float64)
         return matrix, row
+
+    def decoys(self, block_id: int, positions: Sequence[int]) -> np.ndarray:
+        """The decoy vectors at ``positions`` of a block (see `decoy_rows`)."""
+        return decoy_rows(self._decoy_seed, block_id, positions, self.dimensions)
+
+    def embeddings(
+        self, block_id: int, positions: Sequence[int]
+    ) -> dict[int, tuple[str, np.ndarray]]:
+        """Position -> (template id, embedding) for those of ``positions`` holding a template."""
+        found: dict[int, tuple[str, np.ndarray]] = {}
+        wanted = sorted(set(positions))
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for slot, template_id, blob in self._db.execute(
+                f"SELECT slot, template_id, embedding FROM templates "
+                f"WHERE block = ? AND slot IN ({marks})",
+                (block_id, *chunk),
+            ):
+                found[slot] = (template_id, np.frombuffer(blob, dtype=np.float64))
+        return found
 
     def _ship(
         self, block_id: int, row: list[str], columns: tuple[bytes, ...], norms: bytes | None
@@ -327,7 +366,7 @@ class EnrollmentBook:
                     "UPDATE blocks SET version = version + "
                     "(CASE WHEN pending = 1 OR shipped IS NULL THEN 1 ELSE 0 END), "
                     "pending = 0, shipped = ? WHERE block_id = ?",
-                    (msgpack.packb([row, subjects]), block_id),
+                    (msgpack.packb([row, subjects, 1]), block_id),
                 )
                 (version,) = self._db.execute(
                     "SELECT version FROM blocks WHERE block_id = ?", (block_id,)
@@ -343,7 +382,7 @@ class EnrollmentBook:
         self._version[block_id] = version
         self._pending.discard(block_id)
         self._shipped[block_id] = _Shipped(
-            version=version, template_ids=tuple(row), subjects=tuple(subjects)
+            version=version, template_ids=tuple(row), subjects=tuple(subjects), decoys=True
         )
         return block
 

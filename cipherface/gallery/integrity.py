@@ -13,9 +13,9 @@ Micciancio's passive one). Three defences, all here:
    (ciphertext x ciphertext, left unrelinearised).
 2. **Decryptions must lie where the metric puts them**: cosine in [0, 2],
    euclidean_l2 in [0, 4], euclidean in [0, 4 * MAX_SQUARED_NORM], each within
-   `SCORE_TOLERANCE`; a position that holds no template scores the metric's
-   constant exactly (the zero vector's score). Anything else is tampering:
-   `IntegrityError`, and no number derived from it leaves on-prem.
+   `SCORE_TOLERANCE`, and they must be one probe's scores against what on-prem
+   knows each position holds (`cipherface.gallery.consistency`). Anything else is
+   tampering: `IntegrityError`, and no number derived from it leaves on-prem.
 3. **Edge probes must be unit vectors under on-prem's key.** The cloud
    computes, from the probe's own ciphertexts ``c_j = w p_j``, the sums
    ``N1 = sum_j c_j^2`` and ``N2 = sum_j c_j conj(c_j)`` (one Galois key, for
@@ -64,12 +64,16 @@ __all__ = [
 #: probe) and 4e-4 (edge probe) of the exact value on scores of order 1, 9e-4 on
 #: raw euclidean distances near 10 (tests pin these): 1e-2 is ten times that.
 SCORE_TOLERANCE = 1e-2
-#: Relative slack on an edge probe's N1 (honest: within 5e-4) and N2 (within 1e-2:
-#: the conjugation's key switching at the lowest level adds noise of its own).
-NORM_TOLERANCE = (4e-3, 3e-2)
+#: Relative slack on an edge probe's N1 and N2. Measured over 24 honest probes
+#: (cosine, euclidean_l2): N1 within 7.1e-4, N2 within 3.7e-2, the conjugation's key
+#: switching at the lowest level adding noise of its own. N2 - Re N1 = 2 |b|^2 then
+#: bounds an imaginary part |b| to 0.2; a smaller one still shifts every score by
+#: the slot's other template (or decoy) times b, which the consistency fit refuses.
+NORM_TOLERANCE = (2e-3, 8e-2)
 #: Standard deviation of the noise added to every distance that leaves on-prem:
-#: twice the worst honest CKKS error, so the published value hides it.
-FLOOD_SIGMA = 1e-3
+#: above the consistency fit's tolerance (1e-3, 3e-3 for edge probes), so what a
+#: replica could shift undetected, let alone the CKKS error, drowns in it.
+FLOOD_SIGMA = 3e-3
 _SYSTEM_RANDOM = random.SystemRandom()
 _FLOOD_DRAWS = 64
 
@@ -142,19 +146,15 @@ def check_probe(seal: _Seal, check: ProbeCheck, metric: Metric) -> None:
     scale = np.maximum(expected, 1.0)
     if np.any(np.abs(n1.real - expected) > tol1 * scale) or np.any(np.abs(n1.imag) > tol1 * scale):
         raise IntegrityError("the edge probe is not a unit vector under this key")
-    if np.any(np.abs(n2.real - expected) > tol2 * scale):
+    if np.any(np.abs(n2.real - expected) > tol2 * scale) or np.any(np.abs(n2.imag) > tol2 * scale):
         raise IntegrityError("the edge probe has imaginary components")
 
 
-def check_scores(
-    values: np.ndarray, scored: np.ndarray, metric: Metric, *, empty: np.ndarray | None
-) -> None:
+def check_scores(values: np.ndarray, scored: np.ndarray, metric: Metric) -> None:
     """On-prem: raise `IntegrityError` unless a block's decrypted scores are in range.
 
-    ``scored`` marks the positions whose score means something; ``empty`` (None for
-    batched 1:1, whose other positions are meaningless) those that hold no template
-    and so score the zero vector: the metric's constant (for raw euclidean,
-    ``||p||^2``, the same at every empty position).
+    ``scored`` marks the positions whose score means something (templates; for
+    batched 1:1, the positions a pair owns).
     """
     if not np.all(np.isfinite(values)):
         raise IntegrityError("decrypted scores are not finite")
@@ -164,12 +164,6 @@ def check_scores(
         raise IntegrityError(
             f"decrypted {metric.value} scores fall outside [0, {upper:g}]: they were tampered with"
         )
-    if empty is None or not empty.any():
-        return
-    free = values[empty]
-    constant = float(free[0]) if metric is Metric.EUCLIDEAN else _weights(metric)[1]
-    if np.any(np.abs(free - constant) > SCORE_TOLERANCE):
-        raise IntegrityError("positions without a template do not score the zero vector")
 
 
 def flood(distance: float, threshold: float, verified: bool, sigma: float = FLOOD_SIGMA) -> float:

@@ -3,20 +3,24 @@
 Positions are named through the `EnrollmentBook`'s own layout of the block
 version the scores were computed on, never through the cloud's labels: a stale
 or tampered label cannot name a match. Nothing is decrypted before it passed
-`cipherface.gallery.integrity`'s checks, and no value is returned from a block
-whose decryption falls outside the metric's range (`IntegrityError`).
+`cipherface.gallery.integrity`'s checks; no value is returned from scores that
+fall outside the metric's range, or (`cipherface.gallery.consistency`) that are
+not one probe's scores against what on-prem knows each position holds: either
+raises `IntegrityError`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from cipherface.crypto import Keyring, Metric, decision
+from cipherface.exceptions import IntegrityError
 from cipherface.gallery.book import EnrollmentBook, _Shipped
+from cipherface.gallery.consistency import check_consistency, fit_sample_size, sample
 from cipherface.gallery.integrity import check_probe, check_scores
 from cipherface.gallery.packing import _Seal
 from cipherface.wire.payloads import BlockScores, ProbeCheck
@@ -43,12 +47,20 @@ def accept(match: Match, threshold: float, metric: Metric | str) -> bool:
     return decision(match.score, threshold, Metric.parse(metric))
 
 
+@dataclass(frozen=True, slots=True)
+class _Decrypted:
+    block: BlockScores
+    layout: _Shipped
+    #: Every position's score (the block's capacity), template order.
+    values: np.ndarray
+
+
 def _decrypted(
     keyring: Keyring,
     book: EnrollmentBook,
     scores: Sequence[BlockScores],
     probe_check: ProbeCheck | None = None,
-) -> Iterator[tuple[BlockScores, _Shipped, np.ndarray]]:
+) -> list[_Decrypted]:
     """Check, decrypt and range-check each block's scores the book vouches for.
 
     With ``probe_check`` (an edge probe) the probe is checked first and scores must
@@ -59,6 +71,7 @@ def _decrypted(
     if probe_check is not None:
         check_probe(seal, probe_check, book.metric)
     size = 2 if probe_check is None else 3
+    out = []
     for block in scores:
         layout = book.shipped(block.block_id)
         if layout is None or layout.version != block.version:
@@ -71,18 +84,52 @@ def _decrypted(
                 None if layout is None else layout.version,
             )
             continue
+        if len(block.pairs) > book.capacity:
+            raise IntegrityError(f"{len(block.pairs)} pairs scored in a block of {book.capacity}")
         values = seal.decrypt(seal.load_checked(block.scores, size=size))
-        width = len(layout.template_ids)
-        occupied = np.zeros(values.size, dtype=bool)
-        occupied[:width] = [bool(t) for t in layout.template_ids]
+        scored = np.zeros(values.size, dtype=bool)
+        scored[: len(layout.template_ids)] = [bool(t) for t in layout.template_ids]
         if block.pairs:
             # Batched 1:1: only the positions a pair owns carry a meaningful score.
             owned = np.zeros(values.size, dtype=bool)
             owned[: len(block.pairs)] = np.asarray(block.pairs) >= 0
-            check_scores(values, occupied & owned, book.metric, empty=None)
-        else:
-            check_scores(values, occupied, book.metric, empty=~occupied)
-        yield block, layout, values[:width]
+            scored &= owned
+        check_scores(values, scored, book.metric)
+        out.append(_Decrypted(block, layout, values))
+    return out
+
+
+def _check_fit(
+    book: EnrollmentBook,
+    decrypted: Sequence[_Decrypted],
+    released: dict[int, set[int]],
+    *,
+    edge: bool,
+) -> None:
+    """Fit a random sample of positions, plus every position about to be released."""
+    if not decrypted:
+        return
+    per_block = max(fit_sample_size(book.dimensions) // len(decrypted), 1)
+    vectors: list[np.ndarray] = []
+    values: list[float] = []
+    for item in decrypted:
+        block_id, ids = item.block.block_id, item.layout.template_ids
+        positions = set(sample(book.capacity, per_block).tolist()) | released.get(block_id, set())
+        held = book.embeddings(block_id, [k for k in positions if k < len(ids) and ids[k]])
+        empty = sorted(k for k in positions if k >= len(ids) or not ids[k])
+        if empty:
+            rows = (
+                book.decoys(block_id, empty)
+                if item.layout.decoys
+                else np.zeros((len(empty), book.dimensions))
+            )
+            vectors.extend(rows)
+            values.extend(item.values[empty])
+        for position, (template_id, vector) in held.items():
+            if template_id == ids[position]:  # not replaced since it was shipped
+                vectors.append(vector)
+                values.append(float(item.values[position]))
+    check_consistency(book.metric, np.asarray(vectors), np.asarray(values), edge=edge)
 
 
 def _match(subject: str, template_id: str, score: float, metric: Metric) -> Match:
@@ -107,8 +154,10 @@ def rank(
     ``probe_check`` comes with the scores of an edge-encrypted probe. Raises
     `IntegrityError` for scores or a probe the protocol would not produce.
     """
-    pool: list[Match] = []
-    for _, layout, values in _decrypted(keyring, book, scores, probe_check):
+    decrypted = _decrypted(keyring, book, scores, probe_check)
+    pool: list[tuple[Match, int, int]] = []
+    for item in decrypted:
+        layout, values = item.layout, item.values[: len(item.layout.template_ids)]
         ids = np.array(layout.template_ids, dtype=object)
         names = np.array(layout.subjects, dtype=object)
         keep = ids != ""
@@ -123,19 +172,23 @@ def rank(
             if per_subject and names[position] in seen:
                 continue
             seen.add(names[position])
-            pool.append(
-                _match(names[position], ids[position], float(values[position]), book.metric)
-            )
+            match = _match(names[position], ids[position], float(values[position]), book.metric)
+            pool.append((match, item.block.block_id, int(position)))
             taken += 1
             if taken >= top_k:
                 break
-    pool.sort(key=lambda m: m.score)
-    if not per_subject:
-        return pool[:top_k]
-    best: dict[str, Match] = {}
-    for match in pool:
-        best.setdefault(match.subject, match)
-    return list(best.values())[:top_k]
+    pool.sort(key=lambda entry: entry[0].score)
+    if per_subject:
+        best: dict[str, tuple[Match, int, int]] = {}
+        for entry in pool:
+            best.setdefault(entry[0].subject, entry)
+        pool = list(best.values())
+    chosen = pool[:top_k]
+    released: dict[int, set[int]] = {}
+    for _, block_id, position in chosen:
+        released.setdefault(block_id, set()).add(position)
+    _check_fit(book, decrypted, released, edge=probe_check is not None)
+    return [match for match, _, _ in chosen]
 
 
 def rank_pairs(
@@ -144,10 +197,12 @@ def rank_pairs(
     """On-prem: the best match of each of ``count`` `verify_pairs` claims (None: unscored).
 
     Decide each with `accept`. Only templates of the claimed subject are scored
-    for a pair, so the best one answers the claim.
+    for a pair, so the best one answers the claim. Every pair has its own probe,
+    so there is no single probe to fit: range checks only.
     """
     best: list[Match | None] = [None] * count
-    for block, layout, values in _decrypted(keyring, book, scores):
+    for item in _decrypted(keyring, book, scores):
+        block, layout, values = item.block, item.layout, item.values
         for position, index in enumerate(block.pairs[: len(layout.template_ids)]):
             if index < 0 or index >= count or not layout.template_ids[position]:
                 continue

@@ -286,6 +286,7 @@ class VerificationEvent(Message):
         "metric": str,
         "error": (str, type(None)),
         "timings": dict,
+        "issued_at": float,
     }
     probe_id: str
     #: "1:1" (a subject was claimed) or "1:N".
@@ -301,6 +302,8 @@ class VerificationEvent(Message):
     error: str | None = None
     #: Seconds: "embed", "search", "decrypt", "total" (publish to event).
     timings: Mapping[str, float] = field(default_factory=dict)
+    #: When on-prem issued it (signed): a reader refuses events replayed long after.
+    issued_at: float = field(default_factory=time.time)
 
     @property
     def routing_key(self) -> str:

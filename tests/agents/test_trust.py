@@ -157,7 +157,9 @@ async def test_complex_edge_probe_keeping_the_square_at_one_is_refused(
     y /= np.linalg.norm(y)
     s = 1.06
     t = np.sqrt(s**2 - 1)
-    probe = _edge_probe(_public(deployment), [complex(-s * u, -t * w) for u, w in zip(a, y, strict=True)])
+    probe = _edge_probe(
+        _public(deployment), [complex(-s * u, -t * w) for u, w in zip(a, y, strict=True)]
+    )
     event = await watch.event(await _submit(deployment, probe, "B"))
     assert not event.verified and event.distance is None
     assert event.error and event.error.startswith("IntegrityError")
@@ -196,6 +198,15 @@ def _scores(deployment: Deployment, probe_id: str, blocks: list[BlockScores]) ->
         submitted_at=0.0,
         timings={},
     )
+    return wire.encode(
+        message,
+        fingerprint=cloud.keyring.fingerprint,  # type: ignore[union-attr]
+        signer=cloud.signer,  # type: ignore[union-attr]
+    )
+
+
+def _signed_by_replica(deployment: Deployment, message: wire.Message) -> bytes:
+    cloud = deployment.agents[1]
     return wire.encode(
         message,
         fingerprint=cloud.keyring.fingerprint,  # type: ignore[union-attr]
@@ -392,6 +403,60 @@ async def test_forged_event_is_dropped_by_the_client(rig: tuple[Deployment, Watc
         assert event.verified
         assert stream.forged == 2
         assert stream._queue.empty()
+
+
+async def test_replayed_genuine_event_is_dropped_by_a_later_subscriber(
+    rig: tuple[Deployment, Watch],
+) -> None:
+    """A captured ``verified: true`` event, signed by on-prem, republished long after."""
+    deployment, _ = rig
+    onprem = deployment.agents[0]
+    old = wire.VerificationEvent(
+        probe_id="p-old",
+        mode="1:1",
+        subject="B",
+        verified=True,
+        distance=0.01,
+        threshold=0.07,
+        model="Dlib",
+        metric="cosine",
+        issued_at=time.time() - 3600,
+    )
+    body = wire.encode(old, signer=onprem.signer)  # type: ignore[union-attr]
+    client = await deployment.client()
+    link = await deployment.link()
+    async with client.events() as stream:
+        await link.publish(link.topology.events, old.routing_key, body)
+        probe = encrypt_probe(_public(deployment), _people()["B"], Metric.COSINE)
+        real = await client.publish_encrypted_probe(probe, "B")
+        assert (await stream.wait_for(real, timeout=60)).verified
+        assert stream.replayed == 1 and stream._queue.empty()
+
+
+async def test_in_range_scores_shifted_by_a_trusted_replica_are_refused(
+    rig: tuple[Deployment, Watch],
+) -> None:
+    """A malicious replica lowers A's score below the threshold: it stays in [0, 2],
+    but no longer agrees with the templates and decoys on-prem fits it against."""
+    deployment, watch = rig
+    cloud = deployment.agents[1]
+    [honest] = cloud.gallery.search(_people()["B"], subject="A")  # type: ignore[union-attr]
+    seal = _Seal(_public(deployment))
+    ciphertext = seal.load(honest.scores)
+    position = 0  # A is the first template of the block
+    shift = [0j] * seal.slots
+    shift[position] = -0.03 + 0j
+    seal.evaluator.add_plain_inplace(ciphertext, seal.plain(shift, _SCORE_SCALE))
+    shifted = BlockScores(
+        block_id=honest.block_id, version=honest.version, scores=seal.dump(ciphertext)
+    )
+    message = wire.ScoresReady(
+        probe_id="shifted", subject="A", scores=(shifted,), faces=1, submitted_at=0.0, timings={}
+    )
+    await _result(deployment, _signed_by_replica(deployment, message))
+    event = await watch.event("shifted")
+    assert not event.verified and event.distance is None
+    assert event.error and "one probe" in event.error
 
 
 # -- sync amplification --------------------------------------------------------------
