@@ -6,8 +6,8 @@ import msgpack
 import pytest
 
 from cipherface import wire
-from cipherface.wire import envelope
 from cipherface.exceptions import WireFormatError
+from cipherface.wire import envelope
 
 
 def _roundtrip(message: wire.Message) -> wire.Envelope:
