@@ -47,15 +47,10 @@ class _Channel:
     messages: tuple[type[Message], ...]
     description: str
     parameters: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Operation:
-    key: str
-    action: str
-    channel: str
-    messages: tuple[type[Message], ...]
-    summary: str
+    #: (service, what it does) for the service that sends here, if one does.
+    sender: tuple[str, str] | None = None
+    #: (service, what it does) for the service that receives from here, if one does.
+    receiver: tuple[str, str] | None = None
 
 
 _GALLERY = (wire.ContextUpdate, wire.BlockUpdate)
@@ -72,6 +67,8 @@ def _channels(topology: Topology) -> list[_Channel]:
             kind=_QUEUE,
             messages=_PROBES,
             description="Probe requests; cloud replicas compete for them.",
+            sender=("client", "A client (or an edge encryptor) submits a probe."),
+            receiver=("cloud", "A cloud replica embeds and searches a probe."),
         ),
         _Channel(
             key="results",
@@ -79,6 +76,8 @@ def _channels(topology: Topology) -> list[_Channel]:
             kind=_QUEUE,
             messages=_RESULTS,
             description="Encrypted scores (or a rejection) of each probe, for on-prem.",
+            sender=("cloud", "A replica returns encrypted scores or a rejection."),
+            receiver=("onprem", "On-prem decrypts, ranks and decides."),
         ),
         _Channel(
             key="sync",
@@ -86,6 +85,8 @@ def _channels(topology: Topology) -> list[_Channel]:
             kind=_QUEUE,
             messages=(wire.SyncRequest,),
             description="A cloud replica asks on-prem for the whole gallery.",
+            sender=("cloud", "A new or emptied replica asks for the gallery."),
+            receiver=("onprem", "On-prem re-announces its context and re-ships every block."),
         ),
         _Channel(
             key="gallery",
@@ -93,6 +94,7 @@ def _channels(topology: Topology) -> list[_Channel]:
             kind="fanout",
             messages=_GALLERY,
             description="On-prem's public context and gallery blocks, to every replica.",
+            sender=("onprem", "On-prem announces its context, then ships the blocks it lists."),
         ),
         _Channel(
             key="galleryReplica",
@@ -100,6 +102,10 @@ def _channels(topology: Topology) -> list[_Channel]:
             kind=_QUEUE,
             messages=_GALLERY,
             description="One replica's durable copy of the gallery fanout.",
+            receiver=(
+                "cloud",
+                "A replica installs the context and keeps the newest version of each block.",
+            ),
             parameters=("replica",),
         ),
         _Channel(
@@ -107,7 +113,12 @@ def _channels(topology: Topology) -> list[_Channel]:
             address=topology.events,
             kind="topic",
             messages=(wire.VerificationEvent,),
-            description=("Decisions, routed by `event.<1to1|1toN>.<verified|rejected|error>`."),
+            description="Decisions, routed by `event.<1to1|1toN>.<verified|rejected|error>`.",
+            sender=("onprem", "On-prem publishes the decision (a rounded distance at most)."),
+            receiver=(
+                "client",
+                "Subscribers (the client, `cipherface watch`) bind a routing-key pattern.",
+            ),
         ),
         _Channel(
             key="deadLetterExchange",
@@ -127,80 +138,6 @@ def _channels(topology: Topology) -> list[_Channel]:
             description="The queue bound to the dead-letter exchange, kept for inspection.",
         ),
     ]
-
-
-_OPERATIONS = (
-    _Operation(
-        key="clientSendsProbe",
-        action="send",
-        channel="probes",
-        messages=_PROBES,
-        summary="A client (or an edge encryptor) submits a probe.",
-    ),
-    _Operation(
-        key="cloudReceivesProbe",
-        action="receive",
-        channel="probes",
-        messages=_PROBES,
-        summary="A cloud replica embeds and searches a probe.",
-    ),
-    _Operation(
-        key="cloudSendsResult",
-        action="send",
-        channel="results",
-        messages=_RESULTS,
-        summary="A replica returns encrypted scores or a rejection.",
-    ),
-    _Operation(
-        key="onpremReceivesResult",
-        action="receive",
-        channel="results",
-        messages=_RESULTS,
-        summary="On-prem decrypts, ranks and decides.",
-    ),
-    _Operation(
-        key="cloudRequestsSync",
-        action="send",
-        channel="sync",
-        messages=(wire.SyncRequest,),
-        summary="A new or emptied replica asks for the gallery.",
-    ),
-    _Operation(
-        key="onpremReceivesSync",
-        action="receive",
-        channel="sync",
-        messages=(wire.SyncRequest,),
-        summary="On-prem re-announces its context and re-ships every block.",
-    ),
-    _Operation(
-        key="onpremPublishesGallery",
-        action="send",
-        channel="gallery",
-        messages=_GALLERY,
-        summary="On-prem announces its context, then ships the blocks it lists.",
-    ),
-    _Operation(
-        key="cloudReceivesGallery",
-        action="receive",
-        channel="galleryReplica",
-        messages=_GALLERY,
-        summary="A replica installs the context and keeps the newest version of each block.",
-    ),
-    _Operation(
-        key="onpremPublishesEvent",
-        action="send",
-        channel="events",
-        messages=(wire.VerificationEvent,),
-        summary="On-prem publishes the decision (a rounded distance at most).",
-    ),
-    _Operation(
-        key="clientReceivesEvents",
-        action="receive",
-        channel="events",
-        messages=(wire.VerificationEvent,),
-        summary="Subscribers (the client, `cipherface watch`) bind a routing-key pattern.",
-    ),
-)
 
 
 def _doc(obj: object) -> tuple[str, str]:
@@ -290,10 +227,6 @@ def document(topology: Topology | None = None) -> dict[str, Any]:
     """The AsyncAPI 3.0 document (plain data) for ``topology`` (default prefix ``cipherface``)."""
     topology = topology or Topology()
     channels = _channels(topology)
-    known = {c.key for c in channels}
-    unknown = [op.key for op in _OPERATIONS if op.channel not in known]
-    if unknown:
-        raise ConfigError(f"operations on undeclared channels: {', '.join(unknown)}")
     summary, _ = _doc(cipherface)
     out_channels: dict[str, Any] = {}
     for channel in channels:
@@ -309,15 +242,19 @@ def document(topology: Topology | None = None) -> dict[str, Any]:
             }
         out_channels[channel.key] = entry
     operations = {
-        op.key: {
-            "action": op.action,
-            "channel": {"$ref": f"#/channels/{op.channel}"},
-            "summary": op.summary,
+        f"{service}{action.capitalize()}{channel.key[0].upper()}{channel.key[1:]}": {
+            "action": action,
+            "channel": {"$ref": f"#/channels/{channel.key}"},
+            "summary": summary,
             "messages": [
-                {"$ref": f"#/channels/{op.channel}/messages/{cls.__name__}"} for cls in op.messages
+                {"$ref": f"#/channels/{channel.key}/messages/{cls.__name__}"}
+                for cls in channel.messages
             ],
         }
-        for op in _OPERATIONS
+        for channel in channels
+        for action, end in (("send", channel.sender), ("receive", channel.receiver))
+        if end is not None
+        for service, summary in (end,)
     }
     payloads = (EncryptedBlock, BlockScores, EncryptedProbe)
     return {
