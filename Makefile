@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench lint
+.PHONY: install demo test bench lint asyncapi
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,3 +25,6 @@ bench: install
 lint: install
 	$(BIN)/python -m pip install --quiet ruff
 	$(BIN)/ruff check cipherface agents tests benchmarks
+
+asyncapi: install
+	$(BIN)/python -m cipherface.asyncapi > docs/asyncapi.yaml

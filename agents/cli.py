@@ -23,24 +23,11 @@ from cipherface.daemon import configure_logging, run_until_signalled
 from cipherface.embedding import MODELS, install_weights, weights_dir
 from cipherface.exceptions import CipherFaceError, ConfigError
 from cipherface.metrics import serve_metrics
+from cipherface.photos import find_faces_dir
 
-__all__ = ["build_parser", "find_faces_dir", "main"]
+__all__ = ["build_parser", "main"]
 
 log = logging.getLogger(__name__)
-
-
-def find_faces_dir(explicit: Path | None = None) -> Path:
-    """Photos for the demo: the argument, ``$CIPHERFACE_FACES_DIR``, or ``../shared/data/faces``."""
-    candidates = [explicit] if explicit else []
-    if os.environ.get("CIPHERFACE_FACES_DIR"):
-        candidates.append(Path(os.environ["CIPHERFACE_FACES_DIR"]))
-    candidates += [Path("../shared/data/faces"), Path(__file__).parents[2] / "shared/data/faces"]
-    for candidate in candidates:
-        if candidate is not None and candidate.is_dir():
-            return candidate
-    raise CipherFaceError(
-        "no photo folder found: pass one (cipherface demo DIR) or set CIPHERFACE_FACES_DIR"
-    )
 
 
 def _read_labels(path: Path | None) -> dict[str, str] | None:

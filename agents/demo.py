@@ -9,11 +9,9 @@ every photo is its own subject and each is probed 1:N against the rest.
 from __future__ import annotations
 
 import asyncio
-import csv
 import logging
 import statistics
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from agents.cloud.agent import CloudAgent
 from agents.onprem.agent import OnPremAgent, generate_keys
 from cipherface.client import Client
 from cipherface.config import Settings
+from cipherface.photos import identity_groups
 from cipherface.signing import TrustStore
 from cipherface.transport import MemoryBroker, open_transport
 
@@ -38,10 +37,7 @@ def plan(folder: Path) -> tuple[dict[str, str], list[tuple[Path, str]]]:
     if not labels_file.exists():
         photos = sorted(p for p in folder.glob("*.jpg"))
         return {p.name: p.stem for p in photos}, [(p, p.stem) for p in photos[:5]]
-    groups: dict[str, list[str]] = defaultdict(list)
-    with labels_file.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            groups[row["identity_group"]].append(row["file"])
+    groups = identity_groups(folder)
     enroll: dict[str, str] = {}
     probes: list[tuple[Path, str]] = []
     for group, files in sorted(groups.items()):

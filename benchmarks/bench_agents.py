@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import statistics
 import tempfile
 import time
@@ -28,6 +27,7 @@ from cipherface.client import Client, EdgeEncryptor
 from cipherface.config import DEFAULT_AMQP_URL, Settings
 from cipherface.crypto import Keyring
 from cipherface.embedding import Embedder, install_weights
+from cipherface.photos import default_faces_dir, identities
 from cipherface.signing import TrustStore
 from cipherface.transport import MemoryBroker, open_transport
 from cipherface.transport.base import Transport
@@ -63,10 +63,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run(broker: str, faces: Path, sizes: dict[str, list[int]]) -> dict[str, Any]:
-    labels = {}
-    with (faces / "identities.csv").open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            labels[row["file"]] = row["identity_group"]
+    labels = identities(faces)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         settings = Settings(
@@ -130,9 +127,7 @@ async def run(broker: str, faces: Path, sizes: dict[str, list[int]]) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--faces", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/faces"
-    )
+    parser.add_argument("--faces", type=Path, default=default_faces_dir())
     parser.add_argument("--brokers", nargs="+", default=["memory", "rabbitmq"])
     args = parser.parse_args()
     install_weights()

@@ -10,8 +10,6 @@ pairs.csv in plaintext (DeepFace's own decision) and under encryption.
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -21,11 +19,9 @@ from pathlib import Path
 import numpy as np
 from deepface.modules.verification import find_distance, find_threshold
 
-from cipherface import CipherFace, Keyring
+from cipherface import CipherFace, Keyring, photos
 from cipherface.crypto import PRESETS, Metric, encrypted_distance
 from cipherface.embedding import Embedder, largest_face
-
-DEFAULT_FACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"
 
 
 def median_ms(action: Callable[[], object], repeat: int) -> float:
@@ -67,10 +63,7 @@ def preset_costs(name: str, repeat: int) -> None:
 
 def pair_accuracy(faces: Path) -> None:
     """Plaintext vs encrypted decisions and accuracy on pairs.csv (Dlib, opencv)."""
-    with (faces / "pairs.csv").open(newline="") as handle:
-        pairs = [
-            (r["image_a"], r["image_b"], r["same_person"] == "yes") for r in csv.DictReader(handle)
-        ]
+    pairs = photos.pairs(faces)
     names = sorted({n for a, b, _ in pairs for n in (a, b)})
     embedder = Embedder("Dlib", "opencv")
     started = time.perf_counter()
@@ -102,7 +95,7 @@ def main() -> None:
     parser.add_argument("--faces", type=Path, default=None, help="photo folder (pairs.csv)")
     parser.add_argument("--repeat", type=int, default=200, help="timing repetitions")
     args = parser.parse_args()
-    faces = args.faces or Path(os.environ.get("CIPHERFACE_FACES_DIR") or DEFAULT_FACES)
+    faces = args.faces or photos.default_faces_dir()
     crypto_costs(args.repeat)
     if (faces / "pairs.csv").is_file():
         pair_accuracy(faces)

@@ -23,12 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cipherface import photos  # noqa: E402
 from cipherface.config import DEFAULT_AMQP_URL  # noqa: E402
 from cipherface.embedding import install_weights  # noqa: E402
 from tests.agents.test_faults import (  # noqa: E402
     SCENARIOS,
     FaultCluster,
-    _groups,
     broker_always_running,
     broker_restart,
     kill_and_restart,
@@ -36,11 +36,9 @@ from tests.agents.test_faults import (  # noqa: E402
     run_burst,
 )
 
-DEFAULT_FACES = ROOT.parent / "shared" / "data" / "faces"
-
 
 async def _run(args: argparse.Namespace, cluster: FaultCluster) -> int:
-    probes = probe_set(args.faces, _groups(args.faces))
+    probes = probe_set(args.faces, photos.identity_groups(args.faces))
     faults = {
         "baseline": None,
         "kill-cloud": kill_and_restart(cluster, "cloud"),
@@ -77,7 +75,7 @@ def main() -> int:
         default=list(SCENARIOS),
         help=f"comma-separated, from {','.join(SCENARIOS)}",
     )
-    parser.add_argument("--faces", type=Path, default=DEFAULT_FACES)
+    parser.add_argument("--faces", type=Path, default=photos.default_faces_dir())
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per burst")
     parser.add_argument("--keep", action="store_true", help="keep the data and log folder")
     args = parser.parse_args()
@@ -94,7 +92,7 @@ def main() -> int:
     failures = 1
     try:
         with broker_always_running():
-            cluster.enroll(args.faces, _groups(args.faces))
+            cluster.enroll(args.faces, photos.identity_groups(args.faces))
             cluster.start("onprem")
             cluster.start("cloud")
             failures = asyncio.run(_run(args, cluster))

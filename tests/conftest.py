@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,17 +9,15 @@ import numpy as np
 import pytest
 
 import cipherface
+from cipherface import photos
 from cipherface.embedding import Embedder, largest_face
 from tests.environment import missing
-
-#: The photos live beside the project, never inside it (see the folder's README).
-DEFAULT_FACES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"
 
 
 @pytest.fixture(scope="session")
 def faces_dir() -> Path:
     """The labelled photos: ``$CIPHERFACE_FACES_DIR``, else ``<repo>/../shared/data/faces``."""
-    folder = Path(os.environ.get("CIPHERFACE_FACES_DIR") or DEFAULT_FACES_DIR)
+    folder = photos.default_faces_dir()
     if not folder.is_dir():
         missing(f"face photos not found at {folder}; set CIPHERFACE_FACES_DIR to their folder")
     return folder
@@ -43,11 +39,9 @@ def deepface_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def portrait_embeddings(faces_dir: Path) -> dict[str, np.ndarray]:
     """Dlib embedding (largest face, opencv detector) of every labelled portrait, once."""
-    with (faces_dir / "identities.csv").open(newline="") as handle:
-        names = sorted(row["file"] for row in csv.DictReader(handle))
-    with (faces_dir / "pairs.csv").open(newline="") as handle:
-        names = sorted(
-            set(names) | {row[k] for row in csv.DictReader(handle) for k in ("image_a", "image_b")}
-        )
+    names = sorted(
+        set(photos.identities(faces_dir))
+        | {name for a, b, _ in photos.pairs(faces_dir) for name in (a, b)}
+    )
     embedder = Embedder("Dlib", "opencv")
     return {name: largest_face(embedder.embed(faces_dir / name)).embedding for name in names}

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 from deepface.modules.verification import find_distance, find_threshold
 
-from cipherface import CipherFace, EncryptedVector, SecretKeyError
+from cipherface import CipherFace, EncryptedVector, SecretKeyError, photos
 from cipherface.crypto import Metric
 from cipherface.exceptions import ConfigError, KeyMismatchError
 
@@ -134,21 +133,12 @@ def test_distance_from_another_key_is_refused(faces_dir: Path) -> None:
 # -- every labelled pair -----------------------------------------------------------------
 
 
-def read_pairs(faces_dir: Path) -> list[tuple[str, str, bool]]:
-    """(image_a, image_b, same_person) rows of pairs.csv."""
-    with (faces_dir / "pairs.csv").open(newline="") as handle:
-        return [
-            (row["image_a"], row["image_b"], row["same_person"] == "yes")
-            for row in csv.DictReader(handle)
-        ]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_encrypted_decisions_equal_deepface_on_every_pair(
     faces_dir: Path, portrait_embeddings: dict[str, np.ndarray], metric: str
 ) -> None:
-    pairs = read_pairs(faces_dir)
+    pairs = photos.pairs(faces_dir)
     assert len(pairs) == 520
     limit = find_threshold("Dlib", metric)
     onprem = CipherFace(facial_recognition_model="Dlib", distance_metric=metric)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +10,16 @@ import pytest
 from cipherface.crypto import Keyring, Metric, plain_distance
 from cipherface.embedding import threshold
 from cipherface.gallery import EncryptedGallery, EnrollmentBook, rank
+from cipherface.photos import identities
 
 pytestmark = pytest.mark.slow
-
-
-def _groups(faces_dir: Path) -> dict[str, str]:
-    with (faces_dir / "identities.csv").open(newline="") as handle:
-        return {row["file"]: row["identity_group"] for row in csv.DictReader(handle)}
 
 
 @pytest.mark.parametrize("metric", [Metric.COSINE, Metric.EUCLIDEAN])
 def test_each_portrait_finds_its_group_at_rank_1(
     faces_dir: Path, portrait_embeddings: dict[str, np.ndarray], metric: Metric
 ) -> None:
-    groups = _groups(faces_dir)
+    groups = identities(faces_dir)
     keyring = Keyring.generate()
     book = EnrollmentBook(keyring, metric, 128)
     for name, group in groups.items():

@@ -13,12 +13,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from cipherface.exceptions import WireFormatError
 from cipherface.fields import of_type
 from cipherface.wire.payloads import BlockScores, EncryptedBlock, EncryptedProbe, ProbeCheck
+from cipherface.wire.schema import field_specs
 
 __all__ = [
     "BlockUpdate",
@@ -43,33 +44,41 @@ def new_id() -> str:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Message:
-    """Base of all messages: a kind name and how the body maps to fields."""
+    """Base of all messages: a kind name; the body's schema comes from the field annotations.
+
+    `cipherface.wire.schema` maps each annotation to what the msgpack body carries,
+    so a message is defined once, by its dataclass.
+    """
 
     kind: ClassVar[str]
     #: Whether the sender must sign it (on-prem or a trusted replica): everything
     #: but a user's probe. `cipherface.wire.envelope.decode` enforces it.
     signed: ClassVar[bool] = True
-    #: Field name -> accepted Python type(s) after msgpack decoding.
-    schema: ClassVar[Mapping[str, type | tuple[type, ...]]]
 
     def body(self) -> dict[str, Any]:
         """The msgpack-native body."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def validated(cls, body: Mapping[str, Any]) -> dict[str, Any]:
-        """The body's fields checked against `schema` (unknown fields are ignored)."""
-        missing = [name for name in cls.schema if name not in body]
-        if missing:
-            raise WireFormatError(f"{cls.kind}: missing field(s) {', '.join(missing)}")
         return {
-            name: of_type(body[name], t, f"{cls.kind}.{name}") for name, t in cls.schema.items()
+            name: spec.encode(getattr(self, name)) for name, spec in field_specs(type(self)).items()
         }
 
     @classmethod
     def from_body(cls: type[M], body: Mapping[str, Any]) -> M:
-        """Validate a decoded body and build the message."""
-        return cls(**cls.validated(body))
+        """Validate a decoded body and build the message (unknown fields are ignored).
+
+        Every field is checked at the top level before any is looked into, so the
+        first wrong field is the one named.
+        """
+        specs = field_specs(cls)
+        missing = [name for name in specs if name not in body]
+        if missing:
+            raise WireFormatError(f"{cls.kind}: missing field(s) {', '.join(missing)}")
+        labels = {name: f"{cls.kind}.{name}" for name in specs}
+        checked = {
+            name: of_type(body[name], spec.accepts, labels[name]) for name, spec in specs.items()
+        }
+        return cls(
+            **{name: spec.decode(checked[name], labels[name]) for name, spec in specs.items()}
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,12 +90,6 @@ class ContextUpdate(Message):
     """
 
     kind: ClassVar[str] = "context"
-    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
-        "context": bytes,
-        "conjugation_key": bytes,
-        "blocks": list,
-        "issued_at": float,
-    }
     context: bytes = field(repr=False)
     #: The one Galois key replicas get (complex conjugation), to check edge probes.
     conjugation_key: bytes = field(repr=False, default=b"")
@@ -95,35 +98,13 @@ class ContextUpdate(Message):
     #: When on-prem issued it: a replica refuses a key change older than its context.
     issued_at: float = field(default_factory=time.time)
 
-    def body(self) -> dict[str, Any]:
-        return {
-            "context": self.context,
-            "conjugation_key": self.conjugation_key,
-            "blocks": list(self.blocks),
-            "issued_at": self.issued_at,
-        }
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> ContextUpdate:
-        values = cls.validated(body)
-        blocks = tuple(of_type(b, int, "context.blocks[]") for b in values["blocks"])
-        return cls(**{**values, "blocks": blocks})
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BlockUpdate(Message):
     """on-prem -> every cloud replica: one encrypted gallery block, whole."""
 
     kind: ClassVar[str] = "block"
-    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {"block": dict}
     block: EncryptedBlock
-
-    def body(self) -> dict[str, Any]:
-        return {"block": self.block.to_dict()}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> BlockUpdate:
-        return cls(block=EncryptedBlock.from_dict(cls.validated(body)["block"]))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,11 +112,6 @@ class SyncRequest(Message):
     """cloud -> on-prem: a replica (new, or back with an empty store) asks for everything."""
 
     kind: ClassVar[str] = "sync"
-    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
-        "replica": str,
-        "fingerprint": str,
-        "requested_at": float,
-    }
     replica: str
     #: The key fingerprint the replica holds ('' for none).
     fingerprint: str = ""
@@ -149,12 +125,6 @@ class ProbeRequest(Message):
 
     kind: ClassVar[str] = "probe"
     signed: ClassVar[bool] = False
-    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
-        "probe_id": str,
-        "image": bytes,
-        "subject": (str, type(None)),
-        "submitted_at": float,
-    }
     probe_id: str
     image: bytes = field(repr=False)
     subject: str | None = None
@@ -167,29 +137,10 @@ class EncryptedProbeRequest(Message):
 
     kind: ClassVar[str] = "encrypted_probe"
     signed: ClassVar[bool] = False
-    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
-        "probe_id": str,
-        "probe": dict,
-        "subject": (str, type(None)),
-        "submitted_at": float,
-    }
     probe_id: str
     probe: EncryptedProbe = field(repr=False)
     subject: str | None = None
     submitted_at: float = field(default_factory=time.time)
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "probe_id": self.probe_id,
-            "probe": self.probe.to_dict(),
-            "subject": self.subject,
-            "submitted_at": self.submitted_at,
-        }
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> EncryptedProbeRequest:
-        values = cls.validated(body)
-        return cls(**{**values, "probe": EncryptedProbe.from_dict(values["probe"])})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -197,15 +148,6 @@ class ScoresReady(Message):
     """cloud -> on-prem: encrypted distances of one probe against the gallery."""
 
     kind: ClassVar[str] = "scores"
-    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
-        "probe_id": str,
-        "subject": (str, type(None)),
-        "scores": list,
-        "faces": int,
-        "submitted_at": float,
-        "timings": dict,
-        "probe_check": (dict, type(None)),
-    }
     probe_id: str
     subject: str | None
     scores: tuple[BlockScores, ...] = field(repr=False)
@@ -217,46 +159,12 @@ class ScoresReady(Message):
     #: For an edge-encrypted probe: its encrypted norms, which on-prem checks.
     probe_check: ProbeCheck | None = field(repr=False, default=None)
 
-    def body(self) -> dict[str, Any]:
-        body = {f.name: getattr(self, f.name) for f in fields(self)}
-        body["scores"] = [s.to_dict() for s in self.scores]
-        body["timings"] = dict(self.timings)
-        body["probe_check"] = None if self.probe_check is None else self.probe_check.to_dict()
-        return body
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> ScoresReady:
-        checked = cls.validated(body)
-        scores = [
-            BlockScores.from_dict(of_type(i, dict, "scores.scores[]")) for i in checked["scores"]
-        ]
-        timings = {
-            of_type(k, str, "scores.timings key"): float(of_type(v, (int, float), "scores.timings"))
-            for k, v in checked["timings"].items()
-        }
-        check = checked["probe_check"]
-        return cls(
-            **{
-                **checked,
-                "scores": tuple(scores),
-                "timings": timings,
-                "probe_check": None if check is None else ProbeCheck.from_dict(check),
-            }
-        )
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProbeRejected(Message):
     """cloud -> on-prem: a probe that cannot be matched (no face, not an image, ...)."""
 
     kind: ClassVar[str] = "rejected"
-    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
-        "probe_id": str,
-        "subject": (str, type(None)),
-        "error": str,
-        "reason": str,
-        "submitted_at": float,
-    }
     probe_id: str
     subject: str | None
     #: The error type, e.g. "NoFaceError".
@@ -269,25 +177,13 @@ class ProbeRejected(Message):
 class VerificationEvent(Message):
     """on-prem -> subscribers: the decision for one probe.
 
-    Only the decision and a distance rounded to `DISTANCE_DECIMALS` leave on-prem:
-    exact CKKS decryptions would help an observer recover the secret key.
+    Only the decision and a noise-flooded distance rounded to `DISTANCE_DECIMALS`
+    leave on-prem: exact CKKS decryptions would help an observer recover the
+    secret key (`cipherface.gallery.integrity`).
     """
 
     kind: ClassVar[str] = "event"
     DISTANCE_DECIMALS: ClassVar[int] = 4
-    schema: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
-        "probe_id": str,
-        "mode": str,
-        "subject": (str, type(None)),
-        "verified": bool,
-        "distance": (float, type(None)),
-        "threshold": float,
-        "model": str,
-        "metric": str,
-        "error": (str, type(None)),
-        "timings": dict,
-        "issued_at": float,
-    }
     probe_id: str
     #: "1:1" (a subject was claimed) or "1:N".
     mode: str
@@ -310,11 +206,6 @@ class VerificationEvent(Message):
         """Topic routing key: ``event.<1to1|1toN>.<verified|rejected|error>``."""
         outcome = "error" if self.error else ("verified" if self.verified else "rejected")
         return f"event.{self.mode.replace(':', 'to')}.{outcome}"
-
-    def body(self) -> dict[str, Any]:
-        body = {f.name: getattr(self, f.name) for f in fields(self)}
-        body["timings"] = dict(self.timings)
-        return body
 
     def to_json(self) -> dict[str, Any]:
         """The event as JSON-ready data (what the CLI prints)."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import replace
@@ -13,6 +11,7 @@ import pytest
 
 from agents.cloud.agent import CloudAgent
 from agents.onprem.agent import OnPremAgent, generate_keys
+from cipherface import photos
 from cipherface.client import Client
 from cipherface.config import Settings
 from cipherface.signing import TrustStore, VerifyKey
@@ -91,8 +90,4 @@ async def deployment(
 @pytest.fixture(scope="session")
 def identity_groups(faces_dir: Path) -> dict[str, list[str]]:
     """identity group -> its photo files, from identities.csv."""
-    groups: dict[str, list[str]] = defaultdict(list)
-    with (faces_dir / "identities.csv").open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            groups[row["identity_group"]].append(row["file"])
-    return dict(groups)
+    return photos.identity_groups(faces_dir)

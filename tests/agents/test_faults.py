@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from cipherface import wire
+from cipherface import photos, wire
 from cipherface.client import Client
 from cipherface.exceptions import TransportError
 from cipherface.signing import PinnedKey, VerifyKey
@@ -342,7 +342,7 @@ def cluster(
 ) -> Iterator[FaultCluster]:
     """Keys, three groups enrolled, on-prem and a cloud replica running as processes."""
     url = amqp_url_or_skip()
-    groups = _groups(faces_dir)
+    groups = photos.identity_groups(faces_dir)
     cluster = FaultCluster(url, tmp_path_factory.mktemp("faults"), deepface_home)
     try:
         cluster.enroll(faces_dir, groups)
@@ -362,16 +362,6 @@ def cluster(
             codes,
             cluster.log_text("onprem")[-2000:],
         )
-
-
-def _groups(faces_dir: Path) -> dict[str, list[str]]:
-    import csv
-
-    groups: dict[str, list[str]] = collections.defaultdict(list)
-    with (faces_dir / "identities.csv").open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            groups[row["identity_group"]].append(row["file"])
-    return dict(groups)
 
 
 SCENARIOS = ("baseline", "kill-cloud", "kill-onprem", "broker-restart")
@@ -401,7 +391,7 @@ def _check(result: BurstResult, cluster: FaultCluster, *, publisher_fault: bool 
 
 @pytest.fixture
 def probes(faces_dir: Path) -> list[tuple[bytes, str | None]]:
-    return probe_set(faces_dir, _groups(faces_dir))
+    return probe_set(faces_dir, photos.identity_groups(faces_dir))
 
 
 async def test_burst_one_event_per_probe(

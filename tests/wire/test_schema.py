@@ -1,0 +1,146 @@
+"""Each message's schema comes from its annotations, as strict as the old hand-written one."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgpack
+import pytest
+
+from cipherface import wire
+from cipherface.exceptions import WireFormatError
+from cipherface.wire.messages import _KINDS
+from cipherface.wire.schema import field_specs, spec_of
+
+_NONE = type(None)
+
+#: The hand-written ``schema`` dicts the annotations replaced, as they last stood:
+#: the derived top-level checks must accept exactly these types, field for field.
+HAND_WRITTEN = {
+    "context": {"context": bytes, "blocks": list},
+    "block": {"block": dict},
+    "sync": {"replica": str, "fingerprint": str},
+    "probe": {"probe_id": str, "image": bytes, "subject": (str, _NONE), "submitted_at": float},
+    "encrypted_probe": {
+        "probe_id": str,
+        "probe": dict,
+        "subject": (str, _NONE),
+        "submitted_at": float,
+    },
+    "scores": {
+        "probe_id": str,
+        "subject": (str, _NONE),
+        "scores": list,
+        "faces": int,
+        "submitted_at": float,
+        "timings": dict,
+    },
+    "rejected": {
+        "probe_id": str,
+        "subject": (str, _NONE),
+        "error": str,
+        "reason": str,
+        "submitted_at": float,
+    },
+    "event": {
+        "probe_id": str,
+        "mode": str,
+        "subject": (str, _NONE),
+        "verified": bool,
+        "distance": (float, _NONE),
+        "threshold": float,
+        "model": str,
+        "metric": str,
+        "error": (str, _NONE),
+        "timings": dict,
+    },
+}
+
+
+def test_every_kind_derives_the_old_top_level_schema() -> None:
+    assert set(_KINDS) == set(HAND_WRITTEN)
+    for kind, cls in _KINDS.items():
+        derived = {name: spec.accepts for name, spec in field_specs(cls).items()}
+        assert derived == HAND_WRITTEN[kind], kind
+        assert not hasattr(cls, "schema")
+
+
+def _raw(kind: str, body: dict[str, Any]) -> bytes:
+    head = {"v": 1, "type": kind, "id": "i", "fp": "", "model": "", "metric": ""}
+    return msgpack.packb({**head, "body": body}, use_bin_type=True)
+
+
+SCORES = {"probe_id": "p", "subject": None, "scores": [], "faces": 1, "submitted_at": 1.0}
+EVENT = {
+    "probe_id": "p",
+    "mode": "1:N",
+    "subject": None,
+    "verified": False,
+    "distance": None,
+    "threshold": 0.07,
+    "model": "Dlib",
+    "metric": "cosine",
+    "error": None,
+}
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (
+            _raw("context", {"context": b"c", "blocks": [1, "2"]}),
+            "'context.blocks[]' must be int",
+        ),
+        (
+            _raw("context", {"context": b"c", "blocks": [True]}),
+            "'context.blocks[]' must be int",
+        ),
+        (_raw("sync", {"replica": "r"}), "sync: missing field(s) fingerprint"),
+        (
+            _raw("probe", {"probe_id": "p", "image": b"", "subject": None, "submitted_at": 1}),
+            "'probe.submitted_at' must be float, got int",
+        ),
+        (
+            _raw("scores", {**SCORES, "scores": [5], "timings": {}}),
+            "'scores.scores[]' must be dict",
+        ),
+        (
+            _raw("scores", {**SCORES, "timings": {b"embed": 1.0}}),
+            "'scores.timings key' must be str",
+        ),
+        (
+            _raw("scores", {**SCORES, "timings": {"embed": "x"}}),
+            "'scores.timings' must be int/float",
+        ),
+        (
+            _raw("scores", {**SCORES, "timings": {"embed": False}}),
+            "'scores.timings' must be int/float",
+        ),
+        (_raw("block", {"block": {}}), "missing field 'metric'"),
+        (_raw("event", {**EVENT, "verified": 1, "timings": {}}), "'event.verified' must be bool"),
+        # The one check the derivation adds: event timings are now checked like scores timings.
+        (_raw("event", {**EVENT, "timings": {"total": "x"}}), "'event.timings' must be int/float"),
+    ],
+)
+def test_derived_checks_name_the_field(data: bytes, fragment: str) -> None:
+    with pytest.raises(WireFormatError, match=re.escape(fragment)):
+        wire.decode(data)
+
+
+def test_top_level_fields_are_checked_before_items() -> None:
+    body = {**SCORES, "scores": [5], "faces": "one", "timings": {}}
+    with pytest.raises(WireFormatError, match=re.escape("'scores.faces' must be int")):
+        wire.decode(_raw("scores", body))
+
+
+def test_whole_second_timings_arrive_as_floats() -> None:
+    message = wire.decode(_raw("scores", {**SCORES, "timings": {"embed": 2}})).message
+    assert isinstance(message, wire.ScoresReady)
+    assert message.timings == {"embed": 2.0}
+    assert isinstance(message.timings["embed"], float)
+
+
+def test_an_annotation_without_a_wire_form_is_refused() -> None:
+    with pytest.raises(TypeError, match="no wire form"):
+        spec_of(set[int])
