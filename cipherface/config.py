@@ -58,7 +58,7 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     #: Seconds between two gallery republishes on-prem sends one replica: syncs
-    #: arriving meanwhile are coalesced into one answer (no amplification).
+    #: arriving meanwhile are served by the answer already in its queue.
     sync_interval: float = 10.0
     #: On-prem's Ed25519 verify key, pinned by cloud replicas and event readers: only
     #: gallery messages and events it signed are accepted. Default: on-prem's own

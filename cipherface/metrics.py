@@ -44,7 +44,7 @@ INTEGRITY_FAILURES = Counter(
 )
 SYNCS = Counter(
     "cipherface_sync_requests_total",
-    "Gallery sync requests on-prem received, by outcome (answered, coalesced, deferred).",
+    "Gallery sync requests on-prem received, by outcome (answered, coalesced).",
     ["outcome"],
 )
 LATENCY = Histogram(

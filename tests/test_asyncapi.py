@@ -67,7 +67,8 @@ def test_every_queue_exchange_and_message_is_described() -> None:
     assert set(document["components"]["messages"]) == carried
     for cls in _KINDS.values():
         message = document["components"]["messages"][cls.__name__]
-        body = message["payload"]["properties"]["body"]
+        signed = message["payload"]["properties"]["signed"]
+        body = signed["contentSchema"]["properties"]["body"]
         assert message["name"] == cls.kind
         assert list(body["properties"]) == [f.name for f in dataclasses.fields(cls)]
     ends = {(op["action"], op["channel"]["$ref"]) for op in document["operations"].values()}

@@ -113,9 +113,8 @@ class OnPremAgent:
         self.ledger = ProbeLedger(settings.onprem_dir / "ledger.sqlite")
         self._consumers: list[Consumer] = []
         self._publishing = asyncio.Lock()
-        #: Per replica: when its last sync answer started, and a pending deferred one.
+        #: Per replica: when its last sync answer started.
         self._synced: dict[str, float] = {}
-        self._deferred: dict[str, asyncio.Task[None]] = {}
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -143,8 +142,6 @@ class OnPremAgent:
 
     async def stop(self) -> None:
         """Drain in-flight work and close the stores."""
-        for task in self._deferred.values():
-            task.cancel()
         for consumer in self._consumers:
             await consumer.cancel(timeout=30)
         self._consumers.clear()
@@ -231,32 +228,19 @@ class OnPremAgent:
         if envelope.signer != replica:
             raise SignatureError(f"replica {envelope.signer!r} asked on behalf of {replica!r}")
         last = self._synced.get(replica)
-        if last is not None and request.requested_at <= last:
-            # Asked before the last answer to this replica started: that answer serves it.
+        if last is not None and (
+            request.requested_at <= last or time.time() < last + self.settings.sync_interval
+        ):
+            # The last answer to this replica started after it asked, or so recently
+            # that it still sits in the replica's durable queue: it serves this one too.
             SYNCS.labels("coalesced").inc()
             log.info("sync from %s coalesced into the answer of %.0f", replica, last)
             return
-        wait = 0.0 if last is None else last + self.settings.sync_interval - time.time()
-        if wait > 0:
-            if replica not in self._deferred:
-                SYNCS.labels("deferred").inc()
-                self._deferred[replica] = asyncio.create_task(self._answer_sync(replica, wait))
-            else:
-                SYNCS.labels("coalesced").inc()
-            return
-        await self._answer_sync(replica)
-
-    async def _answer_sync(self, replica: str, delay: float = 0.0) -> None:
-        """Republish the whole gallery to ``replica`` alone (cached ciphertexts, no re-encryption)."""
-        try:
-            await asyncio.sleep(delay)
-            self._synced[replica] = time.time()
-            SYNCS.labels("answered").inc()
-            log.info("replica %s asks for the gallery", replica)
-            await self.publish_gallery(replica=replica)
-        finally:
-            if delay:
-                self._deferred.pop(replica, None)
+        self._synced[replica] = time.time()
+        SYNCS.labels("answered").inc()
+        log.info("replica %s asks for the gallery", replica)
+        # Only to that replica, from the book's cached ciphertexts: no re-encryption.
+        await self.publish_gallery(replica=replica)
 
     async def _on_result(self, delivery: Delivery) -> None:
         envelope = wire.decode(

@@ -91,3 +91,11 @@ async def deployment(
 def identity_groups(faces_dir: Path) -> dict[str, list[str]]:
     """identity group -> its photo files, from identities.csv."""
     return photos.identity_groups(faces_dir)
+
+
+@pytest.fixture
+async def rig(deployment: Deployment) -> tuple[Deployment, object]:
+    """The trust tests' rig (`tests.agents.trust.gallery_rig`): synthetic gallery, one replica."""
+    from tests.agents.trust import gallery_rig
+
+    return await gallery_rig(deployment)

@@ -10,17 +10,19 @@ import pytest
 
 from cipherface import wire
 from cipherface.exceptions import WireFormatError
+from cipherface.signing import PinnedKey, SigningKey
 from cipherface.wire.messages import _KINDS
 from cipherface.wire.schema import field_specs, spec_of
 
 _NONE = type(None)
 
-#: The hand-written ``schema`` dicts the annotations replaced, as they last stood:
-#: the derived top-level checks must accept exactly these types, field for field.
+#: The hand-written ``schema`` dicts the annotations replaced, with the fields added
+#: since (signing: conjugation key, issue and request times, the edge probe's
+#: check): the derived top-level checks must accept exactly these types.
 HAND_WRITTEN = {
-    "context": {"context": bytes, "blocks": list},
+    "context": {"context": bytes, "conjugation_key": bytes, "blocks": list, "issued_at": float},
     "block": {"block": dict},
-    "sync": {"replica": str, "fingerprint": str},
+    "sync": {"replica": str, "fingerprint": str, "requested_at": float},
     "probe": {"probe_id": str, "image": bytes, "subject": (str, _NONE), "submitted_at": float},
     "encrypted_probe": {
         "probe_id": str,
@@ -35,6 +37,7 @@ HAND_WRITTEN = {
         "faces": int,
         "submitted_at": float,
         "timings": dict,
+        "probe_check": (dict, _NONE),
     },
     "rejected": {
         "probe_id": str,
@@ -54,6 +57,7 @@ HAND_WRITTEN = {
         "metric": str,
         "error": (str, _NONE),
         "timings": dict,
+        "issued_at": float,
     },
 }
 
@@ -66,12 +70,30 @@ def test_every_kind_derives_the_old_top_level_schema() -> None:
         assert not hasattr(cls, "schema")
 
 
+SIGNER = SigningKey.generate("onprem")
+
+
 def _raw(kind: str, body: dict[str, Any]) -> bytes:
-    head = {"v": 1, "type": kind, "id": "i", "fp": "", "model": "", "metric": ""}
-    return msgpack.packb({**head, "body": body}, use_bin_type=True)
+    """A signed envelope around a hand-made body, bypassing `wire.encode`'s checks."""
+    head = {"type": kind, "id": "i", "fp": "", "model": "", "metric": ""}
+    inner = msgpack.packb({**head, "body": body}, use_bin_type=True)
+    outer = {"v": wire.SCHEMA_VERSION, "signed": inner, "by": "onprem", "sig": SIGNER.sign(inner)}
+    return msgpack.packb(outer, use_bin_type=True)
 
 
-SCORES = {"probe_id": "p", "subject": None, "scores": [], "faces": 1, "submitted_at": 1.0}
+def _decode(data: bytes) -> wire.Envelope:
+    return wire.decode(data, verifier=PinnedKey(SIGNER.verify_key))
+
+
+SCORES = {
+    "probe_id": "p",
+    "subject": None,
+    "scores": [],
+    "faces": 1,
+    "submitted_at": 1.0,
+    "probe_check": None,
+}
+CONTEXT = {"context": b"c", "conjugation_key": b"g", "issued_at": 1.0}
 EVENT = {
     "probe_id": "p",
     "mode": "1:N",
@@ -82,6 +104,7 @@ EVENT = {
     "model": "Dlib",
     "metric": "cosine",
     "error": None,
+    "issued_at": 1.0,
 }
 
 
@@ -89,14 +112,14 @@ EVENT = {
     ("data", "fragment"),
     [
         (
-            _raw("context", {"context": b"c", "blocks": [1, "2"]}),
+            _raw("context", {**CONTEXT, "blocks": [1, "2"]}),
             "'context.blocks[]' must be int",
         ),
         (
-            _raw("context", {"context": b"c", "blocks": [True]}),
+            _raw("context", {**CONTEXT, "blocks": [True]}),
             "'context.blocks[]' must be int",
         ),
-        (_raw("sync", {"replica": "r"}), "sync: missing field(s) fingerprint"),
+        (_raw("sync", {"replica": "r"}), "sync: missing field(s) fingerprint, requested_at"),
         (
             _raw("probe", {"probe_id": "p", "image": b"", "subject": None, "submitted_at": 1}),
             "'probe.submitted_at' must be float, got int",
@@ -125,17 +148,17 @@ EVENT = {
 )
 def test_derived_checks_name_the_field(data: bytes, fragment: str) -> None:
     with pytest.raises(WireFormatError, match=re.escape(fragment)):
-        wire.decode(data)
+        _decode(data)
 
 
 def test_top_level_fields_are_checked_before_items() -> None:
     body = {**SCORES, "scores": [5], "faces": "one", "timings": {}}
     with pytest.raises(WireFormatError, match=re.escape("'scores.faces' must be int")):
-        wire.decode(_raw("scores", body))
+        _decode(_raw("scores", body))
 
 
 def test_whole_second_timings_arrive_as_floats() -> None:
-    message = wire.decode(_raw("scores", {**SCORES, "timings": {"embed": 2}})).message
+    message = _decode(_raw("scores", {**SCORES, "timings": {"embed": 2}})).message
     assert isinstance(message, wire.ScoresReady)
     assert message.timings == {"embed": 2.0}
     assert isinstance(message.timings["embed"], float)
