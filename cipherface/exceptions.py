@@ -18,6 +18,7 @@ know which library failed underneath::
     │   └── MissingWeightsError       model weights absent and not downloadable
     ├── WireFormatError(ValueError)   a message that does not decode or validate
     ├── TransportError                the broker could not be reached or used
+    │   └── MissingResourceError      a queue/exchange another role declares is absent
     └── StoreError                    the on-disk gallery could not be read/written
 """
 
@@ -31,6 +32,7 @@ __all__ = [
     "EmbeddingError",
     "ImageDecodeError",
     "KeyMismatchError",
+    "MissingResourceError",
     "MissingWeightsError",
     "NoFaceError",
     "SecretKeyError",
@@ -112,6 +114,10 @@ class WireFormatError(CipherFaceError, ValueError):
 
 class TransportError(CipherFaceError):
     """The message broker could not be reached or refused an operation."""
+
+
+class MissingResourceError(TransportError):
+    """A queue or exchange this role relies on but may not declare does not exist (yet)."""
 
 
 class StoreError(CipherFaceError):

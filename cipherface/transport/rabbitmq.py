@@ -16,7 +16,6 @@ import logging
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import aio_pika
 import aiormq
@@ -284,7 +283,7 @@ class RabbitMQTransport(TransportBase):
             await channel.set_qos(prefetch_count=prefetch)
             if exclusive:
                 declared = await channel.declare_queue(
-                    queue or None, exclusive=True, auto_delete=True
+                    queue or self.topology.subscriber_queue(), exclusive=True, auto_delete=True
                 )
             else:
                 declared = await self._declare_queue(channel, queue)
@@ -318,8 +317,6 @@ def _message(body: bytes, message_id: str | None) -> aio_pika.Message:
         content_type="application/msgpack",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
     )
-
-
 
 
 def _redact(url: str) -> str:
