@@ -148,7 +148,8 @@ class RabbitMQTransport(TransportBase):
             )
         except _CONNECTION_ERRORS as exc:
             hint = (
-                " (TLS: check tls_ca, tls_cert and tls_key against the broker's CA)"
+                " (TLS: a broker that resets the connection wants a client certificate its CA"
+                " signed; check tls_cert, tls_key, and tls_ca for the broker's own certificate)"
                 if isinstance(exc, ssl.SSLError) or self.url.startswith("amqps")
                 else ""
             )
