@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import logging
@@ -16,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cipherface.config import Settings
 from cipherface.crypto import PRESETS, Metric
@@ -25,7 +27,10 @@ from cipherface.exceptions import CipherFaceError, ConfigError
 from cipherface.metrics import serve_metrics
 from cipherface.photos import find_faces_dir
 
-__all__ = ["build_parser", "main"]
+if TYPE_CHECKING:
+    from cipherface.transport import Role, Transport
+
+__all__ = ["add_broker_setup_parser", "build_parser", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +121,10 @@ async def _trust(args: argparse.Namespace) -> None:
 
 async def _enroll(args: argparse.Namespace) -> None:
     from agents.onprem.agent import OnPremAgent
-    from cipherface.transport import open_transport
+    from cipherface.transport import Role, open_transport
 
     settings = _settings(args)
-    async with open_transport(settings) as transport:
+    async with open_transport(settings, role=Role.ONPREM) as transport:
         agent = OnPremAgent(settings, transport)
         try:
             report = await agent.enroll(args.folder, labels=_read_labels(args.labels))
@@ -137,22 +142,46 @@ async def _enroll(args: argparse.Namespace) -> None:
 async def _daemon(args: argparse.Namespace) -> None:
     from agents.cloud.agent import CloudAgent
     from agents.onprem.agent import OnPremAgent
-    from cipherface.transport import open_transport
+    from cipherface.transport import Role
 
     settings = _settings(args)
     serve_metrics(settings.metrics_port)
-    async with open_transport(settings) as transport:
+    role = Role.ONPREM if args.command == "onprem" else Role.CLOUD
+    async with contextlib.AsyncExitStack() as stack:
+        transport = await _open_when_declared(stack, settings, role)
         agent = (OnPremAgent if args.command == "onprem" else CloudAgent)(settings, transport)
         await run_until_signalled(agent.start, agent.stop)
+
+
+async def _open_when_declared(
+    stack: contextlib.AsyncExitStack, settings: Settings, role: Role, timeout: float = 300.0
+) -> Transport:
+    """Open the role's transport; while what another role declares is missing (a cloud
+    started beside on-prem, before it declared the gallery), wait for it."""
+    from cipherface.exceptions import MissingResourceError
+    from cipherface.transport import open_transport
+
+    deadline = time.monotonic() + timeout
+    waiting = False
+    while True:
+        try:
+            return await stack.enter_async_context(open_transport(settings, role=role))
+        except MissingResourceError as exc:
+            if time.monotonic() > deadline:
+                raise
+            if not waiting:
+                log.info("waiting (up to %.0fs): %s", timeout, exc)
+                waiting = True
+            await asyncio.sleep(1.0)
 
 
 async def _probe(args: argparse.Namespace) -> None:
     from cipherface.client import Client
     from cipherface.signing import VerifyKey
-    from cipherface.transport import open_transport
+    from cipherface.transport import Role, open_transport
 
     settings = _settings(args)
-    async with open_transport(settings) as transport:
+    async with open_transport(settings, role=Role.CLIENT) as transport:
         client = Client(transport, VerifyKey.load(settings.onprem_verify_key_path))
         event = await client.verify(args.image, args.subject, timeout=args.timeout)
     _print_json(event.to_json())
@@ -161,10 +190,10 @@ async def _probe(args: argparse.Namespace) -> None:
 async def _watch(args: argparse.Namespace) -> None:
     from cipherface.client import Client
     from cipherface.signing import VerifyKey
-    from cipherface.transport import open_transport
+    from cipherface.transport import Role, open_transport
 
     settings = _settings(args)
-    async with open_transport(settings) as transport:
+    async with open_transport(settings, role=Role.CLIENT) as transport:
         client = Client(transport, VerifyKey.load(settings.onprem_verify_key_path))
         async with client.events(args.pattern) as events:
             count = 0
@@ -186,6 +215,48 @@ async def _demo(args: argparse.Namespace) -> None:
             base.override(data_dir=data_dir, amqp_url=args.amqp_url or ""), folder
         )
     _print_json(summary)
+
+
+async def _broker_setup(args: argparse.Namespace) -> None:
+    """``cipherface broker-setup``: vhost, role users, permissions, shared topology."""
+    from cipherface.broker_setup import ManagementAPI, setup_broker
+    from cipherface.transport import Topology
+
+    settings = _settings(args)
+    api = ManagementAPI(args.management_url)
+    await asyncio.to_thread(api.wait, args.wait)
+    report = await asyncio.to_thread(
+        setup_broker, api, Topology(prefix=settings.prefix), args.credentials, vhost=args.vhost
+    )
+    _print_json(report.to_json())
+
+
+def add_broker_setup_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The ``broker-setup`` sub-command's arguments (self-contained, to move with the CLI)."""
+    from cipherface.broker_setup import DEFAULT_MANAGEMENT_URL, DEFAULT_VHOST
+
+    setup = sub.add_parser(
+        "broker-setup",
+        parents=[common],
+        help="create a vhost and least-privilege users (onprem, cloud, client) on RabbitMQ",
+    )
+    setup.add_argument(
+        "--management-url",
+        default=os.environ.get("CIPHERFACE_MANAGEMENT_URL") or DEFAULT_MANAGEMENT_URL,
+        help="management API with admin credentials (env CIPHERFACE_MANAGEMENT_URL)",
+    )
+    setup.add_argument(
+        "--vhost", default=DEFAULT_VHOST, help="vhost to create (default cipherface)"
+    )
+    setup.add_argument(
+        "--credentials",
+        type=Path,
+        default=Path(os.environ.get("CIPHERFACE_BROKER_CREDENTIALS") or "broker-credentials"),
+        help="folder of <role>/password files (0600), kept across runs",
+    )
+    setup.add_argument(
+        "--wait", type=float, default=60.0, help="seconds to wait for the management API"
+    )
 
 
 # -- parser -----------------------------------------------------------------------------
@@ -244,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--count", type=int, default=0, help="stop after this many events")
     demo = sub.add_parser("demo", parents=[common], help="everything in one process")
     demo.add_argument("folder", type=Path, nargs="?", help="photos (default: found)")
+    add_broker_setup_parser(sub, common)
     return parser
 
 
@@ -258,6 +330,7 @@ _COMMANDS = {
     "probe": _probe,
     "watch": _watch,
     "demo": _demo,
+    "broker-setup": _broker_setup,
 }
 
 

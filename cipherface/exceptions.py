@@ -21,6 +21,7 @@ know which library failed underneath::
     │   └── MissingWeightsError       model weights absent and not downloadable
     ├── WireFormatError(ValueError)   a message that does not decode or validate
     ├── TransportError                the broker could not be reached or used
+    │   └── MissingResourceError      a queue/exchange another role declares is absent
     └── StoreError                    the on-disk gallery could not be read/written
 """
 
@@ -35,6 +36,7 @@ __all__ = [
     "ImageDecodeError",
     "IntegrityError",
     "KeyMismatchError",
+    "MissingResourceError",
     "MissingWeightsError",
     "NoFaceError",
     "SecretKeyError",
@@ -135,6 +137,10 @@ class WireFormatError(CipherFaceError, ValueError):
 
 class TransportError(CipherFaceError):
     """The message broker could not be reached or refused an operation."""
+
+
+class MissingResourceError(TransportError):
+    """A queue or exchange this role relies on but may not declare does not exist (yet)."""
 
 
 class StoreError(CipherFaceError):

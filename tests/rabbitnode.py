@@ -186,7 +186,8 @@ class RabbitNode:
 
     def amqp_url(self, user: str = "guest", password: str = "guest", vhost: str = "/") -> str:
         """An AMQP URL for this node (guest works: the client is on the loopback)."""
-        return f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}/{quote(vhost, safe='')}"
+        credentials = f"{quote(user, safe='')}:{quote(password, safe='')}"
+        return f"amqp://{credentials}@127.0.0.1:{self.port}/{quote(vhost, safe='')}"
 
     @property
     def management_url(self) -> str:
@@ -197,5 +198,6 @@ class RabbitNode:
 
     def log_tail(self, chars: int = 3000) -> str:
         """The end of the node's logs, for failure messages."""
-        texts = [p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*")) if p.is_file()]
+        files = sorted(p for p in self.log_dir.glob("*") if p.is_file())
+        texts = [p.read_text(errors="replace") for p in files]
         return "\n".join(texts)[-chars:]

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
-from cipherface.exceptions import CipherFaceError, TransportError
+from cipherface.exceptions import CipherFaceError, MissingResourceError, TransportError
 
 __all__ = [
     "REASON_HEADER",
@@ -62,20 +63,31 @@ class Role(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class ExchangeSpec:
-    """One exchange of the topology: its kind, who declares it, who else relies on it."""
+    """One exchange: its kind, the role that declares it, who publishes, who binds from it.
+
+    `cipherface broker-setup` derives each role's permissions from these fields.
+    """
 
     name: str
     kind: str  # "direct", "topic" or "fanout"
     owner: Role
-    users: frozenset[Role] = frozenset()
+    writers: frozenset[Role]
+    readers: frozenset[Role]
+
+    @property
+    def users(self) -> frozenset[Role]:
+        """Roles that rely on it without declaring it: they check it passively."""
+        return (self.writers | self.readers) - {self.owner}
 
 
 @dataclass(frozen=True, slots=True)
 class QueueSpec:
-    """One shared durable queue, declared (and bound) by its owner, which consumes it."""
+    """One shared durable queue, declared (and bound) by its owner."""
 
     name: str
     owner: Role
+    #: Who consumes it; None for the dead letters, which an operator reads.
+    consumer: Role | None
     #: The exchange feeding it, and the binding key (ignored by the dead letters' fanout).
     source: str
     key: str
@@ -148,12 +160,23 @@ class Topology:
 
     def gallery_bindings(self, replica: str) -> list[tuple[str, str]]:
         """What a replica binds its gallery queue with: broadcasts and its own messages."""
-        return [(self.gallery, self.gallery_broadcast_key), (self.gallery, self.gallery_key(replica))]
+        return [
+            (self.gallery, self.gallery_broadcast_key),
+            (self.gallery, self.gallery_key(replica)),
+        ]
 
     @property
     def events(self) -> str:
         """Topic exchange of verification events."""
         return f"{self.prefix}.events"
+
+    def subscriber_queue(self, token: str = "") -> str:
+        """A private (exclusive) queue of one event subscriber; a fresh name by default.
+
+        Named by the client under the prefix, not by the server (``amq.gen-*``), so
+        a broker user can be granted exactly these queues.
+        """
+        return f"{self.prefix}.subscriber.{token or uuid.uuid4().hex}"
 
     @property
     def dead_letter_exchange(self) -> str:
@@ -178,31 +201,45 @@ class Topology:
 
     @property
     def exchanges(self) -> tuple[ExchangeSpec, ...]:
-        """Every exchange: on-prem declares what carries its authority or feeds it,
-        the cloud the probes' way in (it declares the probe queue bound to it)."""
+        """Every exchange. On-prem declares what carries its authority or feeds it; the
+        cloud declares the probes' way in, with the probe queue bound to it."""
         onprem, cloud, client = Role.ONPREM, Role.CLOUD, Role.CLIENT
+        one = frozenset
         return (
-            ExchangeSpec(self.work_exchange(self.probes), "direct", cloud, frozenset({client})),
-            ExchangeSpec(self.work_exchange(self.results), "direct", onprem, frozenset({cloud})),
-            ExchangeSpec(self.work_exchange(self.sync), "direct", onprem, frozenset({cloud})),
-            ExchangeSpec(self.gallery, "direct", onprem, frozenset({cloud})),
-            ExchangeSpec(self.events, "topic", onprem, frozenset({client})),
-            ExchangeSpec(self.dead_letter_exchange, "fanout", onprem, frozenset({cloud, client})),
+            ExchangeSpec(
+                self.work_exchange(self.probes), "direct", cloud, one({client}), one({cloud})
+            ),
+            ExchangeSpec(
+                self.work_exchange(self.results), "direct", onprem, one({cloud}), one({onprem})
+            ),
+            ExchangeSpec(
+                self.work_exchange(self.sync), "direct", onprem, one({cloud}), one({onprem})
+            ),
+            ExchangeSpec(self.gallery, "direct", onprem, one({onprem}), one({cloud})),
+            ExchangeSpec(self.events, "topic", onprem, one({onprem}), one({client})),
+            ExchangeSpec(
+                self.dead_letter_exchange,
+                "fanout",
+                onprem,
+                one({onprem, cloud, client}),
+                one({onprem}),
+            ),
         )
 
     @property
     def queues(self) -> tuple[QueueSpec, ...]:
-        """The shared queues, each declared by its consumer.
+        """The shared queues, each declared by its consumer (the dead letters by on-prem).
 
-        Its consumer, because RabbitMQ asks for read permission on a queue declared
-        with a dead-letter exchange: on-prem declaring the probe queue would need
-        to be able to read the probe images.
+        By its consumer, because RabbitMQ asks for read permission on a queue declared
+        with a dead-letter exchange: on-prem declaring the probe queue would need to
+        be allowed to read the probe images.
         """
+        onprem, cloud = Role.ONPREM, Role.CLOUD
         return (
-            QueueSpec(self.probes, Role.CLOUD, self.work_exchange(self.probes), self.probes),
-            QueueSpec(self.results, Role.ONPREM, self.work_exchange(self.results), self.results),
-            QueueSpec(self.sync, Role.ONPREM, self.work_exchange(self.sync), self.sync),
-            QueueSpec(self.dead_letters, Role.ONPREM, self.dead_letter_exchange, ""),
+            QueueSpec(self.probes, cloud, cloud, self.work_exchange(self.probes), self.probes),
+            QueueSpec(self.results, onprem, onprem, self.work_exchange(self.results), self.results),
+            QueueSpec(self.sync, onprem, onprem, self.work_exchange(self.sync), self.sync),
+            QueueSpec(self.dead_letters, onprem, None, self.dead_letter_exchange, ""),
         )
 
     def queue_spec(self, name: str) -> QueueSpec | None:
@@ -226,9 +263,9 @@ def declares(role: Role | None, owner: Role) -> bool:
     return role is None or role is owner
 
 
-def missing_resource(name: str, owner: Role) -> TransportError:
+def missing_resource(name: str, owner: Role) -> MissingResourceError:
     """The error for a resource a role relies on but may not declare, and nobody did."""
-    return TransportError(
+    return MissingResourceError(
         f"{name} does not exist: {owner.value} declares it (start it first), "
         "or run 'cipherface broker-setup'"
     )

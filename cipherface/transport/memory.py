@@ -3,15 +3,15 @@
 It models what the agents rely on: durable named queues (competing consumers),
 direct, fanout and topic exchanges with bindings, mandatory sends, prefetch,
 requeue of unfinished work, a dead-letter queue, and the passive checks of a
-transport acting for a `Role` (it has no users, so nothing is refused). Messages live in memory: "durable" means "outlives a
-consumer", not "outlives the process".
+transport acting for a `Role` (it has no users, so nothing is refused).
+Messages live in memory: "durable" means "outlives a consumer", not "outlives
+the process".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -62,7 +62,6 @@ class MemoryBroker:
     def __init__(self) -> None:
         self.queues: dict[str, asyncio.Queue[Delivery]] = {}
         self.exchanges: dict[str, _Exchange] = {}
-        self._names = itertools.count()
 
     def declare_queue(self, name: str) -> asyncio.Queue[Delivery]:
         """Create a queue once; later declarations return the same one."""
@@ -85,10 +84,6 @@ class MemoryBroker:
         self.queues.pop(name, None)
         for exchange in self.exchanges.values():
             exchange.bindings[:] = [(p, q) for p, q in exchange.bindings if q != name]
-
-    def temporary_name(self) -> str:
-        """A broker-chosen name, as RabbitMQ gives server-named queues."""
-        return f"amq.gen-{next(self._names)}"
 
     def route(self, exchange: str, delivery: Delivery) -> int:
         """Deliver to every bound queue that matches; the number of queues reached."""
@@ -224,7 +219,7 @@ class MemoryTransport(TransportBase):
         prefetch: int = 4,
     ) -> _MemoryConsumer:
         """Declare, bind and consume a queue."""
-        name = queue or self.broker.temporary_name()
+        name = queue or self.topology.subscriber_queue()
         self._declare_queue(name)
         for exchange, pattern in bindings:
             self.broker.bind(name, exchange, pattern)

@@ -16,7 +16,6 @@ import logging
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import aio_pika
 import aiormq
@@ -149,7 +148,8 @@ class RabbitMQTransport(TransportBase):
             )
         except _CONNECTION_ERRORS as exc:
             hint = (
-                " (TLS: check tls_ca, tls_cert and tls_key against the broker's CA)"
+                " (TLS: a broker that resets the connection wants a client certificate its CA"
+                " signed; check tls_cert, tls_key, and tls_ca for the broker's own certificate)"
                 if isinstance(exc, ssl.SSLError) or self.url.startswith("amqps")
                 else ""
             )
@@ -284,7 +284,7 @@ class RabbitMQTransport(TransportBase):
             await channel.set_qos(prefetch_count=prefetch)
             if exclusive:
                 declared = await channel.declare_queue(
-                    queue or None, exclusive=True, auto_delete=True
+                    queue or self.topology.subscriber_queue(), exclusive=True, auto_delete=True
                 )
             else:
                 declared = await self._declare_queue(channel, queue)
@@ -318,8 +318,6 @@ def _message(body: bytes, message_id: str | None) -> aio_pika.Message:
         content_type="application/msgpack",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
     )
-
-
 
 
 def _redact(url: str) -> str:

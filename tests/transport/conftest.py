@@ -17,6 +17,7 @@ from cipherface.transport import (
 from cipherface.transport.base import Transport
 from tests.environment import amqp_url_or_skip, unique_prefix
 
+
 class Links:
     """Connections to one broker under one fresh prefix, all closed at the end."""
 
