@@ -28,6 +28,7 @@ from cipherface.broker_setup import ManagementAPI, permissions
 from cipherface.client import Client
 from cipherface.config import Settings
 from cipherface.exceptions import TransportError
+from cipherface.signing import TrustStore
 from cipherface.transport import RabbitMQTransport, Role, Topology, open_transport
 from tests.rabbitnode import RabbitNode
 
@@ -265,6 +266,7 @@ async def test_a_probe_round_through_the_agents_on_their_role_users(
     ):
         onprem = OnPremAgent(onprem_settings, onprem_link)
         cloud = CloudAgent(settings(Role.CLOUD, replica="r2"), cloud_link)
+        TrustStore(onprem_settings.trust_store_path).add("r2", cloud.signer.verify_key)
         await onprem.start()
         try:
             report = await onprem.enroll(enroll, progress=False)
@@ -272,7 +274,8 @@ async def test_a_probe_round_through_the_agents_on_their_role_users(
             await cloud.start()
             try:
                 await asyncio.wait_for(cloud.ready.wait(), 120)
-                event = await Client(client_link).verify(faces_dir / "img5.jpg", "G01", timeout=120)
+                client = Client(client_link, onprem.signer.verify_key)
+                event = await client.verify(faces_dir / "img5.jpg", "G01", timeout=120)
             finally:
                 await cloud.stop()
         finally:
