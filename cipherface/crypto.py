@@ -39,6 +39,7 @@ from cipherface.exceptions import (
     SecretKeyError,
 )
 from cipherface.metric import Metric
+from cipherface.private import write_private
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -301,7 +302,7 @@ class Keyring:
 
     def save_secret(self, path: str | os.PathLike[str]) -> None:
         """Write the secret context as base64 text, created with mode 0600."""
-        _write_private(Path(path), base64.b64encode(self.secret_bytes()))
+        write_private(Path(path), base64.b64encode(self.secret_bytes()))
 
     def save_public(
         self,
@@ -351,21 +352,6 @@ class Keyring:
         """Raise `KeyMismatchError` unless ``fingerprint`` is this keyring's."""
         if fingerprint != self.fingerprint:
             raise KeyMismatchError(self.fingerprint, fingerprint)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    # O_EXCL on a temp name then rename: the secret is never briefly world-readable,
-    # even when overwriting a file that had looser permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o600)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def encrypted_distance(

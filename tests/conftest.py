@@ -10,6 +10,7 @@ import pytest
 
 import cipherface
 from cipherface import photos
+from cipherface.crypto import Keyring
 from cipherface.embedding import Embedder, largest_face
 from tests.environment import missing
 
@@ -45,3 +46,23 @@ def portrait_embeddings(faces_dir: Path) -> dict[str, np.ndarray]:
     )
     embedder = Embedder("Dlib", "opencv")
     return {name: largest_face(embedder.embed(faces_dir / name)).embedding for name in names}
+
+
+@pytest.fixture(scope="session")
+def keys() -> Keyring:
+    """On-prem's keys for gallery tests (n8192, no relinearisation keys)."""
+    return Keyring.generate("n8192", relin_keys=False)
+
+
+@pytest.fixture(scope="session")
+def public(keys: Keyring) -> Keyring:
+    """The public context of `keys`, as the cloud holds it."""
+    return Keyring.from_bytes(keys.public_bytes(galois_keys=False), expect="public")
+
+
+@pytest.fixture(scope="session")
+def conjugation(keys: Keyring) -> bytes:
+    """The Galois key for complex conjugation that replicas get with the context."""
+    from cipherface.gallery.integrity import conjugation_key
+
+    return conjugation_key(keys)

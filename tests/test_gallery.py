@@ -29,31 +29,16 @@ from cipherface.gallery import (
     rank,
     rank_pairs,
 )
-from cipherface.gallery.integrity import conjugation_key, prove_probe
+from cipherface.gallery.integrity import prove_probe
 from cipherface.wire.payloads import ProbeCheck
 
 PLAIN_TOLERANCE = 1e-3
 ENCRYPTED_TOLERANCE = 3e-3
 
 
-@pytest.fixture(scope="module")
-def keys() -> Keyring:
-    return Keyring.generate("n8192", relin_keys=False)
-
-
-@pytest.fixture(scope="module")
-def public(keys: Keyring) -> Keyring:
-    return Keyring.from_bytes(keys.public_bytes(galois_keys=False), expect="public")
-
-
 def _vectors(count: int, dim: int = 16, seed: int = 0) -> np.ndarray:
     # Dlib-like scale: raw norms around 0.5 to 1.5.
     return np.random.default_rng(seed).standard_normal((count, dim)) * 0.2
-
-
-@pytest.fixture(scope="module")
-def conjugation(keys: Keyring) -> bytes:
-    return conjugation_key(keys)
 
 
 def _scores(

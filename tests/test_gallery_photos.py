@@ -9,8 +9,9 @@ import pytest
 
 from cipherface.crypto import Keyring, Metric, plain_distance
 from cipherface.embedding import threshold
-from cipherface.gallery import EncryptedGallery, EnrollmentBook, rank
-from cipherface.photos import identities
+from cipherface.gallery import EncryptedGallery, EnrollmentBook, accept, rank
+from cipherface.gallery.integrity import flood
+from cipherface.photos import identities, pairs
 
 pytestmark = pytest.mark.slow
 
@@ -53,5 +54,41 @@ def test_each_portrait_finds_its_group_at_rank_1(
     assert agree == len(groups)
     assert rate == plain_rate
     assert rate >= 0.95
+    gallery.close()
+    book.close()
+
+
+@pytest.mark.parametrize("metric", [Metric.COSINE, Metric.EUCLIDEAN])
+def test_labelled_pairs_decide_as_plaintext_with_every_check_and_the_flooding(
+    faces_dir: Path, portrait_embeddings: dict[str, np.ndarray], metric: Metric
+) -> None:
+    """The 520 labelled pairs, 1:1 through the packed path, as on-prem decides them: the
+    consistency fit never refuses an honest probe, and the flooded distance that is
+    released stays on the side of the threshold the exact one decided."""
+    limit = threshold("Dlib", metric.value)
+    keyring = Keyring.generate()
+    book = EnrollmentBook(keyring, metric, 128)
+    for name, vector in portrait_embeddings.items():
+        book.add(name, vector, template_id=name)  # one subject per photo: a claim per image
+    gallery = EncryptedGallery(keyring.public())
+    for block in book.encrypt_blocks(book.all_blocks()):
+        gallery.put(block)
+    rows = pairs(faces_dir)
+    agree = 0
+    for image_a, image_b, _ in rows:
+        [match] = rank(
+            keyring,
+            book,
+            gallery.search(portrait_embeddings[image_b], subject=image_a),
+            subject=image_a,
+            top_k=1,
+        )
+        verified = accept(match, limit, metric)
+        plain = plain_distance(portrait_embeddings[image_a], portrait_embeddings[image_b], metric)
+        expected = (plain <= limit * limit) if metric.squared else (plain <= limit)
+        released = flood(match.distance, limit, verified)
+        agree += verified == expected and (released <= limit) == expected
+    print(f"\n{metric.value}: {agree}/{len(rows)} encrypted decisions equal plaintext")
+    assert agree == len(rows) == 520
     gallery.close()
     book.close()

@@ -10,32 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tenseal.sealapi as sealapi
 
 from cipherface.crypto import Keyring, Metric
 from cipherface.exceptions import IntegrityError
 from cipherface.gallery import EncryptedGallery, EnrollmentBook, encrypt_probe, rank
 from cipherface.gallery.consistency import FIT_TOLERANCE
-from cipherface.gallery.integrity import FLOOD_SIGMA, conjugation_key, flood, prove_probe
+from cipherface.gallery.integrity import FLOOD_SIGMA, flood, prove_probe
 from cipherface.gallery.packing import _SCORE_SCALE, _VALUE_SCALE, _Seal
 from cipherface.wire.payloads import BlockScores, EncryptedProbe
 
 DIMENSIONS = 128
-
-
-@pytest.fixture(scope="module")
-def keys() -> Keyring:
-    return Keyring.generate("n8192", relin_keys=False)
-
-
-@pytest.fixture(scope="module")
-def public(keys: Keyring) -> Keyring:
-    return Keyring.from_bytes(keys.public_bytes(galois_keys=False), expect="public")
-
-
-@pytest.fixture(scope="module")
-def conjugation(keys: Keyring) -> bytes:
-    return conjugation_key(keys)
 
 
 def _unit(rng: np.random.Generator, count: int) -> np.ndarray:
@@ -85,7 +69,7 @@ def _shift(public: Keyring, scores: BlockScores, deltas: dict[int, float]) -> Bl
 
 
 def test_honest_scores_pass_and_match_numpy(keys: Keyring, world: tuple) -> None:
-    metric, book, gallery, vectors = world
+    _metric, book, gallery, vectors = world
     matches = rank(keys, book, gallery.search(_near(vectors)), top_k=3)
     assert matches[0].template_id == "t7"
 
@@ -95,7 +79,7 @@ def test_a_shifted_released_score_is_refused(
     keys: Keyring, public: Keyring, world: tuple, delta: float
 ) -> None:
     """Lowering the best candidate's score (a false accept, or a key-dependent value) shows."""
-    metric, book, gallery, vectors = world
+    _metric, book, gallery, vectors = world
     [scores] = gallery.search(_near(vectors))
     assert rank(keys, book, [scores], top_k=3)[0].template_id == "t7"
     with pytest.raises(IntegrityError, match="not those of one probe"):
@@ -111,7 +95,7 @@ def test_a_shift_below_the_fit_tolerance_drowns_in_the_flooding(
 def test_shifting_every_template_by_the_same_amount_shows_in_the_decoys(
     keys: Keyring, public: Keyring, world: tuple
 ) -> None:
-    metric, book, gallery, vectors = world
+    _metric, book, gallery, vectors = world
     [scores] = gallery.search(_near(vectors))
     shifted = _shift(public, scores, {k: -0.05 for k in range(300)})
     with pytest.raises(IntegrityError):
