@@ -26,6 +26,7 @@ from cipherface.exceptions import (
     StoreError,
     TransportError,
     UnknownModelError,
+    UnsupportedImageError,
     WireFormatError,
 )
 from cipherface.gallery import EncryptedGallery, EnrollmentBook
@@ -62,6 +63,7 @@ __all__ = [
     "StoreError",
     "TransportError",
     "UnknownModelError",
+    "UnsupportedImageError",
     "WireFormatError",
     "install_weights",
     "threshold",
