@@ -99,16 +99,20 @@ def detect(embedder: Embedder, path: Path, row: Row) -> list[Face]:
     return faces
 
 
-def measure(detector: str, faces_dir: Path, portraits: list[str], pairs: list[tuple]) -> Row:
-    """Run one detector over the portraits and the multi-face photos."""
-    embedder = Embedder("Dlib", detector, face_filter=FaceFilter(min_side=0))
+def measure(spec: str, faces_dir: Path, portraits: list[str], pairs: list[tuple]) -> Row:
+    """Run one detector (``name`` or ``name@max_side``) over all the photos."""
+    detector, _, side = spec.partition("@")
+    embedder = Embedder(
+        "Dlib", detector, max_side=int(side or MAX_IMAGE_SIDE),
+        face_filter=FaceFilter(min_side=0, min_fraction=0),
+    )
     chosen = FACE_FILTERS.get(detector, FaceFilter())
-    row = Row(detector=detector, portraits=len(portraits))
+    row = Row(detector=spec, portraits=len(portraits))
     embedder.embed(faces_dir / portraits[0])  # model and detector loads are not timed
     kept: dict[str, list[Face]] = {}
     for name in portraits:
         raw = detect(embedder, faces_dir / name, row)
-        DETECTIONS.setdefault(detector, {})[name] = [(f.box, f.confidence) for f in raw]
+        DETECTIONS.setdefault(spec, {})[name] = [(f.box, f.confidence) for f in raw]
         # The photos here are upright (no EXIF rotation), so header size = image size.
         width, height = image_size((faces_dir / name).read_bytes())
         kept[name] = [f for f in raw if chosen.admits(f, width, height)]
@@ -118,7 +122,7 @@ def measure(detector: str, faces_dir: Path, portraits: list[str], pairs: list[tu
             row.missed[key] = row.missed.get(key, 0) + (not found)
     for name, centres in MULTI_FACE.items():
         raw = detect(embedder, faces_dir / name, row)
-        DETECTIONS.setdefault(detector, {})[name] = [(f.box, f.confidence) for f in raw]
+        DETECTIONS.setdefault(spec, {})[name] = [(f.box, f.confidence) for f in raw]
         width, height = image_size((faces_dir / name).read_bytes())
         filtered = [f for f in raw if chosen.admits(f, width, height)]
         cells = []
@@ -145,7 +149,7 @@ def available(detectors: list[str]) -> list[str]:
     needs = {"dlib": "dlib", "mediapipe": "mediapipe"}
     usable = []
     for name in detectors:
-        module = needs.get(name)
+        module = needs.get(name.partition("@")[0])
         if module and importlib.util.find_spec(module) is None:
             print(f"# {name}: not installed here (pip install {module})", file=sys.stderr)
             continue
@@ -158,7 +162,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--faces", type=Path, default=Path(
         os.environ.get("CIPHERFACE_FACES_DIR") or DEFAULT_FACES))
-    parser.add_argument("--detectors", default="opencv,dlib,mediapipe")
+    parser.add_argument(
+        "--detectors", default="opencv@1920,opencv,dlib@1920,dlib,mediapipe",
+        help="comma-separated DeepFace detectors, each optionally @max_side",
+    )
     args = parser.parse_args()
     with (args.faces / "pairs.csv").open(newline="") as handle:
         pairs = [(r["image_a"], r["image_b"], r["same_person"] == "yes")
@@ -169,7 +176,8 @@ def main() -> None:
     rows = [measure(d, args.faces, portraits, pairs)
             for d in available(args.detectors.split(","))]
 
-    print(f"Dlib embeddings, detection at <= {MAX_IMAGE_SIDE} px; raw -> after FACE_FILTERS.")
+    print(f"Dlib embeddings, detection at <= {MAX_IMAGE_SIDE} px (or @side); "
+          "raw -> after FACE_FILTERS.")
     print(f"Portraits: {len(portraits)} photos, 1 face each. Multi-face: found/expected+false.")
     print()
     print("| detector | portraits with 1 face | portraits with none | false faces (all photos) "

@@ -64,15 +64,19 @@ log = logging.getLogger(__name__)
 #: Dlib is the default because its weights ship in a PyPI package
 #: (face-recognition-models), so it is the one model that works offline.
 DEFAULT_MODEL = "Dlib"
-#: DeepFace's Haar-cascade detector: its files ship inside opencv < 5.
-DEFAULT_DETECTOR = "opencv"
+#: dlib's HOG detector, chosen by benchmarks/bench_detectors.py (README, "Face detection"):
+#: 99.4% on the labelled pairs against 95.6% for the Haar cascade ("opencv"), and no false
+#: face after the filter. Its shape predictor ships in face-recognition-models too.
+DEFAULT_DETECTOR = "dlib"
 #: Larger inputs are refused before decoding: a probe is a photo, not an archive.
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
 #: Decompression-bomb guard: a small file may still declare a huge canvas.
 MAX_IMAGE_PIXELS = 40_000_000
-#: Faces are detected on images downscaled to this longest side: detection cost
-#: and memory grow with the pixels, while a face needs ~150 px for Dlib.
-MAX_IMAGE_SIDE = 1920
+#: Faces are detected on images downscaled to this longest side. Detection cost grows
+#: with the pixels (DeepFace pads 50% on each side, dlib's HOG upsamples 2x): at 1,920 px
+#: dlib took 4-7 s per large image here, at 1,024 px about 1.2 s, with the same faces found
+#: on the shared photos (benchmarks/bench_images.py, bench_detectors.py).
+MAX_IMAGE_SIDE = 1024
 #: Below this longest side no face is big enough for a usable embedding.
 MIN_IMAGE_SIDE = 64
 # OpenCV reads this once, when cv2 is first imported, and then refuses to allocate
@@ -173,7 +177,6 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WebP")
 _OTHER_SIGNATURES = (
     (b"GIF87a", "GIF"),
     (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
     (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
@@ -199,6 +202,8 @@ def image_format(data: bytes) -> str:
     for magic, kind in _OTHER_SIGNATURES:
         if data.startswith(magic):
             return kind
+    if data[:2] == b"BM" and data[6:10] == b"\x00\x00\x00\x00":  # reserved bytes are zero
+        return "BMP"
     if data[4:8] == b"ftyp":
         brand = data[8:12]
         if brand in (b"avif", b"avis"):
@@ -360,9 +365,9 @@ class FaceFilter:
     """
 
     #: Shorter side of the box, in original pixels: Dlib's model is fed 150x150 chips.
-    min_side: int = 40
+    min_side: int = 60
     #: Shorter side of the box relative to the image's shorter side.
-    min_fraction: float = 0.0
+    min_fraction: float = 0.03
     #: Detector confidence as DeepFace reports it; None where it means nothing.
     min_confidence: float | None = None
 
@@ -374,10 +379,15 @@ class FaceFilter:
         return self.min_confidence is None or face.confidence >= self.min_confidence
 
 
-#: Per detector, tuned on the shared photos by benchmarks/bench_detectors.py.
+#: Per detector, tuned on the shared photos by benchmarks/bench_detectors.py. False faces
+#: there were 43-58 px (Haar's also one of 96 and one of 152 px in 480x720); the smallest
+#: true face 89 px, and none under 14% of its image's shorter side. Haar's "confidence"
+#: ranks false faces above true ones (0.96-0.99 vs 0.86-0.95), so it is not used; dlib's
+#: HOG score put its false face at 0.0 and the weakest true one at 0.25.
 FACE_FILTERS: Mapping[str, FaceFilter] = {
     "opencv": FaceFilter(),
-    "dlib": FaceFilter(),
+    "dlib": FaceFilter(min_confidence=0.1),
+    # DeepFace already drops MediaPipe detections under 0.7.
     "mediapipe": FaceFilter(),
 }
 

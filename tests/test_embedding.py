@@ -299,3 +299,16 @@ def test_several_faces(faces_dir: Path) -> None:
     assert largest_face(faces) is faces[int(np.argmax(areas))]
     assert all(f.confidence > 0 for f in faces)
     assert not np.allclose(faces[0].embedding, faces[1].embedding)
+
+
+def test_exif_rotation_gives_upright_sizes() -> None:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees: portrait
+    buffer = io.BytesIO()
+    Image.new("RGB", (3000, 2000), (90, 90, 90)).save(buffer, format="JPEG", exif=exif)
+    picture = load_image(buffer.getvalue(), max_side=1000)
+    assert (picture.width, picture.height) == (2000, 3000)
+    assert picture.pixels.shape[:2] == (1000, 667)
+    assert picture.scale == pytest.approx(3.0, rel=1e-3)
