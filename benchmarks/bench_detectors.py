@@ -47,7 +47,13 @@ DEFAULT_FACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" /
 MULTI_FACE = {
     "couple.jpg": [(690, 870), (1670, 750)],
     "selfie-many-people.jpg": [
-        (35, 290), (20, 490), (145, 365), (258, 180), (410, 198), (560, 140), (547, 413)
+        (35, 290),
+        (20, 490),
+        (145, 365),
+        (258, 180),
+        (410, 198),
+        (560, 140),
+        (547, 413),
     ],
     "img11_reflection.jpg": [(594, 516)],
 }
@@ -103,7 +109,9 @@ def measure(spec: str, faces_dir: Path, portraits: list[str], pairs: list[tuple]
     """Run one detector (``name`` or ``name@max_side``) over all the photos."""
     detector, _, side = spec.partition("@")
     embedder = Embedder(
-        "Dlib", detector, max_side=int(side or MAX_IMAGE_SIDE),
+        "Dlib",
+        detector,
+        max_side=int(side or MAX_IMAGE_SIDE),
         face_filter=FaceFilter(min_side=0, min_fraction=0),
     )
     chosen = FACE_FILTERS.get(detector, FaceFilter())
@@ -160,29 +168,35 @@ def available(detectors: list[str]) -> list[str]:
 def main() -> None:
     """Measure, print the table, and list the detectors that cannot run offline."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--faces", type=Path, default=Path(
-        os.environ.get("CIPHERFACE_FACES_DIR") or DEFAULT_FACES))
     parser.add_argument(
-        "--detectors", default="opencv@1920,opencv,dlib@1920,dlib,mediapipe",
+        "--faces", type=Path, default=Path(os.environ.get("CIPHERFACE_FACES_DIR") or DEFAULT_FACES)
+    )
+    parser.add_argument(
+        "--detectors",
+        default="opencv@1920,opencv,dlib@1920,dlib,mediapipe",
         help="comma-separated DeepFace detectors, each optionally @max_side",
     )
     args = parser.parse_args()
     with (args.faces / "pairs.csv").open(newline="") as handle:
-        pairs = [(r["image_a"], r["image_b"], r["same_person"] == "yes")
-                 for r in csv.DictReader(handle)]
+        pairs = [
+            (r["image_a"], r["image_b"], r["same_person"] == "yes") for r in csv.DictReader(handle)
+        ]
     with (args.faces / "identities.csv").open(newline="") as handle:
         names = {r["file"] for r in csv.DictReader(handle)}
     portraits = sorted(names | {n for a, b, _ in pairs for n in (a, b)})
-    rows = [measure(d, args.faces, portraits, pairs)
-            for d in available(args.detectors.split(","))]
+    rows = [measure(d, args.faces, portraits, pairs) for d in available(args.detectors.split(","))]
 
-    print(f"Dlib embeddings, detection at <= {MAX_IMAGE_SIDE} px (or @side); "
-          "raw -> after FACE_FILTERS.")
+    print(
+        f"Dlib embeddings, detection at <= {MAX_IMAGE_SIDE} px (or @side); "
+        "raw -> after FACE_FILTERS."
+    )
     print(f"Portraits: {len(portraits)} photos, 1 face each. Multi-face: found/expected+false.")
     print()
-    print("| detector | portraits with 1 face | portraits with none | false faces (all photos) "
-          "| couple.jpg | selfie-many-people.jpg | img11_reflection.jpg "
-          "| accuracy, 520 pairs | s/photo |")
+    print(
+        "| detector | portraits with 1 face | portraits with none | false faces (all photos) "
+        "| couple.jpg | selfie-many-people.jpg | img11_reflection.jpg "
+        "| accuracy, 520 pairs | s/photo |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         multi = " | ".join(" -> ".join(r.multi[n]) for n in MULTI_FACE)

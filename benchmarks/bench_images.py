@@ -79,11 +79,21 @@ def build(faces: Path, folder: Path) -> dict[str, bool]:
         "portrait-6000.webp": (encode(big, ".webp", [cv2.IMWRITE_WEBP_QUALITY, 90]), True),
         "flat-6000.png": (encode(flat, ".png", [cv2.IMWRITE_PNG_COMPRESSION, 9]), True),
         f"bomb-{bomb_side}.png": (
-            encode(np.zeros((bomb_side, bomb_side, 3), np.uint8), ".png",
-                   [cv2.IMWRITE_PNG_COMPRESSION, 9]), True),
+            encode(
+                np.zeros((bomb_side, bomb_side, 3), np.uint8),
+                ".png",
+                [cv2.IMWRITE_PNG_COMPRESSION, 9],
+            ),
+            True,
+        ),
         "bomb-over-cap.png": (
-            encode(np.zeros((MAX_IMAGE_PIXELS // 4000 + 1, 4000), np.uint8), ".png",
-                   [cv2.IMWRITE_PNG_COMPRESSION, 9]), False),
+            encode(
+                np.zeros((MAX_IMAGE_PIXELS // 4000 + 1, 4000), np.uint8),
+                ".png",
+                [cv2.IMWRITE_PNG_COMPRESSION, 9],
+            ),
+            False,
+        ),
     }
     # Noise does not compress: the largest JPEG under the byte cap, at a size under the
     # pixel cap, with a portrait pasted in so the model runs too.
@@ -119,8 +129,10 @@ def worker(
             except EmbeddingError as exc:
                 outcome = f"{type(exc).__name__}: {exc}"
             elapsed = time.perf_counter() - started
-            print(json.dumps({"name": name, "seconds": elapsed, "outcome": outcome,
-                              "rss": rss_mb()}), flush=True)
+            print(
+                json.dumps({"name": name, "seconds": elapsed, "outcome": outcome, "rss": rss_mb()}),
+                flush=True,
+            )
     gc.collect()
     print(json.dumps({"baseline": baseline, "after": rss_mb(), "peak": peak_mb()}), flush=True)
 
@@ -128,8 +140,9 @@ def worker(
 def main() -> int:
     """Build the images, run the worker, print figures and verdicts."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--faces", type=Path, default=Path(
-        os.environ.get("CIPHERFACE_FACES_DIR") or DEFAULT_FACES))
+    parser.add_argument(
+        "--faces", type=Path, default=Path(os.environ.get("CIPHERFACE_FACES_DIR") or DEFAULT_FACES)
+    )
     parser.add_argument("--rounds", type=int, default=3, help="passes over the image set")
     parser.add_argument("--max-seconds", type=float, default=2.0)
     parser.add_argument("--max-rss-mb", type=float, default=300.0)
@@ -139,18 +152,32 @@ def main() -> int:
     args = parser.parse_args()
     names = sorted(p.name for p in args.worker.iterdir()) if args.worker else []
     if args.worker:
-        worker(args.worker, names, args.rounds, args.faces / "img2.jpg", args.detector,
-               args.max_side)
+        worker(
+            args.worker, names, args.rounds, args.faces / "img2.jpg", args.detector, args.max_side
+        )
         return 0
 
     with tempfile.TemporaryDirectory(prefix="cf-bench-images-") as tmp:
         folder = Path(tmp)
         admitted = build(args.faces, folder)
         child = subprocess.run(
-            [sys.executable, __file__, "--worker", tmp, "--faces", str(args.faces),
-             "--rounds", str(args.rounds), "--detector", args.detector,
-             "--max-side", str(args.max_side)],
-            capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                tmp,
+                "--faces",
+                str(args.faces),
+                "--rounds",
+                str(args.rounds),
+                "--detector",
+                args.detector,
+                "--max-side",
+                str(args.max_side),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
     if child.returncode:
@@ -158,26 +185,34 @@ def main() -> int:
         return 2
     records = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
     memory = records.pop()
-    print(f"# detector {args.detector}, Dlib, longest side <= {args.max_side} px; "
-          f"caps {MAX_IMAGE_BYTES // 2**20} MiB, {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx; "
-          f"{args.rounds} rounds in a fresh process")
+    print(
+        f"# detector {args.detector}, Dlib, longest side <= {args.max_side} px; "
+        f"caps {MAX_IMAGE_BYTES // 2**20} MiB, {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx; "
+        f"{args.rounds} rounds in a fresh process"
+    )
     print(f"{'image':28} {'KB':>7} {'median_s':>8} {'max_s':>6}  outcome")
     slow = []
     for name in sorted(admitted):
         times = [r["seconds"] for r in records if r["name"] == name]
         outcome = next(r["outcome"] for r in records if r["name"] == name)
-        print(f"{name:28} {sizes[name] / 1e3:7.0f} {statistics.median(times):8.2f} "
-              f"{max(times):6.2f}  {outcome}")
+        print(
+            f"{name:28} {sizes[name] / 1e3:7.0f} {statistics.median(times):8.2f} "
+            f"{max(times):6.2f}  {outcome}"
+        )
         if admitted[name] and max(times) > args.max_seconds:
             slow.append(name)
         if admitted[name] == outcome.startswith("refused:"):
             slow.append(f"{name} (wrong outcome)")
     delta = memory["after"] - memory["baseline"]
-    print(f"RSS: baseline {memory['baseline']:.0f} MB, peak {memory['peak']:.0f} MB, "
-          f"after {memory['after']:.0f} MB (delta {delta:+.0f} MB)")
+    print(
+        f"RSS: baseline {memory['baseline']:.0f} MB, peak {memory['peak']:.0f} MB, "
+        f"after {memory['after']:.0f} MB (delta {delta:+.0f} MB)"
+    )
     time_ok, rss_ok = not slow, delta <= args.max_rss_mb
-    print(f"verdict time (<= {args.max_seconds:.1f} s each): "
-          f"{'PASS' if time_ok else 'FAIL ' + ', '.join(slow)}")
+    print(
+        f"verdict time (<= {args.max_seconds:.1f} s each): "
+        f"{'PASS' if time_ok else 'FAIL ' + ', '.join(slow)}"
+    )
     print(f"verdict RSS (delta <= {args.max_rss_mb:.0f} MB): {'PASS' if rss_ok else 'FAIL'}")
     return 0 if time_ok and rss_ok else 1
 

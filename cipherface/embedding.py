@@ -234,9 +234,7 @@ def image_size(data: bytes, *, name: str = "<bytes>") -> tuple[int, int]:
             return header.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own guard (89 / 179 megapixels) is above ours: over it is over ours.
-        raise ImageDecodeError(
-            f"{name}: image exceeds the {MAX_IMAGE_PIXELS}-pixel limit"
-        ) from exc
+        raise ImageDecodeError(f"{name}: image exceeds the {MAX_IMAGE_PIXELS}-pixel limit") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(
             f"{name}: not a decodable {image_format(data)} image (unreadable header)"
@@ -292,13 +290,16 @@ def load_image(data: bytes, *, name: str = "<bytes>", max_side: int | None) -> P
             f"{name}: {width}x{height} pixels exceeds the {MAX_IMAGE_PIXELS}-pixel limit"
         )
     # Entropy-coded JPEG data cannot contain FF D9, so a file cut short has no
-    # end-of-image marker after its last start-of-scan; libjpeg would pad it grey.
+    # end-of-image marker after its last start-of-scan; libjpeg may pad the rest grey.
     if kind == "JPEG" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
         raise ImageDecodeError(f"{name}: truncated JPEG (no end-of-image marker)")
     flag = cv2.IMREAD_COLOR
     if kind == "JPEG" and max_side is not None:
-        for factor, reduced in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
-                                (2, cv2.IMREAD_REDUCED_COLOR_2)):
+        for factor, reduced in (
+            (8, cv2.IMREAD_REDUCED_COLOR_8),
+            (4, cv2.IMREAD_REDUCED_COLOR_4),
+            (2, cv2.IMREAD_REDUCED_COLOR_2),
+        ):
             if max(width, height) >= factor * max_side:
                 flag = reduced
                 break

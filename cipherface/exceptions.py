@@ -94,9 +94,7 @@ class UnsupportedImageError(ImageDecodeError):
     """
 
     def __init__(self, name: str, detected: str, accepted: tuple[str, ...]) -> None:
-        super().__init__(
-            f"{name}: unsupported image format {detected}; send {', '.join(accepted)}"
-        )
+        super().__init__(f"{name}: unsupported image format {detected}; send {', '.join(accepted)}")
         self.detected = detected
 
 

@@ -148,7 +148,8 @@ def _png_header(width: int, height: int) -> bytes:
     """A PNG that declares a canvas (IHDR) and ends (IEND) with no pixel data."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
@@ -174,9 +175,7 @@ def test_unsupported_formats_name_the_detected_type(data: bytes, detected: str) 
 
 
 def test_accepted_formats_by_magic_bytes() -> None:
-    assert [image_format(_encoded(ext)) for ext in (".jpg", ".png", ".webp")] == list(
-        IMAGE_FORMATS
-    )
+    assert [image_format(_encoded(ext)) for ext in (".jpg", ".png", ".webp")] == list(IMAGE_FORMATS)
 
 
 def test_corrupt_image_names_the_file(tmp_path: Path) -> None:

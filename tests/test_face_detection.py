@@ -20,7 +20,13 @@ from cipherface.embedding import DEFAULT_DETECTOR, Embedder, Face, largest_face,
 MULTI_FACE = {
     "couple.jpg": [(690, 870), (1670, 750)],
     "selfie-many-people.jpg": [
-        (35, 290), (20, 490), (145, 365), (258, 180), (410, 198), (560, 140), (547, 413)
+        (35, 290),
+        (20, 490),
+        (145, 365),
+        (258, 180),
+        (410, 198),
+        (560, 140),
+        (547, 413),
     ],
     "img11_reflection.jpg": [(594, 516)],
 }
@@ -65,7 +71,7 @@ def test_composed_people_get_one_face_each(
 
     assert len(faces) == 2, [f.box for f in faces]
     split = left.shape[1]
-    for face, (low, high) in zip(faces, [(0, split), (split, split + right.shape[1])]):
+    for face, (low, high) in zip(faces, [(0, split), (split, split + right.shape[1])], strict=True):
         x, _, w, _ = face.box
         assert low <= x and x + w <= high, (face.box, split)
     limit = threshold("Dlib", "cosine")
@@ -95,10 +101,12 @@ def test_multi_face_photos_give_the_documented_counts_and_no_false_face(
 def test_boxes_are_in_original_coordinates(faces_dir: Path) -> None:
     """A photo enlarged past max_side gets the same face, boxes scaled with the photo."""
     photo = cv2.imread(str(faces_dir / "img1.jpg"))
-    (small,) = Embedder().embed(_png(photo))
+    # Both detected at the photo's own size: the enlarged one is brought back down to it.
+    embedder = Embedder(max_side=max(photo.shape[:2]))
+    (small,) = embedder.embed(_png(photo))
     enlarged = cv2.resize(photo, None, fx=3, fy=3, interpolation=cv2.INTER_CUBIC)
     ok, jpeg = cv2.imencode(".jpg", enlarged, [cv2.IMWRITE_JPEG_QUALITY, 95])
     assert ok
-    (large,) = Embedder(max_side=max(photo.shape[:2])).embed(jpeg.tobytes())
+    (large,) = embedder.embed(jpeg.tobytes())
     np.testing.assert_allclose(np.array(large.box), 3 * np.array(small.box), rtol=0.02, atol=6)
     assert find_cosine_distance(small.embedding, large.embedding) < 0.02
