@@ -25,6 +25,7 @@ from cipherface.exceptions import (
     StoreError,
     TransportError,
     UnknownModelError,
+    UnsupportedImageError,
     WireFormatError,
 )
 from cipherface.metric import Metric
@@ -76,6 +77,7 @@ __all__ = [
     "StoreError",
     "TransportError",
     "UnknownModelError",
+    "UnsupportedImageError",
     "WireFormatError",
     "install_weights",
     "threshold",

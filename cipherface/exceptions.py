@@ -15,7 +15,8 @@ know which library failed underneath::
     │   └── IntegrityError            a well-formed ciphertext the protocol never makes
     │                                 (tampered scores, a forged edge probe)
     ├── EmbeddingError
-    │   ├── ImageDecodeError(ValueError)  corrupt, empty or non-image input
+    │   ├── ImageDecodeError(ValueError)  corrupt, truncated, empty or oversized input
+    │   │   └── UnsupportedImageError     a file that is not JPEG, PNG or WebP
     │   ├── NoFaceError               an image in which no face was found
     │   ├── UnknownModelError(ValueError)
     │   └── MissingWeightsError       model weights absent and not downloadable
@@ -44,6 +45,7 @@ __all__ = [
     "StoreError",
     "TransportError",
     "UnknownModelError",
+    "UnsupportedImageError",
     "WireFormatError",
 ]
 
@@ -107,6 +109,18 @@ class EmbeddingError(CipherFaceError):
 
 class ImageDecodeError(EmbeddingError, ValueError):
     """The input is not a decodable image (corrupt, truncated, empty or too large)."""
+
+
+class UnsupportedImageError(ImageDecodeError):
+    """The input is a file of another kind than the accepted image formats.
+
+    A subclass of `ImageDecodeError`, so callers that refuse undecodable input
+    refuse it too; its message names the type that was detected.
+    """
+
+    def __init__(self, name: str, detected: str, accepted: tuple[str, ...]) -> None:
+        super().__init__(f"{name}: unsupported image format {detected}; send {', '.join(accepted)}")
+        self.detected = detected
 
 
 class NoFaceError(EmbeddingError):

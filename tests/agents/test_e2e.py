@@ -104,7 +104,8 @@ async def test_bad_probes_get_error_events(
         events = await _collect(stream, 3)
     by_id = {e.probe_id: e for e in events}
     assert len(events) == 3
-    assert by_id[p_garbage].error and by_id[p_garbage].error.startswith("ImageDecodeError")
+    assert by_id[p_garbage].error and by_id[p_garbage].error.startswith("UnsupportedImageError: ")
+    assert by_id[p_garbage].error.endswith("unsupported image format text; send JPEG, PNG, WebP")
     assert by_id[p_noface].error and by_id[p_noface].error.startswith("NoFaceError")
     assert by_id[p_unknown].error and "not enrolled" in by_id[p_unknown].error
     assert not any(e.verified for e in events)
