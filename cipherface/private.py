@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cipherface.exceptions import ConfigError
 
-__all__ = ["check_private", "private_dir", "private_file", "write_private"]
+__all__ = ["check_private", "check_private_tree", "private_dir", "private_file", "write_private"]
 
 _OTHERS = stat.S_IRWXG | stat.S_IRWXO
 
@@ -49,6 +49,13 @@ def check_private(path: Path) -> None:
             f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):o}); "
             f"it holds on-prem secrets: run 'chmod {fix} {path}'"
         )
+
+
+def check_private_tree(path: Path) -> None:
+    """`check_private` on ``path`` and everything below it (keys, book, ledger, WAL, SHM)."""
+    check_private(path)
+    for child in path.rglob("*"):
+        check_private(child)
 
 
 def write_private(path: Path, data: bytes) -> None:

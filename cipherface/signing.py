@@ -87,8 +87,9 @@ class VerifyKey:
             raise ConfigError(f"no verify key at {path}") from None
 
     def save(self, path: Path) -> None:
-        """Write the key file (public: ordinary permissions)."""
-        path.write_text(self.to_text() + "\n")
+        """Write the key file. It is public, but written 0600 like everything in on-prem's
+        folder (whose start-up check allows no exception); copy it out to share it."""
+        write_private(path, (self.to_text() + "\n").encode())
 
 
 class SigningKey:

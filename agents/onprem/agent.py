@@ -32,7 +32,7 @@ from cipherface.gallery import EnrollmentBook, Match, accept, rank
 from cipherface.gallery.integrity import conjugation_key, flood
 from cipherface.ledger import ProbeLedger
 from cipherface.metrics import INTEGRITY_FAILURES, SYNCS, instrumented
-from cipherface.private import private_dir, write_private
+from cipherface.private import check_private_tree, private_dir, write_private
 from cipherface.signing import SigningKey, TrustStore
 from cipherface.transport.base import Consumer, Delivery, Transport
 
@@ -65,6 +65,7 @@ def generate_keys(settings: Settings, *, overwrite: bool = False) -> Keyring:
     keyring = Keyring.generate(settings.preset)
     keyring.save_secret(settings.secret_key_path)
     keyring.save_public(settings.public_key_path, galois_keys=False, relin_keys=False)
+    settings.public_key_path.chmod(0o600)  # public, but the folder's rule has no exceptions
     write_private(settings.conjugation_key_path, conjugation_key(keyring))
     SigningKey.generate("onprem").save(settings.signing_key_path)
     return keyring
@@ -97,7 +98,8 @@ class OnPremAgent:
             raise ConfigError(
                 f"no secret key at {settings.secret_key_path}; run 'cipherface keygen' first"
             )
-        private_dir(settings.onprem_dir)
+        # Keys, book, ledger and trust store: refused at start if any is readable by others.
+        check_private_tree(private_dir(settings.onprem_dir))
         self.keyring = Keyring.load(settings.secret_key_path, expect="secret")
         self.signer = SigningKey.load(settings.signing_key_path, "onprem")
         self.trusted = TrustStore(settings.trust_store_path)
