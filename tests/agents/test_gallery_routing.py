@@ -11,6 +11,7 @@ import numpy as np
 from agents.onprem.agent import OnPremAgent, generate_keys
 from cipherface import wire
 from cipherface.config import Settings
+from cipherface.signing import PinnedKey, SigningKey, TrustStore
 from cipherface.transport import Delivery, MemoryBroker, MemoryTransport, Role, Topology
 
 
@@ -33,11 +34,14 @@ async def test_sync_answer_reaches_the_asking_replica_only(tmp_path: Path) -> No
         onprem.book.add(subject, rng.normal(size=128), template_id=f"t{i}")
     await onprem.start()
     replicas = MemoryTransport(broker, topology, role=Role.CLOUD)
+    r2 = SigningKey.generate("r2")
+    TrustStore(settings.trust_store_path).add("r2", r2.verify_key)
+    onprem_key = PinnedKey(onprem.signer.verify_key)
     kinds: dict[str, list[str]] = {"r1": [], "r2": []}
 
     def recorder(name: str) -> Callable[[Delivery], Awaitable[None]]:
         async def record(delivery: Delivery) -> None:
-            kinds[name].append(wire.decode(delivery.body).message.kind)
+            kinds[name].append(wire.decode(delivery.body, verifier=onprem_key).message.kind)
 
         return record
 
@@ -46,7 +50,7 @@ async def test_sync_answer_reaches_the_asking_replica_only(tmp_path: Path) -> No
             topology.gallery_queue(name), recorder(name), bindings=topology.gallery_bindings(name)
         )
     try:
-        await replicas.send(topology.sync, wire.encode(wire.SyncRequest(replica="r2")))
+        await replicas.send(topology.sync, wire.encode(wire.SyncRequest(replica="r2"), signer=r2))
         await until(lambda: kinds["r2"] == ["context", "block"])
         assert kinds["r1"] == []  # no fan-out of a sync's answer
         await onprem.publish_gallery()  # an enrollment-style publish: to everyone
