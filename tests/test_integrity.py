@@ -155,6 +155,6 @@ def test_flooding_keeps_the_decision_and_hides_the_last_digits() -> None:
     for distance in (0.0, 0.0699, 0.0701, 0.5):
         draws = [flood(distance, threshold, distance <= threshold) for _ in range(200)]
         assert all((d <= threshold) == (distance <= threshold) for d in draws)
-        assert len({round(d, 4) for d in draws}) > 50  # not the exact value, every time
+        assert len({round(d, 4) for d in draws}) > 20  # not the exact value, every time
     spread = np.std([flood(0.5, threshold, False) for _ in range(2000)])
     assert spread == pytest.approx(FLOOD_SIGMA, rel=0.15)
