@@ -11,6 +11,7 @@ import numpy as np
 from agents.onprem.agent import OnPremAgent, generate_keys
 from cipherface import wire
 from cipherface.config import Settings
+from cipherface.signing import PinnedKey, SigningKey, TrustStore
 from cipherface.transport import Delivery, MemoryBroker, MemoryTransport, Role, Topology
 
 
@@ -37,7 +38,8 @@ async def test_sync_answer_reaches_the_asking_replica_only(tmp_path: Path) -> No
 
     def recorder(name: str) -> Callable[[Delivery], Awaitable[None]]:
         async def record(delivery: Delivery) -> None:
-            kinds[name].append(wire.decode(delivery.body).message.kind)
+            verifier = PinnedKey(onprem.signer.verify_key)
+            kinds[name].append(wire.decode(delivery.body, verifier=verifier).message.kind)
 
         return record
 
@@ -45,8 +47,12 @@ async def test_sync_answer_reaches_the_asking_replica_only(tmp_path: Path) -> No
         await replicas.consume(
             topology.gallery_queue(name), recorder(name), bindings=topology.gallery_bindings(name)
         )
+    r2 = SigningKey.generate("r2")
+    TrustStore(settings.trust_store_path).add("r2", r2.verify_key)
     try:
-        await replicas.send(topology.sync, wire.encode(wire.SyncRequest(replica="r2")))
+        await replicas.send(
+            topology.sync, wire.encode(wire.SyncRequest(replica="r2"), signer=r2)
+        )
         await until(lambda: kinds["r2"] == ["context", "block"])
         assert kinds["r1"] == []  # no fan-out of a sync's answer
         await onprem.publish_gallery()  # an enrollment-style publish: to everyone
