@@ -67,7 +67,7 @@ def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
         handler.setFormatter(
             logging.Formatter("ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)r")
         )
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 async def finish_in_thread(func: Callable[..., T], *args: Any) -> T:

@@ -378,21 +378,18 @@ class OnPremAgent:
             return
         assert isinstance(result, (wire.ScoresReady, wire.ProbeRejected))
         age = time.time() - result.submitted_at
-        if age > self.settings.ledger_window:
-            # Older than the ledger remembers: its event may be out already.
-            log.warning("probe %s is %.0fs old: dropped unanswered", result.probe_id, age)
-            return
+        # Older than the ledger remembers, its event may be out and forgotten.
+        forgotten = age > self.settings.ledger_window
         if not self.ledger.claim(result.probe_id):
             log.info("probe %s already has its event; duplicate suppressed", result.probe_id)
             return
         try:
             ttl = self.settings.probe_ttl
             if isinstance(result, wire.ProbeRejected):
+                if forgotten and result.error == "Expired":
+                    log.warning("probe %s is %.0fs old: dropped", result.probe_id, age)
+                    return
                 event = self._event(result, error=f"{result.error}: {result.reason}")
-            elif ttl and age > ttl:
-                event = self._event(
-                    result, error=f"Expired: answered {age:.0f}s after submission, ttl {ttl:.0f}s"
-                )
             else:
                 keys = self.keys.get(envelope.fingerprint)
                 if keys is None:
@@ -419,7 +416,15 @@ class OnPremAgent:
                     )
                     event = self._event(result, error=f"IntegrityError: {exc}")
                 else:
-                    event = self._decide(result, matches, time.perf_counter() - started)
+                    if forgotten:
+                        log.warning("probe %s is %.0fs old: dropped", result.probe_id, age)
+                        return
+                    if ttl and age > ttl:
+                        # Integrity first (above); then an answer too late is no decision.
+                        expired = f"Expired: scored {age:.0f}s after submission, ttl {ttl:.0f}s"
+                        event = self._event(result, error=expired)
+                    else:
+                        event = self._decide(result, matches, time.perf_counter() - started)
             await self.transport.publish(
                 self.transport.topology.events,
                 event.routing_key,
@@ -438,15 +443,10 @@ class OnPremAgent:
                 event.probe_id,
                 event.routing_key,
                 extra={
-                    "probe_id": event.probe_id,
-                    "mode": event.mode,
-                    "outcome": event.routing_key.rsplit(".", 1)[-1],
-                    "subject": event.subject,
-                    "verified": event.verified,
-                    "error": event.error,
-                    "age": round(age, 3),
-                    "replica": envelope.signer,
-                    "fingerprint": envelope.fingerprint,
+                    **{k: getattr(event, k) for k in ("probe_id", "mode", "subject", "error")},
+                    **{"verified": event.verified, "age": round(age, 3)},
+                    **{"outcome": event.routing_key.rsplit(".", 1)[-1]},
+                    **{"replica": envelope.signer, "fingerprint": envelope.fingerprint},
                 },
             )
         finally:
