@@ -127,7 +127,8 @@ async def _trust(args: argparse.Namespace) -> None:
     if args.action == "add":
         if not args.replica or args.key is None:
             raise ConfigError("trust add needs REPLICA and KEY (a replica's signing.pub)")
-        store.add(args.replica, VerifyKey.load(args.key))
+        key = VerifyKey.load(args.key) if args.key.exists() else VerifyKey.from_text(str(args.key))
+        store.add(args.replica, key)
     elif args.action == "remove":
         if not args.replica or not store.remove(args.replica):
             raise ConfigError(f"replica {args.replica!r} is not trusted")
@@ -326,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trust.add_argument("action", choices=["add", "remove", "list"])
     trust.add_argument("replica", nargs="?", help="replica name (add, remove)")
-    trust.add_argument("key", nargs="?", type=Path, help="the replica's signing.pub (add)")
+    trust.add_argument(
+        "key", nargs="?", type=Path, help="the replica's signing.pub, or its text (add)"
+    )
     probe = sub.add_parser("probe", parents=[common], help="verify/identify one image")
     probe.add_argument("image", type=Path)
     probe.add_argument("--subject", help="claimed subject (1:1); omit for 1:N")

@@ -126,6 +126,7 @@ class CloudAgent:
         self._searched = asyncio.Condition()
         #: Probes this replica answered (scores or rejection) since it started.
         self.probes_served = 0
+        self.serving = False  # consuming probes (once it holds a whole gallery)
 
     def _current_store(self) -> Path:
         """The store file served from; stale ones (an interrupted rotation) are deleted."""
@@ -146,9 +147,9 @@ class CloudAgent:
             "replica": self.replica,
             "awaiting": len(self._awaiting),
             "templates": len(self.gallery or ()),
-            "serving": self.ready.is_set(),
+            "serving": self.serving,
         }
-        return connected and held and self.ready.is_set(), details
+        return connected and held and self.serving, details
 
     async def start(self) -> None:
         """Load what is stored, subscribe to the gallery, ask for a sync, then serve probes.
@@ -214,6 +215,7 @@ class CloudAgent:
                 prefetch=self.settings.prefetch,
             )
         )
+        self.serving = True
         log.info("serving probes with %d templates", len(self.gallery or ()))
 
     async def stop(self) -> None:
