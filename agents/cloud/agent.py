@@ -339,6 +339,9 @@ class CloudAgent:
                 self._stage, message.context, message.conjugation_key, fingerprint
             )
             self._staged.awaiting = set(message.blocks)
+            if not message.blocks:  # an empty gallery is whole at once
+                await self._switch()
+                await self._report()
         else:
             # Every enrollment and sync re-announces the context: parse and check it
             # only when its bytes differ from the context this replica holds.
@@ -377,9 +380,9 @@ class CloudAgent:
             self._awaiting.discard(message.block.block_id)
         BLOCKS_AWAITED.labels(self.role).set(len(self._awaiting))
         if self.gallery is not None and not self._awaiting:
-            if not self.ready.is_set():
-                self.ready.set()
-            if was_awaiting:
+            first = not self.ready.is_set()
+            self.ready.set()
+            if first or was_awaiting:
                 await self._report()
 
     # -- probes -----------------------------------------------------------------------
@@ -479,12 +482,9 @@ class CloudAgent:
             request.probe_id,
             len(scores),
             extra={
-                "probe_id": request.probe_id,
-                "mode": "1:1" if request.subject else "1:N",
-                "outcome": "scored",
-                "blocks": len(scores),
-                "fingerprint": keyring.fingerprint,
-                "seconds": round(sum(timings.values()), 4),
+                **{"probe_id": request.probe_id, "mode": "1:1" if request.subject else "1:N"},
+                **{"outcome": "scored", "blocks": len(scores), "fingerprint": keyring.fingerprint},
+                **{"seconds": round(sum(timings.values()), 4)},
             },
         )
 

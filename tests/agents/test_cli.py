@@ -97,7 +97,15 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 180) 
 def daemons(tmp_path: Path, deepface_home: Path, faces_dir: Path) -> Iterator[dict[str, object]]:
     """keygen, on-prem and one cloud daemon on RabbitMQ, G01 and G02 enrolled via the CLI."""
     url = amqp_url_or_skip()
-    env = _env(tmp_path, deepface_home, CIPHERFACE_AMQP_URL=url, CIPHERFACE_PREFIX=unique_prefix())
+    env = _env(
+        tmp_path,
+        deepface_home,
+        CIPHERFACE_AMQP_URL=url,
+        CIPHERFACE_PREFIX=unique_prefix(),
+        CIPHERFACE_LOG_FORMAT="json",
+        CIPHERFACE_ROTATION_GRACE="1",
+        CIPHERFACE_SYNC_INTERVAL="2",
+    )
     assert _run(["keygen"], env).returncode == 0
     # The operator's step: trust the replica's signing key on-prem before it serves.
     replica = json.loads(_run(["replica-key", "--replica", "c1"], env).stdout)
@@ -180,4 +188,35 @@ def test_probe_watch_metrics_and_graceful_shutdown(
         assert proc.wait(timeout=60) == 0, name
         log = daemons["logs"][name]  # type: ignore[index]
         log.seek(0)
-        assert "draining in-flight work" in log.read()
+        lines = [json.loads(line) for line in log.read().splitlines() if line.startswith("{")]
+        assert any("draining in-flight work" in line["msg"] for line in lines)
+        # JSON logs: one line per probe on each agent, with the probe's id.
+        per_probe = [line["probe_id"] for line in lines if "probe_id" in line]
+        assert sorted(per_probe) == sorted([event["probe_id"], searched["probe_id"]]), name
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+def test_rotate_keys_remove_and_list_through_the_cli(
+    daemons: dict[str, object], faces_dir: Path
+) -> None:
+    env: dict[str, str] = daemons["env"]  # type: ignore[assignment]
+    before = json.loads(_run(["list"], env).stdout)
+    assert before["subjects"] == {"G01": 2, "G02": 2}
+    rotated = _run(["rotate-keys", "--timeout", "600"], env, timeout=700)
+    assert rotated.returncode == 0, rotated.stderr[-3000:]
+    phases = [json.loads(line)["phase"] for line in rotated.stdout.strip().splitlines()]
+    assert phases[-1] == "done" and "waiting" in phases, phases
+    after = json.loads(_run(["list"], env).stdout)
+    assert after["fingerprint"] != before["fingerprint"] and after["rotation"] == "done"
+    assert after["replicas"]["c1"]["fingerprint"] == after["fingerprint"]
+    assert after["replicas"]["c1"]["up_to_date"] is True
+    verified = json.loads(
+        _run(["probe", str(faces_dir / "img5.jpg"), "--subject", "G01"], env).stdout
+    )
+    assert verified["verified"] is True, verified
+    removed = _run(["remove", "G01"], env)
+    assert removed.returncode == 0 and json.loads(removed.stdout)["removed"] == 2, removed.stderr
+    gone = json.loads(_run(["probe", str(faces_dir / "img5.jpg"), "--subject", "G01"], env).stdout)
+    assert gone["error"] and gone["error"].startswith("UnknownSubject"), gone
+    assert json.loads(_run(["list"], env).stdout)["subjects"] == {"G02": 2}

@@ -262,3 +262,29 @@ def _short(cancel: object) -> object:
         await cancel(timeout=0.01)  # type: ignore[operator]
 
     return quick
+
+
+async def test_rotating_keys_of_an_empty_gallery_and_an_interrupted_preparation(
+    deployment: Deployment,
+) -> None:
+    deployment.settings = replace(deployment.settings, rotation_grace=0.1)
+    onprem = await deployment.onprem()
+    cloud = await deployment.cloud("r1")
+    await asyncio.wait_for(cloud.ready.wait(), 60)
+    await until(lambda: "r1" in onprem.replicas)
+    old = onprem.keyring.fingerprint
+    await asyncio.wait_for(onprem.rotation.start(), 120)
+    assert onprem.rotation.state["phase"] == "done"
+    assert cloud.keyring is not None and cloud.keyring.fingerprint == onprem.keyring.fingerprint
+    assert onprem.keyring.fingerprint != old
+    # While a rotation runs the gallery does not change; one cut short before it
+    # published anything is abandoned at the next start.
+    onprem.rotation._update(phase="preparing", folder="keys/partial")
+    (deployment.settings.onprem_dir / "keys" / "partial").mkdir()
+    with pytest.raises(ConfigError, match="rotation is in progress"):
+        await onprem.remove("anyone")
+    await deployment.stop(onprem)
+    again = await deployment.onprem()
+    assert again.rotation.state["phase"] == "aborted"
+    assert not (deployment.settings.onprem_dir / "keys" / "partial").exists()
+    assert again.keyring.fingerprint == cloud.keyring.fingerprint
