@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agents.ops_cli import OPS_COMMANDS, add_ops_parsers
 from cipherface.config import Settings
 from cipherface.crypto import PRESETS, Metric
 from cipherface.daemon import configure_logging, run_until_signalled
@@ -54,6 +55,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         preset=args.preset,
         replica=getattr(args, "replica", None),
         metrics_port=args.metrics_port,
+        metrics_address=args.metrics_address,
+        log_format=args.log_format,
         onprem_key=args.onprem_key,
     )
 
@@ -90,18 +93,30 @@ async def _keygen(args: argparse.Namespace) -> None:
 
 
 async def _replica_key(args: argparse.Namespace) -> None:
-    from cipherface.signing import SigningKey
+    """With --replica: that replica's key (created if new). Without: every replica
+    identity in the data folder, one JSON line each (one is created if there is none),
+    for the operator to trust on-prem."""
+    from cipherface.replica import claim, identities
+    from cipherface.signing import SigningKey, VerifyKey
 
     settings = _settings(args)
-    settings.cloud_dir.mkdir(parents=True, exist_ok=True)
-    key = SigningKey.load_or_create(settings.replica_key_path, settings.replica)
-    _print_json(
-        {
-            "replica": settings.replica,
-            "verify_key": str(settings.replica_key_path.with_suffix(".pub")),
-            "verify_key_text": key.verify_key.to_text(),
-        }
-    )
+    names = [settings.replica] if settings.replica else identities(settings.data_dir)
+    if not names:
+        with claim(settings.data_dir) as fresh:
+            names = [fresh.name]
+            SigningKey.load_or_create(fresh.folder / "signing.key", fresh.name)
+    for name in names:
+        path = settings.override(replica=name).replica_key_path
+        if not path.with_suffix(".pub").exists():
+            with claim(settings.data_dir, name):
+                SigningKey.load_or_create(path, name)
+        _print_json(
+            {
+                "replica": name,
+                "verify_key": str(path.with_suffix(".pub")),
+                "verify_key_text": VerifyKey.load(path.with_suffix(".pub")).to_text(),
+            }
+        )
 
 
 async def _trust(args: argparse.Namespace) -> None:
@@ -112,7 +127,8 @@ async def _trust(args: argparse.Namespace) -> None:
     if args.action == "add":
         if not args.replica or args.key is None:
             raise ConfigError("trust add needs REPLICA and KEY (a replica's signing.pub)")
-        store.add(args.replica, VerifyKey.load(args.key))
+        key = VerifyKey.load(args.key) if args.key.exists() else VerifyKey.from_text(str(args.key))
+        store.add(args.replica, key)
     elif args.action == "remove":
         if not args.replica or not store.remove(args.replica):
             raise ConfigError(f"replica {args.replica!r} is not trusted")
@@ -145,11 +161,13 @@ async def _daemon(args: argparse.Namespace) -> None:
     from cipherface.transport import Role
 
     settings = _settings(args)
-    serve_metrics(settings.metrics_port)
     role = Role.ONPREM if args.command == "onprem" else Role.CLOUD
     async with contextlib.AsyncExitStack() as stack:
         transport = await _open_when_declared(stack, settings, role)
         agent = (OnPremAgent if args.command == "onprem" else CloudAgent)(settings, transport)
+        ops = serve_metrics(settings.metrics_address, settings.metrics_port, agent.readiness)
+        if ops is not None:
+            stack.callback(ops.close)
         await run_until_signalled(agent.start, agent.stop)
 
 
@@ -271,7 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--model", choices=sorted(MODELS), help="DeepFace model (default Dlib)")
     common.add_argument("--metric", choices=[m.value for m in Metric], help="default cosine")
     common.add_argument("--preset", choices=sorted(PRESETS), help="CKKS parameters (default n8192)")
-    common.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    common.add_argument(
+        "--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port"
+    )
+    common.add_argument("--metrics-address", help="address of that port (default 127.0.0.1)")
+    common.add_argument("--log-format", choices=["text", "json"], help="default text")
     common.add_argument(
         "--onprem-key",
         type=Path,
@@ -295,17 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--labels", type=Path, help="CSV file,subject (else folder/file name)")
     sub.add_parser("onprem", parents=[common], help="run the on-prem daemon")
     cloud = sub.add_parser("cloud", parents=[common], help="run a cloud daemon")
-    cloud.add_argument("--replica", help="replica name (default: host name)")
+    cloud.add_argument("--replica", help="replica name (default: an identity kept in DATA_DIR)")
     replica_key = sub.add_parser(
-        "replica-key", parents=[common], help="create/print a cloud replica's verify key"
+        "replica-key", parents=[common], help="print cloud replicas' verify keys (to trust)"
     )
-    replica_key.add_argument("--replica", help="replica name (default: host name)")
+    replica_key.add_argument("--replica", help="this replica only (created if new)")
     trust = sub.add_parser(
         "trust", parents=[common], help="on-prem: the replicas whose scores and syncs it accepts"
     )
     trust.add_argument("action", choices=["add", "remove", "list"])
     trust.add_argument("replica", nargs="?", help="replica name (add, remove)")
-    trust.add_argument("key", nargs="?", type=Path, help="the replica's signing.pub (add)")
+    trust.add_argument(
+        "key", nargs="?", type=Path, help="the replica's signing.pub, or its text (add)"
+    )
     probe = sub.add_parser("probe", parents=[common], help="verify/identify one image")
     probe.add_argument("image", type=Path)
     probe.add_argument("--subject", help="claimed subject (1:1); omit for 1:N")
@@ -316,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[common], help="everything in one process")
     demo.add_argument("folder", type=Path, nargs="?", help="photos (default: found)")
     add_broker_setup_parser(sub, common)
+    add_ops_parsers(sub, common)
     return parser
 
 
@@ -331,13 +356,16 @@ _COMMANDS = {
     "watch": _watch,
     "demo": _demo,
     "broker-setup": _broker_setup,
+    **OPS_COMMANDS,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cipherface`` command."""
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(
+        args.log_level, args.log_format or os.environ.get("CIPHERFACE_LOG_FORMAT") or "text"
+    )
     started = time.perf_counter()
     try:
         asyncio.run(_COMMANDS[args.command](args))

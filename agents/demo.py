@@ -65,7 +65,7 @@ async def run_demo(settings: Settings, folder: Path) -> dict[str, Any]:
         onprem = OnPremAgent(settings, onprem_link)
         cloud = CloudAgent(settings, cloud_link)
         # What an operator does once per replica: trust its signing key on-prem.
-        TrustStore(settings.trust_store_path).add(settings.replica, cloud.signer.verify_key)
+        TrustStore(settings.trust_store_path).add(cloud.replica, cloud.signer.verify_key)
         await onprem.start()
         started = time.perf_counter()
         report = await onprem.enroll(staging, labels=to_enroll, progress=False)

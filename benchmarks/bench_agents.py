@@ -85,7 +85,7 @@ async def run(broker: str, faces: Path, sizes: dict[str, list[int]]) -> dict[str
         ):
             onprem = OnPremAgent(settings, Recording(a, sizes))  # type: ignore[arg-type]
             cloud = CloudAgent(settings, Recording(b, sizes))  # type: ignore[arg-type]
-            TrustStore(settings.trust_store_path).add(settings.replica, cloud.signer.verify_key)
+            TrustStore(settings.trust_store_path).add(cloud.replica, cloud.signer.verify_key)
             client = Client(Recording(c, sizes), onprem.signer.verify_key)  # type: ignore[arg-type]
             await onprem.start()
             started = time.perf_counter()

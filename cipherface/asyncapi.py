@@ -55,7 +55,7 @@ class _Channel:
 
 _GALLERY = (wire.ContextUpdate, wire.BlockUpdate)
 _PROBES = (wire.ProbeRequest, wire.EncryptedProbeRequest)
-_RESULTS = (wire.ScoresReady, wire.ProbeRejected)
+_RESULTS = (wire.ScoresReady, wire.ProbeRejected, wire.ReplicaStatus)
 
 
 def _channels(topology: Topology) -> list[_Channel]:

@@ -18,13 +18,16 @@ from cipherface.gallery import EncryptedProbe, encrypt_probe
 from cipherface.signing import PinnedKey, VerifyKey
 from cipherface.transport.base import Delivery, Transport
 
-__all__ = ["REPLAY_WINDOW", "Client", "EdgeEncryptor", "EventStream"]
+__all__ = ["MAX_SEEN", "REPLAY_WINDOW", "Client", "EdgeEncryptor", "EventStream"]
 
 log = logging.getLogger(__name__)
 
 #: Seconds before a subscription opened that an event may have been issued: an
 #: older (signed, genuine) event is a replay and is dropped, counted in `replayed`.
 REPLAY_WINDOW = 60.0
+#: Probe ids a stream remembers to drop duplicates (the oldest are forgotten first):
+#: a redelivered event arrives seconds after the first, not a hundred thousand later.
+MAX_SEEN = 100_000
 
 
 class EdgeEncryptor:
@@ -58,10 +61,12 @@ class EventStream:
     replay, dropped and counted in `replayed`.
     """
 
-    def __init__(self, onprem_key: VerifyKey) -> None:
+    def __init__(self, onprem_key: VerifyKey, *, max_seen: int = MAX_SEEN) -> None:
         self._verifier = PinnedKey(onprem_key)
         self._queue: asyncio.Queue[wire.VerificationEvent] = asyncio.Queue()
-        self._seen: set[str] = set()
+        #: Insertion-ordered, bounded to `max_seen`: the dedupe set does not grow forever.
+        self._seen: dict[str, None] = {}
+        self._max_seen = max_seen
         self._opened_at = time.time()
         #: Events dropped because on-prem's key did not sign them.
         self.forged = 0
@@ -86,7 +91,9 @@ class EventStream:
             log.warning("dropped a replayed event of probe %s", event.probe_id)
             return
         if event.probe_id not in self._seen:
-            self._seen.add(event.probe_id)
+            self._seen[event.probe_id] = None
+            if len(self._seen) > self._max_seen:
+                del self._seen[next(iter(self._seen))]
             self._queue.put_nowait(event)
 
     def __aiter__(self) -> AsyncIterator[wire.VerificationEvent]:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cipherface.crypto import DEFAULT_PRESET, PRESETS, Metric
@@ -23,7 +22,10 @@ from cipherface.embedding import (
 )
 from cipherface.exceptions import ConfigError
 
-__all__ = ["DEFAULT_AMQP_URL", "Settings"]
+__all__ = ["CURRENT_KEY_FILE", "DEFAULT_AMQP_URL", "Settings"]
+
+#: In on-prem's folder: the key folder in use after a key rotation (`Settings.key_dir`).
+CURRENT_KEY_FILE = "current-key"
 
 #: The broker the tests and `docker-compose.yml` use.
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -46,12 +48,34 @@ class Settings:
     #: Cosine, because it decides better than euclidean for Dlib (96.2% vs 95.0%).
     metric: Metric = Metric.COSINE
     preset: str = DEFAULT_PRESET
-    #: Names this cloud replica's gallery queue and data folder; stable across restarts.
-    replica: str = field(default_factory=socket.gethostname)
+    #: Names this cloud replica's gallery queue and data folder. None (the default):
+    #: the replica takes an identity kept in the data folder, created once
+    #: (`cipherface.replica.claim`), so a restart keeps it and scaled replicas
+    #: sharing a volume each take their own.
+    replica: str | None = None
     #: Deliveries in flight per consumer: backpressure on slow embedding.
     prefetch: int = 2
-    #: Port of the Prometheus endpoint; None disables it.
+    #: Port of the operations endpoint (``/metrics``, ``/healthz``, ``/readyz``);
+    #: None disables it.
     metrics_port: int | None = None
+    #: Address it binds: loopback unless a scraper elsewhere must reach it.
+    metrics_address: str = "127.0.0.1"
+    #: ``text`` (``key=value``) or ``json`` (one JSON object per line).
+    log_format: str = "text"
+    #: Seconds a probe may wait before it is answered: an older one gets an
+    #: ``Expired`` error event instead of a decision (0: no limit).
+    probe_ttl: float = 300.0
+    #: Seconds on-prem remembers a probe's event (its ledger); results of older
+    #: probes are dropped unanswered. At least `probe_ttl`.
+    ledger_window: float = 7 * 86400.0
+    #: Most events the ledger remembers (the oldest go first).
+    ledger_max: int = 1_000_000
+    #: Seconds after which a replica's gallery queue that nobody consumes is deleted
+    #: by the broker (``x-expires``; 0: never). A replica syncs when it starts.
+    gallery_queue_expiry: float = 7 * 86400.0
+    #: Seconds on-prem keeps a rotated-out key after every replica switched, for
+    #: scores already on their way.
+    rotation_grace: float = 30.0
     #: How many candidates on-prem ranks for a 1:N probe.
     top_k: int = 5
     #: Processes a cloud replica spreads its gallery over (TenSEAL holds the GIL).
@@ -85,6 +109,14 @@ class Settings:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format is text or json, not {self.log_format!r}")
+        if min(self.probe_ttl, self.ledger_window, self.gallery_queue_expiry) < 0:
+            raise ConfigError("probe_ttl, ledger_window and gallery_queue_expiry are >= 0")
+        if self.probe_ttl and self.ledger_window < self.probe_ttl:
+            raise ConfigError("ledger_window must be at least probe_ttl")
+        if self.ledger_max < 1:
+            raise ConfigError("ledger_max must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key go together: set both or neither")
         if self.max_image_side < MIN_IMAGE_SIDE:
@@ -115,23 +147,55 @@ class Settings:
 
     @property
     def cloud_dir(self) -> Path:
-        """This replica's folder: public context and encrypted gallery."""
+        """This replica's folder: its id, signing key, public context and encrypted gallery."""
+        if self.replica is None:
+            raise ConfigError("no replica name yet: claim one (cipherface.replica.claim)")
         return self.data_dir / f"cloud-{self.replica}"
+
+    @property
+    def key_dir(self) -> Path:
+        """The folder of the CKKS keys in use and their enrollment book.
+
+        On-prem's folder itself until a key rotation; then ``keys/<fingerprint>``,
+        named by the ``current-key`` file, which `cipherface rotate-keys` replaces
+        atomically when it switches (so no open database is ever moved).
+        """
+        pointer = self.onprem_dir / CURRENT_KEY_FILE
+        try:
+            name = pointer.read_text().strip()
+        except FileNotFoundError:
+            return self.onprem_dir
+        return self.onprem_dir / name if name else self.onprem_dir
 
     @property
     def secret_key_path(self) -> Path:
         """The secret context, mode 0600."""
-        return self.onprem_dir / "private.key"
+        return self.key_dir / "private.key"
 
     @property
     def public_key_path(self) -> Path:
         """The public context (no secret key, no Galois keys)."""
-        return self.onprem_dir / "public.key"
+        return self.key_dir / "public.key"
 
     @property
     def conjugation_key_path(self) -> Path:
         """The one Galois key cloud replicas get (complex conjugation, edge-probe checks)."""
-        return self.onprem_dir / "conjugation.key"
+        return self.key_dir / "conjugation.key"
+
+    @property
+    def book_path(self) -> Path:
+        """On-prem's enrollment book for the keys in use (plaintext embeddings, 0600)."""
+        return self.key_dir / "book.sqlite"
+
+    @property
+    def ledger_path(self) -> Path:
+        """On-prem's ledger of emitted events (it outlives key rotations)."""
+        return self.onprem_dir / "ledger.sqlite"
+
+    @property
+    def replica_status_path(self) -> Path:
+        """What each replica last reported it serves (``cipherface list``)."""
+        return self.onprem_dir / "replica-status.json"
 
     @property
     def signing_key_path(self) -> Path:
@@ -158,13 +222,18 @@ class Settings:
 _PATHS = ("amqp_password_file", "tls_ca", "tls_cert", "tls_key", "onprem_key")
 
 
+#: Fields read as numbers from the environment.
+_FLOATS = ("sync_interval", "probe_ttl", "ledger_window", "gallery_queue_expiry", "rotation_grace")
+_INTS = ("prefetch", "top_k", "metrics_port", "workers", "ledger_max", "max_image_side")
+
+
 def _convert(name: str, raw: str) -> object:
-    if name == "sync_interval":
+    if name in _FLOATS:
         try:
             return float(raw)
         except ValueError:
             raise ConfigError(f"CIPHERFACE_{name.upper()} must be a number, got {raw!r}") from None
-    if name in ("prefetch", "top_k", "metrics_port", "workers", "max_image_side"):
+    if name in _INTS:
         try:
             return int(raw)
         except ValueError:

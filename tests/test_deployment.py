@@ -59,3 +59,39 @@ def test_dockerfile_installs_the_package_and_its_weights() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "pip install" in dockerfile and "cipherface weights" in dockerfile
     assert 'ENTRYPOINT ["cipherface"]' in dockerfile
+
+
+def test_dockerfile_runs_as_a_user_that_owns_what_it_writes() -> None:
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    [user] = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert user not in ("root", "0")
+    text = "\n".join(lines)
+    # The folders compose mounts volumes on exist in the image, owned by that user,
+    # so new volumes are created writable for it.
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    mounts = {
+        volume.split(":")[1]
+        for service in compose["services"].values()
+        if "build" in service
+        for volume in service.get("volumes", [])
+    }
+    for mount in mounts:
+        assert mount in text or mount.startswith("/credentials/"), mount
+    assert "/credentials/*" in text and "chown cipherface" in text
+
+
+def test_compose_scales_cloud_replicas_on_identities_not_names() -> None:
+    """`--scale cloud=3` copies the service: nothing in it may be one replica's own."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    cloud = compose["services"]["cloud"]
+    args = build_parser().parse_args(cloud["command"])
+    assert args.replica is None  # each replica takes an identity of its own
+    assert "CIPHERFACE_REPLICA" not in cloud.get("environment", {})
+    assert "container_name" not in cloud and "ports" not in cloud and "hostname" not in cloud
+    for name in ("onprem", "cloud"):
+        check = compose["services"][name]["healthcheck"]["test"]
+        health = build_parser().parse_args(check[1:][1:])
+        assert check[:2] == ["CMD", "cipherface"] and health.command == "health" and health.ready
+        assert health.metrics_port == build_parser().parse_args(
+            compose["services"][name]["command"]
+        ).metrics_port

@@ -125,6 +125,9 @@ def _sample_messages() -> list[wire.Message]:
             timings={"embed": 0.5},
         ),
         wire.ProbeRejected(probe_id="p4", subject=None, error="E", reason="r", submitted_at=1.0),
+        wire.ReplicaStatus(
+            replica="r1", fingerprint=_FP, blocks=(0,), versions=(1,), templates=1, awaiting=0
+        ),
         wire.VerificationEvent(
             probe_id="p5",
             mode="1:N",

@@ -14,20 +14,34 @@ sends on-prem the probe's encrypted norms, so on-prem can refuse a forged one.
 Scale-out: every replica has its own durable gallery queue bound to the gallery
 fanout exchange, so each holds the whole gallery; replicas compete for probes on
 the shared probe queue. A replica that starts asks on-prem for a full sync; it
-begins consuming probes only once it holds every block on-prem announced.
+begins consuming probes only once it holds every block on-prem announced. Its
+name, key and store come from an identity it holds in the data folder
+(`cipherface.replica`), created on first start.
+
+Key rotation: a context under a new key (issued after the one held) starts a
+gallery *beside* the one served (`_Staged`, its own SQLite file); probes keep
+being searched on the old gallery until every announced block of the new one is
+in, then the replica switches in one step, waits for the probes still searching
+the old one, and drops it. After each change it reports what it serves
+(`wire.ReplicaStatus`, on the results queue).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from cipherface import wire
 from cipherface.config import Settings
 from cipherface.crypto import Keyring
+from cipherface.daemon import finish_in_thread
 from cipherface.embedding import Embedder, EmbeddingCache, largest_face
 from cipherface.exceptions import (
     ConfigError,
@@ -38,12 +52,17 @@ from cipherface.exceptions import (
 )
 from cipherface.gallery import EncryptedGallery
 from cipherface.gallery.integrity import prove_probe
-from cipherface.metrics import instrumented
+from cipherface.metrics import BLOCKS_AWAITED, GALLERY_TEMPLATES, PROBE_AGE, instrumented
+from cipherface.replica import claim
 from cipherface.signing import PinnedKey, SigningKey, VerifyKey
 from cipherface.store import GalleryStore
 from cipherface.transport.base import Consumer, Delivery, Transport
 
-__all__ = ["SYNC_RETRY", "CloudAgent"]
+__all__ = ["CURRENT_STORE", "SYNC_RETRY", "CloudAgent"]
+
+#: In a replica's folder: the name of the store file it serves from (``gallery.sqlite``
+#: unless a key rotation switched to another).
+CURRENT_STORE = "current-store"
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +71,24 @@ log = logging.getLogger(__name__)
 SYNC_RETRY = 15.0
 
 
+@dataclass(slots=True)
+class _Staged:
+    """A gallery under a new key, filling beside the one served until it is whole."""
+
+    keyring: Keyring
+    store: GalleryStore
+    gallery: EncryptedGallery
+    context: bytes
+    conjugation_key: bytes
+    awaiting: set[int] = field(default_factory=set)
+
+
 class CloudAgent:
     """Consumes the gallery and probes; publishes encrypted scores for on-prem."""
 
     role = "cloud"
 
     def __init__(self, settings: Settings, transport: Transport) -> None:
-        self.settings = settings
-        self.transport = transport
-        self.embedder = EmbeddingCache(Embedder(settings.model, settings.detector))
-        settings.cloud_dir.mkdir(parents=True, exist_ok=True)
         try:
             onprem_key = VerifyKey.load(settings.onprem_verify_key_path)
         except ConfigError as exc:
@@ -69,9 +96,15 @@ class CloudAgent:
                 f"a cloud replica needs on-prem's verify key pinned: {exc} "
                 "(copy on-prem's signing.pub there or set CIPHERFACE_ONPREM_KEY)"
             ) from None
+        #: This replica's identity, held (flock) until `stop`.
+        self.identity = claim(settings.data_dir, settings.replica)
+        self.replica = self.identity.name
+        self.settings = settings = settings.override(replica=self.replica)
+        self.transport = transport
+        self.embedder = EmbeddingCache(Embedder(settings.model, settings.detector))
         self.onprem = PinnedKey(onprem_key)
-        self.signer = SigningKey.load_or_create(settings.replica_key_path, settings.replica)
-        self._store_path = settings.cloud_dir / "gallery.sqlite"
+        self.signer = SigningKey.load_or_create(settings.replica_key_path, self.replica)
+        self._store_path = self._current_store()
         self.store = GalleryStore(self._store_path)
         self.keyring: Keyring | None = None
         #: The serialized public context behind `keyring`, as on-prem sent it.
@@ -82,27 +115,61 @@ class CloudAgent:
         self._conjugation_key = b""
         self.gallery: EncryptedGallery | None = None
         self._awaiting: set[int] = set()
+        #: A new key's gallery being received beside the served one (key rotation).
+        self._staged: _Staged | None = None
         self.ready = asyncio.Event()
         self._consumers: list[Consumer] = []
         self._probe_task: asyncio.Task[None] | None = None
         self._sync_task: asyncio.Task[None] | None = None
+        #: Probes searching each gallery now: the old one is closed after its last.
+        self._searching: collections.Counter[int] = collections.Counter()
+        self._searched = asyncio.Condition()
         #: Probes this replica answered (scores or rejection) since it started.
         self.probes_served = 0
+        self.serving = False  # consuming probes (once it holds a whole gallery)
+
+    def _current_store(self) -> Path:
+        """The store file served from; stale ones (an interrupted rotation) are deleted."""
+        folder = self.settings.cloud_dir
+        pointer = folder / CURRENT_STORE
+        name = pointer.read_text().strip() if pointer.exists() else "gallery.sqlite"
+        for path in folder.glob("gallery*.sqlite*"):
+            if not path.name.startswith(name):
+                path.unlink()
+        return folder / name
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """For ``/readyz``: connected, and every block on-prem announced is held."""
+        connected = bool(getattr(self.transport, "connected", True))
+        held = self.gallery is not None and not self._awaiting
+        details = {
+            "broker": connected,
+            "replica": self.replica,
+            "awaiting": len(self._awaiting),
+            "templates": len(self.gallery or ()),
+            "serving": self.serving,
+        }
+        return connected and held and self.serving, details
 
     async def start(self) -> None:
-        """Load what is stored, subscribe to the gallery, ask for a sync, then serve probes."""
+        """Load what is stored, subscribe to the gallery, ask for a sync, then serve probes.
+
+        The stored gallery is loaded in a thread (a large one takes a while), so the
+        connection's heartbeats go on meanwhile.
+        """
         stored = self.store.load_context()
         if stored is not None:
-            self._install_context(stored, self.store.conjugation_key())
+            await finish_in_thread(self._install_context, stored, self.store.conjugation_key())
             self._issued_at = self.store.issued_at()
             if len(self.gallery or ()) > 0:
                 self.ready.set()
+                await self._report()
         topology = self.transport.topology
         self._consumers.append(
             await self.transport.consume(
-                topology.gallery_queue(self.settings.replica),
+                topology.gallery_queue(self.replica),
                 instrumented(self.role, "gallery", self._on_gallery),
-                bindings=topology.gallery_bindings(self.settings.replica),
+                bindings=topology.gallery_bindings(self.replica),
                 prefetch=1,  # blocks are applied in order
             )
         )
@@ -111,7 +178,7 @@ class CloudAgent:
         self._probe_task = asyncio.create_task(self._serve_probes_when_ready())
         log.info(
             "cloud replica %s started (model=%s, metric=%s, templates=%d)",
-            self.settings.replica,
+            self.replica,
             self.settings.model,
             self.settings.metric.value,
             len(self.gallery or ()),
@@ -119,7 +186,7 @@ class CloudAgent:
 
     async def _ask_sync(self) -> None:
         request = wire.SyncRequest(
-            replica=self.settings.replica,
+            replica=self.replica,
             fingerprint=self.keyring.fingerprint if self.keyring else "",
             requested_at=time.time(),
         )
@@ -134,7 +201,7 @@ class CloudAgent:
             except asyncio.TimeoutError:
                 log.info(
                     "replica %s still waits for %d block(s): asking again",
-                    self.settings.replica,
+                    self.replica,
                     len(self._awaiting),
                 )
                 await self._ask_sync()
@@ -148,18 +215,45 @@ class CloudAgent:
                 prefetch=self.settings.prefetch,
             )
         )
+        self.serving = True
         log.info("serving probes with %d templates", len(self.gallery or ()))
 
     async def stop(self) -> None:
-        """Stop consuming, drain in-flight probes, close the store."""
+        """Stop consuming, drain in-flight work, close the stores, give the identity back.
+
+        A block being stored when the drain times out is finished first (its
+        thread is never left using a closed store); the delivery is requeued.
+        """
         for task in (self._probe_task, self._sync_task):
             if task is not None:
                 task.cancel()
         for consumer in self._consumers:
             await consumer.cancel(timeout=30)
         self._consumers.clear()
+        self._drop_staged()
         self._close_gallery()
         self.store.close()
+        self.identity.release()
+
+    async def _report(self) -> None:
+        """Tell on-prem what this replica serves (`wire.ReplicaStatus`)."""
+        layouts = self.gallery._layouts if self.gallery is not None else {}
+        GALLERY_TEMPLATES.labels(self.role).set(len(self.gallery or ()))
+        BLOCKS_AWAITED.labels(self.role).set(len(self._awaiting))
+        status = wire.ReplicaStatus(
+            replica=self.replica,
+            fingerprint=self.keyring.fingerprint if self.keyring else "",
+            blocks=tuple(sorted(layouts)),
+            versions=tuple(layouts[b].version for b in sorted(layouts)),
+            templates=len(self.gallery or ()),
+            awaiting=len(self._awaiting),
+            staged=self._staged.keyring.fingerprint if self._staged else "",
+        )
+        try:
+            body = wire.encode(status, signer=self.signer)
+            await self.transport.send(self.transport.topology.results, body)
+        except TransportError as exc:  # a report is not worth failing the gallery message
+            log.warning("could not report to on-prem: %s", exc)
 
     # -- gallery ----------------------------------------------------------------------
     def _install_context(
@@ -194,6 +288,72 @@ class CloudAgent:
             self.gallery.close()
             self.gallery = None
 
+    def _drop_staged(self) -> None:
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            staged.gallery.close()
+            staged.store.close()
+            staged.store.path.unlink(missing_ok=True)
+
+    def _stage(self, data: bytes, conjugation_key: bytes, claimed: str) -> _Staged:
+        """A new key's gallery in a store file of its own, beside the one served."""
+        keyring = Keyring.from_bytes(data, expect="public")
+        keyring.check(claimed)
+        path = self.settings.cloud_dir / f"gallery-{keyring.fingerprint[:16]}.sqlite"
+        path.unlink(missing_ok=True)
+        store = GalleryStore(path)
+        store.save_context(data, keyring.fingerprint, conjugation_key)
+        gallery = EncryptedGallery(keyring, store, workers=self.settings.workers)
+        return _Staged(keyring, store, gallery, data, conjugation_key)
+
+    async def _switch(self) -> None:
+        """Serve the staged gallery, now whole; close the old one after its last probe."""
+        staged, self._staged = self._staged, None
+        assert staged is not None
+        old_gallery, old_store = self.gallery, self.store
+        self.keyring, self.gallery, self.store = staged.keyring, staged.gallery, staged.store
+        self._context, self._conjugation_key = staged.context, staged.conjugation_key
+        self._store_path = staged.store.path
+        self.store.save_issued_at(self._issued_at)
+        (self.settings.cloud_dir / CURRENT_STORE).write_text(self._store_path.name + "\n")
+        log.warning("replica %s switched to key %s", self.replica, self.keyring.fingerprint)
+        if old_gallery is not None:
+            async with self._searched:
+                await self._searched.wait_for(lambda: not self._searching[id(old_gallery)])
+            old_gallery.close()
+        old_store.close()
+        old_store.path.unlink(missing_ok=True)
+
+    async def _on_context(self, message: wire.ContextUpdate, fingerprint: str) -> None:
+        held = self.keyring.fingerprint if self.keyring else ""
+        staged = self._staged.keyring.fingerprint if self._staged else ""
+        if message.issued_at < self._issued_at and fingerprint not in (held, staged):
+            # A replayed context of an older key would drop the current gallery.
+            raise SignatureError(f"context for key {fingerprint} was issued before the one held")
+        if fingerprint == staged and self._staged is not None:
+            self._staged.awaiting = set(message.blocks)
+        elif fingerprint != held and self.ready.is_set() and self.gallery is not None:
+            # A key rotation while serving: fill the new gallery beside this one.
+            self._drop_staged()
+            self._staged = await finish_in_thread(
+                self._stage, message.context, message.conjugation_key, fingerprint
+            )
+            self._staged.awaiting = set(message.blocks)
+            if not message.blocks:  # an empty gallery is whole at once
+                await self._switch()
+                await self._report()
+        else:
+            # Every enrollment and sync re-announces the context: parse and check it
+            # only when its bytes differ from the context this replica holds.
+            if message.context != self._context:
+                await finish_in_thread(
+                    self._install_context, message.context, message.conjugation_key, fingerprint
+                )
+            self._awaiting = set(message.blocks)
+        if message.issued_at > self._issued_at:
+            self._issued_at = message.issued_at
+            self.store.save_issued_at(message.issued_at)
+
     async def _on_gallery(self, delivery: Delivery) -> None:
         # Only what on-prem signed: a forged context (a "key rotation") or block,
         # even well-formed, is dead-lettered with the reason and changes nothing.
@@ -201,35 +361,29 @@ class CloudAgent:
             delivery.body, expect=(wire.ContextUpdate, wire.BlockUpdate), verifier=self.onprem
         )
         message = envelope.message
+        was_awaiting = bool(self._awaiting)
         if isinstance(message, wire.ContextUpdate):
-            if message.issued_at < self._issued_at and envelope.fingerprint != (
-                self.keyring.fingerprint if self.keyring else ""
-            ):
-                # A replayed context of an older key would drop the current gallery.
-                raise SignatureError(
-                    f"context for key {envelope.fingerprint} was issued before the one held"
-                )
-            # Every enrollment and sync re-announces the context: parse and check it
-            # only when its bytes differ from the context this replica holds.
-            if message.context != self._context:
-                await asyncio.to_thread(
-                    self._install_context,
-                    message.context,
-                    message.conjugation_key,
-                    envelope.fingerprint,
-                )
-            if message.issued_at > self._issued_at:
-                self._issued_at = message.issued_at
-                self.store.save_issued_at(message.issued_at)
-            self._awaiting = set(message.blocks)
+            await self._on_context(message, envelope.fingerprint)
         elif isinstance(message, wire.BlockUpdate):
+            staged = self._staged
+            if staged is not None and envelope.fingerprint == staged.keyring.fingerprint:
+                await finish_in_thread(staged.gallery.put, message.block)
+                staged.awaiting.discard(message.block.block_id)
+                if not staged.awaiting:
+                    await self._switch()
+                    await self._report()
+                return
             if self.gallery is None or self.keyring is None:
                 raise KeyMismatchError("(none)", envelope.fingerprint)
             self.keyring.check(envelope.fingerprint)
-            await asyncio.to_thread(self.gallery.put, message.block)
+            await finish_in_thread(self.gallery.put, message.block)
             self._awaiting.discard(message.block.block_id)
-        if self.gallery is not None and not self._awaiting and not self.ready.is_set():
+        BLOCKS_AWAITED.labels(self.role).set(len(self._awaiting))
+        if self.gallery is not None and not self._awaiting:
+            first = not self.ready.is_set()
             self.ready.set()
+            if first or was_awaiting:
+                await self._report()
 
     # -- probes -----------------------------------------------------------------------
     async def _on_probe(self, delivery: Delivery) -> None:
@@ -242,6 +396,50 @@ class CloudAgent:
         if gallery is None or keyring is None:
             # Only while a key rotation swaps the gallery: try again shortly.
             raise TransportError("the gallery is being replaced")
+        age = time.time() - request.submitted_at
+        PROBE_AGE.labels(self.role).observe(max(age, 0.0))
+        ttl = self.settings.probe_ttl
+        if ttl and age > ttl:
+            # Queued through an outage: an answer now would come too late to mean much.
+            reason = f"waited {age:.0f}s in the queue, longer than its {ttl:.0f}s time-to-live"
+            await self._reject(request, "Expired", reason, keyring)
+            return
+        self._searching[id(gallery)] += 1
+        try:
+            await self._search(request, gallery, keyring)
+        finally:
+            self._searching[id(gallery)] -= 1
+            async with self._searched:
+                self._searched.notify_all()
+
+    async def _reject(
+        self,
+        request: wire.ProbeRequest | wire.EncryptedProbeRequest,
+        error: str,
+        reason: str,
+        keyring: Keyring,
+    ) -> None:
+        rejected = wire.ProbeRejected(
+            probe_id=request.probe_id,
+            subject=request.subject,
+            error=error,
+            reason=reason,
+            submitted_at=request.submitted_at,
+        )
+        await self._to_onprem(rejected, keyring)
+        log.info(
+            "probe %s rejected: %s",
+            request.probe_id,
+            error,
+            extra={"probe_id": request.probe_id, "outcome": "rejected", "error": error},
+        )
+
+    async def _search(
+        self,
+        request: wire.ProbeRequest | wire.EncryptedProbeRequest,
+        gallery: EncryptedGallery,
+        keyring: Keyring,
+    ) -> None:
         timings: dict[str, float] = {}
         faces = 1
         check = None
@@ -267,14 +465,7 @@ class CloudAgent:
             timings["search"] = time.perf_counter() - started
         except (EmbeddingError, KeyMismatchError) as exc:
             # Bad input from a user gets an answer (an error event), not silence.
-            rejected = wire.ProbeRejected(
-                probe_id=request.probe_id,
-                subject=request.subject,
-                error=type(exc).__name__,
-                reason=str(exc),
-                submitted_at=request.submitted_at,
-            )
-            await self._to_onprem(rejected, keyring)
+            await self._reject(request, type(exc).__name__, str(exc), keyring)
             return
         ready = wire.ScoresReady(
             probe_id=request.probe_id,
@@ -286,6 +477,16 @@ class CloudAgent:
             probe_check=check,
         )
         await self._to_onprem(ready, keyring)
+        log.info(
+            "probe %s scored on %d block(s)",
+            request.probe_id,
+            len(scores),
+            extra={
+                **{"probe_id": request.probe_id, "mode": "1:1" if request.subject else "1:N"},
+                **{"outcome": "scored", "blocks": len(scores), "fingerprint": keyring.fingerprint},
+                **{"seconds": round(sum(timings.values()), 4)},
+            },
+        )
 
     async def _to_onprem(self, message: wire.Message, keyring: Keyring) -> None:
         body = wire.encode(

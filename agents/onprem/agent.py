@@ -10,65 +10,80 @@ decrypted that fails the integrity checks of `cipherface.gallery.integrity`.
 Scores, rejections and sync requests are accepted only from replicas in the
 trust store, and a sync is answered to the asking replica alone, at most once
 per `Settings.sync_interval`, from the book's cached ciphertexts.
+
+Keys: the CKKS keys and their book live in `Settings.key_dir`; during a key
+rotation (`agents.onprem.rotation`) on-prem holds two key sets and decrypts
+scores under whichever the replica used (the envelope's fingerprint).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
+from agents.onprem.keys import KeySet, generate_keys, write_keys
 from cipherface import wire
 from cipherface.config import Settings
 from cipherface.crypto import Keyring
-from cipherface.embedding import Embedder, largest_face, model_spec, threshold
-from cipherface.exceptions import ConfigError, EmbeddingError, IntegrityError, SignatureError
+from cipherface.daemon import finish_in_thread
+from cipherface.embedding import Embedder, largest_face, threshold
+from cipherface.exceptions import (
+    ConfigError,
+    EmbeddingError,
+    IntegrityError,
+    KeyMismatchError,
+    SignatureError,
+)
 from cipherface.gallery import EnrollmentBook, Match, accept, rank
-from cipherface.gallery.integrity import conjugation_key, flood
+from cipherface.gallery.integrity import flood
 from cipherface.ledger import ProbeLedger
-from cipherface.metrics import INTEGRITY_FAILURES, SYNCS, instrumented
+from cipherface.metrics import (
+    DEAD_LETTERS,
+    GALLERY_TEMPLATES,
+    INTEGRITY_FAILURES,
+    LEDGER_SIZE,
+    PROBE_AGE,
+    SYNCS,
+    instrumented,
+)
 from cipherface.private import check_private_tree, private_dir, write_private
 from cipherface.signing import SigningKey, TrustStore
 from cipherface.transport.base import Consumer, Delivery, Transport
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "OPS_INTERVAL",
     "EnrollReport",
+    "KeySet",
     "OnPremAgent",
     "generate_keys",
+    "read_replica_status",
     "subject_of",
+    "write_keys",
 ]
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+#: Seconds between two rounds of on-prem's housekeeping (gauges, rotation requests).
+OPS_INTERVAL = 2.0
 
 
-def generate_keys(settings: Settings, *, overwrite: bool = False) -> Keyring:
-    """Create on-prem's keys in its private folder (0700; every file 0600).
-
-    The CKKS secret key, the public context (public key only: the packed gallery
-    needs neither rotation nor relinearisation keys), the conjugation key replicas
-    use to check edge probes, and the Ed25519 signing key with its ``.pub`` half,
-    which cloud replicas and event readers pin.
-    """
-    if settings.secret_key_path.exists() and not overwrite:
-        raise ConfigError(
-            f"{settings.secret_key_path} exists; refusing to replace keys that encrypt a gallery"
-        )
-    private_dir(settings.onprem_dir)
-    keyring = Keyring.generate(settings.preset)
-    keyring.save_secret(settings.secret_key_path)
-    keyring.save_public(settings.public_key_path, galois_keys=False, relin_keys=False)
-    settings.public_key_path.chmod(0o600)  # public, but the folder's rule has no exceptions
-    write_private(settings.conjugation_key_path, conjugation_key(keyring))
-    SigningKey.generate("onprem").save(settings.signing_key_path)
-    return keyring
+def read_replica_status(path: Path) -> dict[str, wire.ReplicaStatus]:
+    """What each replica last reported (`OnPremAgent.replicas`), from on-prem's folder."""
+    try:
+        raw = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {name: wire.ReplicaStatus.from_body(body) for name, body in raw.items()}
 
 
 def subject_of(path: Path, root: Path) -> str:
@@ -84,6 +99,8 @@ class EnrollReport:
     enrolled: int = 0
     blocks_published: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: Templates withdrawn (`OnPremAgent.remove`).
+    removed: int = 0
 
 
 class OnPremAgent:
@@ -100,23 +117,50 @@ class OnPremAgent:
             )
         # Keys, book, ledger and trust store: refused at start if any is readable by others.
         check_private_tree(private_dir(settings.onprem_dir))
-        self.keyring = Keyring.load(settings.secret_key_path, expect="secret")
+        from agents.onprem.rotation import KeyRotation
+
+        #: Key sets by fingerprint: the current one, and a rotation's new or old one.
+        self.keys: dict[str, KeySet] = {}
+        self.current = self._add_keys(KeySet.load(settings.key_dir, settings))
+        #: What syncs and enrollments publish: the current keys, or a rotation's new ones.
+        self.publishing = self.current
+        self.rotation = KeyRotation(self)
         self.signer = SigningKey.load(settings.signing_key_path, "onprem")
         self.trusted = TrustStore(settings.trust_store_path)
-        self._conjugation_key = settings.conjugation_key_path.read_bytes()
         self.embedder = Embedder(settings.model, settings.detector)
         self.threshold = threshold(settings.model, settings.metric.value)
-        self.book = EnrollmentBook(
-            self.keyring,
-            settings.metric,
-            model_spec(settings.model).dimensions,
-            path=settings.onprem_dir / "book.sqlite",
+        self.ledger = ProbeLedger(
+            settings.ledger_path, window=settings.ledger_window, max_events=settings.ledger_max
         )
-        self.ledger = ProbeLedger(settings.onprem_dir / "ledger.sqlite")
         self._consumers: list[Consumer] = []
         self._publishing = asyncio.Lock()
         #: Per replica: when its last sync answer started.
         self._synced: dict[str, float] = {}
+        #: Per replica: its last `wire.ReplicaStatus` (also in `Settings.replica_status_path`).
+        self.replicas = read_replica_status(settings.replica_status_path)
+        self.status_changed = asyncio.Event()
+        self._ops_task: asyncio.Task[None] | None = None
+        self.started = False
+
+    def _add_keys(self, keys: KeySet) -> KeySet:
+        self.keys[keys.fingerprint] = keys
+        return keys
+
+    @property
+    def keyring(self) -> Keyring:
+        """The CKKS keys in use."""
+        return self.current.keyring
+
+    @property
+    def book(self) -> EnrollmentBook:
+        """The enrollment book of the keys in use."""
+        return self.current.book
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """For ``/readyz``: started and connected to the broker."""
+        connected = bool(getattr(self.transport, "connected", True))
+        details = {"broker": connected, "started": self.started, "templates": len(self.book)}
+        return self.started and connected, details
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -134,6 +178,9 @@ class OnPremAgent:
                 topology.sync, instrumented(self.role, "sync", self._on_sync), prefetch=1
             )
         )
+        await self.rotation.resume()
+        self._ops_task = asyncio.create_task(self._housekeeping())
+        self.started = True
         log.info(
             "on-prem started (key=%s, templates=%d, model=%s, metric=%s)",
             self.keyring.fingerprint,
@@ -143,12 +190,34 @@ class OnPremAgent:
         )
 
     async def stop(self) -> None:
-        """Drain in-flight work and close the stores."""
+        """Drain in-flight work, let a sync being published stop between two blocks,
+        then close the stores (never under a worker thread still using them)."""
+        self.started = False
+        if self._ops_task is not None:
+            self._ops_task.cancel()
+            await asyncio.gather(self._ops_task, return_exceptions=True)
+        await self.rotation.stop()
         for consumer in self._consumers:
             await consumer.cancel(timeout=30)
         self._consumers.clear()
-        self.ledger.close()
-        self.book.close()
+        async with self._publishing:  # an enrollment's publishing, if one runs
+            self.ledger.close()
+            for keys in self.keys.values():
+                keys.book.close()
+
+    async def _housekeeping(self) -> None:
+        """Gauges, and a rotation requested by ``cipherface rotate-keys``, every few seconds."""
+        while True:
+            try:
+                GALLERY_TEMPLATES.labels(self.role).set(len(self.book))
+                LEDGER_SIZE.labels(self.role).set(len(self.ledger))
+                depth = await self.transport.queue_depth(self.transport.topology.dead_letters)
+                if depth is not None:
+                    DEAD_LETTERS.labels(self.role).set(depth)
+                self.rotation.poll_request()
+            except Exception as exc:  # housekeeping must never stop the daemon
+                log.warning("housekeeping: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(OPS_INTERVAL)
 
     # -- enrollment -------------------------------------------------------------------
     async def enroll(
@@ -163,6 +232,7 @@ class OnPremAgent:
         The subject is ``labels[file name]`` when given, else the sub-folder name, else
         the file stem. Images that fail (not an image, no face) are skipped and reported.
         """
+        self.rotation.refuse_changes()
         report = EnrollReport()
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         for path in tqdm(files, desc="enrolling", unit="img", disable=not progress):
@@ -181,41 +251,76 @@ class OnPremAgent:
         report.blocks_published = await self.publish_gallery(self.book.pending_blocks())
         return report
 
+    async def remove(
+        self, subject: str | None = None, *, template_id: str | None = None
+    ) -> EnrollReport:
+        """Withdraw a subject (every template) or one template, and republish its blocks.
+
+        The book overwrites the removed embedding on disk (`EnrollmentBook.remove`);
+        each changed block is re-encrypted at a new version, which replicas keep in
+        place of the old one.
+        """
+        self.rotation.refuse_changes()
+        self.book.refresh()
+        report = EnrollReport()
+        if template_id is not None:
+            self.book.remove(template_id)
+            report.removed = 1
+        elif subject is not None:
+            report.removed = self.book.remove_subject(subject)
+            if not report.removed:
+                raise ConfigError(f"no enrolled subject {subject!r}")
+        else:
+            raise ConfigError("remove needs a subject or a template id")
+        report.blocks_published = await self.publish_gallery(self.book.pending_blocks())
+        return report
+
     async def publish_gallery(
-        self, block_ids: Iterable[int] | None = None, *, replica: str | None = None
+        self,
+        block_ids: Iterable[int] | None = None,
+        *,
+        replica: str | None = None,
+        keys: KeySet | None = None,
     ) -> int:
         """Publish the public context, then the given blocks (all when None).
 
         The context message announces the block ids that follow, so a replica knows
-        when it holds the whole gallery. To every replica, or to ``replica`` only.
+        when it holds the whole gallery. To every replica, or to ``replica`` only;
+        under `publishing` (the current keys, or a rotation's new ones) unless
+        ``keys`` says otherwise. Cancelled (shutdown), it stops between two blocks.
         """
         topology = self.transport.topology
         key = topology.gallery_broadcast_key if replica is None else topology.gallery_key(replica)
         async with self._publishing:
-            self.book.refresh()
-            ids = sorted(self.book.all_blocks() if block_ids is None else set(block_ids))
+            keys = keys or self.publishing
+            keys.book.refresh()
+            ids = sorted(keys.book.all_blocks() if block_ids is None else set(block_ids))
             context = wire.ContextUpdate(
-                context=self.keyring.public_bytes(galois_keys=False, relin_keys=False),
-                conjugation_key=self._conjugation_key,
+                context=keys.keyring.public_bytes(galois_keys=False, relin_keys=False),
+                conjugation_key=keys.conjugation_key,
                 blocks=tuple(ids),
                 issued_at=time.time(),
             )
-            await self.transport.publish(topology.gallery, key, self._encode(context))
+            await self.transport.publish(topology.gallery, key, self._encode(context, keys))
             # Blocks are encrypted (by `workers` processes) while earlier ones are sent.
-            blocks = self.book.encrypt_blocks(ids, workers=self.settings.workers)
+            blocks = keys.book.encrypt_blocks(ids, workers=self.settings.workers)
             try:
-                while (block := await asyncio.to_thread(next, blocks, None)) is not None:
-                    update = self._encode(wire.BlockUpdate(block=block))
+                while (block := await finish_in_thread(next, blocks, None)) is not None:
+                    update = self._encode(wire.BlockUpdate(block=block), keys)
                     await self.transport.publish(topology.gallery, key, update)
             finally:
                 blocks.close()  # shuts the worker pool down if publishing failed
-            log.info("published context and %d block(s)", len(ids))
+            log.info(
+                "published context and %d block(s)",
+                len(ids),
+                extra={"fingerprint": keys.fingerprint, "replica": replica or "all"},
+            )
             return len(ids)
 
-    def _encode(self, message: wire.Message) -> bytes:
+    def _encode(self, message: wire.Message, keys: KeySet | None = None) -> bytes:
         return wire.encode(
             message,
-            fingerprint=self.keyring.fingerprint,
+            fingerprint=(keys or self.current).fingerprint,
             model=self.settings.model,
             metric=self.settings.metric.value,
             signer=self.signer,
@@ -240,31 +345,64 @@ class OnPremAgent:
             return
         self._synced[replica] = time.time()
         SYNCS.labels("answered").inc()
-        log.info("replica %s asks for the gallery", replica)
+        log.info("replica %s asks for the gallery", replica, extra={"replica": replica})
         # Only to that replica, from the book's cached ciphertexts: no re-encryption.
         await self.publish_gallery(replica=replica)
 
+    def _on_status(self, signer: str, status: wire.ReplicaStatus) -> None:
+        if signer != status.replica:
+            raise SignatureError(f"replica {signer!r} reported on behalf of {status.replica!r}")
+        self.replicas[status.replica] = status
+        write_private(
+            self.settings.replica_status_path,
+            json.dumps({n: s.body() for n, s in sorted(self.replicas.items())}).encode(),
+        )
+        self.status_changed.set()
+        log.info(
+            "replica %s serves %d template(s) in %d block(s), %d awaited",
+            status.replica,
+            status.templates,
+            len(status.blocks),
+            status.awaiting,
+            extra={"replica": status.replica, "fingerprint": status.fingerprint},
+        )
+
     async def _on_result(self, delivery: Delivery) -> None:
         envelope = wire.decode(
-            delivery.body, expect=(wire.ScoresReady, wire.ProbeRejected), verifier=self.trusted
+            delivery.body,
+            expect=(wire.ScoresReady, wire.ProbeRejected, wire.ReplicaStatus),
+            verifier=self.trusted,
         )
         result = envelope.message
+        if isinstance(result, wire.ReplicaStatus):
+            self._on_status(envelope.signer, result)
+            return
         assert isinstance(result, (wire.ScoresReady, wire.ProbeRejected))
+        age = time.time() - result.submitted_at
+        # Older than the ledger remembers, its event may be out and forgotten.
+        forgotten = age > self.settings.ledger_window
         if not self.ledger.claim(result.probe_id):
             log.info("probe %s already has its event; duplicate suppressed", result.probe_id)
             return
         try:
+            ttl = self.settings.probe_ttl
             if isinstance(result, wire.ProbeRejected):
+                if forgotten and result.error == "Expired":
+                    log.warning("probe %s is %.0fs old: dropped", result.probe_id, age)
+                    return
                 event = self._event(result, error=f"{result.error}: {result.reason}")
             else:
-                self.keyring.check(envelope.fingerprint)
+                keys = self.keys.get(envelope.fingerprint)
+                if keys is None:
+                    raise KeyMismatchError(self.keyring.fingerprint, envelope.fingerprint)
                 started = time.perf_counter()
-                self.book.refresh()  # `cipherface enroll` may have run beside this daemon
+                keys.book.refresh()  # `cipherface enroll` may have run beside this daemon
                 try:
-                    matches = await asyncio.to_thread(
+                    matches = await self.rotation.using(
+                        keys,
                         rank,
-                        self.keyring,
-                        self.book,
+                        keys.keyring,
+                        keys.book,
                         result.scores,
                         subject=result.subject,
                         top_k=self.settings.top_k,
@@ -279,7 +417,15 @@ class OnPremAgent:
                     )
                     event = self._event(result, error=f"IntegrityError: {exc}")
                 else:
-                    event = self._decide(result, matches, time.perf_counter() - started)
+                    if forgotten:
+                        log.warning("probe %s is %.0fs old: dropped", result.probe_id, age)
+                        return
+                    if ttl and age > ttl:
+                        # Integrity first (above); then an answer too late is no decision.
+                        expired = f"Expired: scored {age:.0f}s after submission, ttl {ttl:.0f}s"
+                        event = self._event(result, error=expired)
+                    else:
+                        event = self._decide(result, matches, time.perf_counter() - started)
             await self.transport.publish(
                 self.transport.topology.events,
                 event.routing_key,
@@ -292,6 +438,18 @@ class OnPremAgent:
                 message_id=event.probe_id,
             )
             self.ledger.record(result.probe_id, time.time())
+            PROBE_AGE.labels(self.role).observe(max(age, 0.0))
+            log.info(
+                "probe %s: %s",
+                event.probe_id,
+                event.routing_key,
+                extra={
+                    **{k: getattr(event, k) for k in ("probe_id", "mode", "subject", "error")},
+                    **{"verified": event.verified, "age": round(age, 3)},
+                    **{"outcome": event.routing_key.rsplit(".", 1)[-1]},
+                    **{"replica": envelope.signer, "fingerprint": envelope.fingerprint},
+                },
+            )
         finally:
             self.ledger.release(result.probe_id)
 

@@ -16,6 +16,7 @@ import heapq
 import multiprocessing
 import secrets
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -268,14 +269,22 @@ class EnrollmentBook:
                 self._mark(block)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write the enrollment book: {exc}") from exc
-        try:
-            # The WAL still holds the deleted row's page: empty it now.
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot checkpoint the enrollment book: {exc}") from exc
+        self._truncate_wal()
         del self._where[template_id], self._subject[template_id]
         self._layout[block][slot] = ""
         heapq.heappush(self._free, block * self.capacity + slot)
+
+    def _truncate_wal(self) -> None:
+        """Empty the WAL, which holds the deleted row's page; a reader in another
+        process (the daemon beside ``cipherface remove``) may keep it busy a moment."""
+        try:
+            for _ in range(100):
+                if not self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]:
+                    return
+                time.sleep(0.05)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot checkpoint the enrollment book: {exc}") from exc
+        raise StoreError(f"cannot empty the WAL of {self.path}: a reader keeps it busy")
 
     def remove_subject(self, subject: str) -> int:
         """Withdraw every template of ``subject``; returns how many there were."""

@@ -9,6 +9,7 @@ from cipherface.transport.base import (
     SOURCE_HEADER,
     Consumer,
     Delivery,
+    Fetched,
     Handler,
     Outcome,
     Role,
@@ -29,6 +30,7 @@ __all__ = [
     "SOURCE_HEADER",
     "Consumer",
     "Delivery",
+    "Fetched",
     "Handler",
     "MemoryBroker",
     "MemoryTransport",
@@ -52,7 +54,8 @@ def open_transport(
     role's broker user may configure (`Role`); None declares everything, as a
     guest or the in-process broker can. Use the result as an async context manager.
     """
-    topology = Topology(prefix=settings.prefix)
+    expiry = int(settings.gallery_queue_expiry * 1000) or None
+    topology = Topology(prefix=settings.prefix, gallery_queue_expiry_ms=expiry)
     if settings.amqp_url:
         url = settings.amqp_url
         if settings.amqp_password_file is not None:

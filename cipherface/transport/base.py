@@ -25,6 +25,7 @@ __all__ = [
     "Consumer",
     "Delivery",
     "ExchangeSpec",
+    "Fetched",
     "Handler",
     "Outcome",
     "QueueSpec",
@@ -129,6 +130,10 @@ class Topology:
     #: Delete queues unused for this long (RabbitMQ ``x-expires``); None keeps them
     #: forever, as a deployment wants. Test runs set it so they leave nothing behind.
     idle_queue_expiry_ms: int | None = None
+    #: Delete a replica's gallery queue nobody consumed for this long (``x-expires``):
+    #: a replica gone for good leaves no queue filling with every block of every
+    #: sync, and one that comes back syncs anyway (`Settings.gallery_queue_expiry`).
+    gallery_queue_expiry_ms: int | None = None
 
     @property
     def probes(self) -> str:
@@ -153,6 +158,10 @@ class Topology:
     def gallery_queue(self, replica: str) -> str:
         """The durable queue through which one cloud replica receives the gallery."""
         return f"{self.prefix}.gallery.{replica}"
+
+    def is_gallery_queue(self, name: str) -> bool:
+        """Whether ``name`` is a replica's gallery queue (see `gallery_queue`)."""
+        return name.startswith(f"{self.gallery}.")
 
     def gallery_key(self, replica: str) -> str:
         """Routing key of gallery messages for one replica only (e.g. a sync's answer)."""
@@ -253,8 +262,12 @@ class Topology:
             # Whatever the broker itself rejects (e.g. a nack without requeue) still
             # lands in the dead-letter queue rather than vanishing.
             arguments["x-dead-letter-exchange"] = self.dead_letter_exchange
-        if self.idle_queue_expiry_ms is not None:
-            arguments["x-expires"] = self.idle_queue_expiry_ms
+        expiries = [self.idle_queue_expiry_ms]
+        if self.is_gallery_queue(name):
+            expiries.append(self.gallery_queue_expiry_ms)
+        chosen = [ms for ms in expiries if ms]
+        if chosen:
+            arguments["x-expires"] = min(chosen)
         return arguments
 
 
@@ -342,8 +355,33 @@ async def drain(tasks: set[asyncio.Task[None]], timeout: float) -> None:
 T = TypeVar("T", bound="TransportBase")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fetched:
+    """A message taken from a queue by `TransportBase.fetch`: settle it with one call."""
+
+    delivery: Delivery
+    ack: Callable[[], Awaitable[None]]
+    requeue: Callable[[], Awaitable[None]]
+
+
 class TransportBase:
     """What both transports share: ``async with`` opens the transport, leaving closes it."""
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker is reachable now (readiness; `RabbitMQTransport` overrides)."""
+        return True
+
+    async def queue_depth(self, queue: str) -> int | None:
+        """Messages ready in ``queue`` (None when it does not exist or cannot be read)."""
+        raise NotImplementedError
+
+    async def fetch(self, queue: str, limit: int) -> list[Fetched]:
+        """Take up to ``limit`` messages from ``queue`` without consuming it (operator tools).
+
+        Every message must then be acked or requeued; until then no one else gets it.
+        """
+        raise NotImplementedError
 
     async def open(self) -> None:
         """Connect and declare the topology (nothing to do for some transports)."""

@@ -21,6 +21,7 @@ from cipherface.transport.base import (
     REASON_HEADER,
     SOURCE_HEADER,
     Delivery,
+    Fetched,
     Handler,
     Outcome,
     Role,
@@ -226,6 +227,27 @@ class MemoryTransport(TransportBase):
         consumer = _MemoryConsumer(self, name, handler, prefetch, exclusive)
         self._consumers.append(consumer)
         return consumer
+
+    async def queue_depth(self, queue: str) -> int | None:
+        """Messages waiting in ``queue``."""
+        found = self.broker.queues.get(queue)
+        return None if found is None else found.qsize()
+
+    async def fetch(self, queue: str, limit: int) -> list[Fetched]:
+        """Take up to ``limit`` waiting messages; requeueing puts one back at the end."""
+        found = self.broker.queues.get(queue)
+        taken: list[Fetched] = []
+        while found is not None and len(taken) < limit and not found.empty():
+            delivery = found.get_nowait()
+
+            async def ack() -> None:
+                return None
+
+            async def requeue(d: Delivery = delivery, q: asyncio.Queue[Delivery] = found) -> None:
+                q.put_nowait(replace(d, redelivered=True))
+
+            taken.append(Fetched(delivery=delivery, ack=ack, requeue=requeue))
+        return taken
 
     async def close(self) -> None:
         """Cancel this transport's consumers (their unfinished work is requeued)."""

@@ -31,6 +31,7 @@ from cipherface.transport.base import (
     REASON_HEADER,
     SOURCE_HEADER,
     Delivery,
+    Fetched,
     Handler,
     Outcome,
     Role,
@@ -169,6 +170,61 @@ class RabbitMQTransport(TransportBase):
         except _CONNECTION_ERRORS as exc:
             await self.close()
             raise TransportError(f"cannot declare the topology: {exc}") from exc
+
+    @property
+    def connected(self) -> bool:
+        """Whether the (robust) connection is up now, not reconnecting."""
+        connection = self._connection
+        return (
+            connection is not None and not connection.is_closed and connection.connected.is_set()
+        )
+
+    async def queue_depth(self, queue: str) -> int | None:
+        """Messages ready in ``queue`` (a passive declaration, on a channel of its own)."""
+        if self._connection is None:
+            return None
+        try:
+            channel = await self._connection.channel()
+            try:
+                declared = await channel.declare_queue(queue, passive=True)
+                return declared.declaration_result.message_count
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+        except (*_CONNECTION_ERRORS, aiormq.exceptions.ChannelNotFoundEntity):
+            return None
+
+    async def fetch(self, queue: str, limit: int) -> list[Fetched]:
+        """``basic.get`` up to ``limit`` messages, unacked until each is settled.
+
+        The channel stays open while they are unsettled (it is closed with the
+        transport); a requeued message goes back to its place in the queue.
+        """
+        if self._connection is None:
+            raise TransportError("transport is not connected")
+        taken: list[Fetched] = []
+        try:
+            channel = await self._connection.channel()
+            declared = await channel.declare_queue(queue, passive=True)
+            while len(taken) < limit:
+                message = await declared.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                delivery = Delivery(
+                    body=message.body,
+                    headers=dict(message.headers or {}),
+                    message_id=message.message_id,
+                    routing_key=message.routing_key or "",
+                    redelivered=bool(message.redelivered),
+                )
+
+                async def requeue(m: AbstractIncomingMessage = message) -> None:
+                    await m.nack(requeue=True)
+
+                taken.append(Fetched(delivery=delivery, ack=message.ack, requeue=requeue))
+        except (*_CONNECTION_ERRORS, aiormq.exceptions.ChannelNotFoundEntity) as exc:
+            raise TransportError(f"cannot read {queue}: {exc}") from exc
+        return taken
 
     def _on_reconnect(self, *_: object) -> None:
         log.warning("reconnected to RabbitMQ at %s", _redact(self.url))

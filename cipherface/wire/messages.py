@@ -28,6 +28,7 @@ __all__ = [
     "Message",
     "ProbeRejected",
     "ProbeRequest",
+    "ReplicaStatus",
     "ScoresReady",
     "SyncRequest",
     "VerificationEvent",
@@ -174,6 +175,31 @@ class ProbeRejected(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ReplicaStatus(Message):
+    """cloud -> on-prem: what a replica serves, after each change of its gallery.
+
+    It travels on the results queue, behind every score the replica sent before:
+    once a replica reports serving a new key, on-prem has every score it made under
+    the old one queued ahead of the report (key rotation relies on that). On-prem
+    keeps the last report of each replica for ``cipherface list``.
+    """
+
+    kind: ClassVar[str] = "status"
+    replica: str
+    #: The key of the gallery it serves ('' for none).
+    fingerprint: str
+    #: Block ids it serves, and the version of each (same order).
+    blocks: tuple[int, ...]
+    versions: tuple[int, ...]
+    templates: int
+    #: Announced blocks it does not hold yet.
+    awaiting: int
+    #: The key of a gallery it is receiving beside the one it serves ('' for none).
+    staged: str = ""
+    reported_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class VerificationEvent(Message):
     """on-prem -> subscribers: the decision for one probe.
 
@@ -222,6 +248,7 @@ _KINDS: Mapping[str, type[Message]] = {
         EncryptedProbeRequest,
         ScoresReady,
         ProbeRejected,
+        ReplicaStatus,
         VerificationEvent,
     )
 }

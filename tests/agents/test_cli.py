@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,26 +76,55 @@ def test_demo_runs_offline_and_prints_results(
     assert sum(" OK" in line for line in lines) == summary["correct"]
 
 
+def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
+    """Until the daemon's ``/readyz`` answers 200 (its ``/healthz`` answers before)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, "the daemon exited"
+        assert time.monotonic() < deadline, "the daemon did not get ready"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            exc.close()
+        except OSError:
+            pass
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def daemons(tmp_path: Path, deepface_home: Path, faces_dir: Path) -> Iterator[dict[str, object]]:
     """keygen, on-prem and one cloud daemon on RabbitMQ, G01 and G02 enrolled via the CLI."""
     url = amqp_url_or_skip()
-    env = _env(tmp_path, deepface_home, CIPHERFACE_AMQP_URL=url, CIPHERFACE_PREFIX=unique_prefix())
+    env = _env(
+        tmp_path,
+        deepface_home,
+        CIPHERFACE_AMQP_URL=url,
+        CIPHERFACE_PREFIX=unique_prefix(),
+        CIPHERFACE_LOG_FORMAT="json",
+        CIPHERFACE_ROTATION_GRACE="1",
+        CIPHERFACE_SYNC_INTERVAL="2",
+    )
     assert _run(["keygen"], env).returncode == 0
     # The operator's step: trust the replica's signing key on-prem before it serves.
     replica = json.loads(_run(["replica-key", "--replica", "c1"], env).stdout)
     trusted = _run(["trust", "add", "c1", replica["verify_key"]], env)
     assert trusted.returncode == 0 and "c1" in json.loads(trusted.stdout), trusted.stderr
-    port = _free_port()
+    port, onprem_port = _free_port(), _free_port()
     logs = {name: (tmp_path / f"{name}.log").open("w+") for name in ("onprem", "cloud")}
     procs = {
-        "onprem": subprocess.Popen([*CLI, "onprem"], env=env, stderr=logs["onprem"]),
+        "onprem": subprocess.Popen(
+            [*CLI, "onprem", "--metrics-port", str(onprem_port)], env=env, stderr=logs["onprem"]
+        ),
         "cloud": subprocess.Popen(
             [*CLI, "cloud", "--replica", "c1", "--metrics-port", str(port)],
             env=env,
             stderr=logs["cloud"],
         ),
     }
+    for name, ops_port in (("onprem", onprem_port), ("cloud", port)):
+        _wait_ready(ops_port, procs[name])
     enroll = tmp_path / "enroll"
     for group, names in {"G01": ["img1.jpg", "img2.jpg"], "G02": ["img3.jpg", "img12.jpg"]}.items():
         (enroll / group).mkdir(parents=True)
@@ -104,7 +134,13 @@ def daemons(tmp_path: Path, deepface_home: Path, faces_dir: Path) -> Iterator[di
         enrolled = _run(["enroll", str(enroll)], env)
         assert enrolled.returncode == 0, enrolled.stderr
         assert json.loads(enrolled.stdout)["enrolled"] == 4
-        yield {"env": env, "procs": procs, "logs": logs, "metrics_port": port}
+        yield {
+            "env": env,
+            "procs": procs,
+            "logs": logs,
+            "metrics_port": port,
+            "onprem_port": onprem_port,
+        }
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -140,10 +176,47 @@ def test_probe_watch_metrics_and_graceful_shutdown(
         metrics = page.read().decode()
     assert 'cipherface_messages_total{agent="cloud",kind="probes",outcome="ok"} 2.0' in metrics
     assert "cipherface_handle_seconds_bucket" in metrics
+    assert 'cipherface_gallery_templates{agent="cloud"} 4.0' in metrics
+    for port in (daemons["metrics_port"], daemons["onprem_port"]):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as page:
+            assert json.loads(page.read()) == {"alive": True}
+    health = _run(["health", "--ready", "--metrics-port", str(daemons["onprem_port"])], env)
+    assert health.returncode == 0 and json.loads(health.stdout)["ready"] is True, health.stderr
 
     for name, proc in procs.items():
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, name
         log = daemons["logs"][name]  # type: ignore[index]
         log.seek(0)
-        assert "draining in-flight work" in log.read()
+        lines = [json.loads(line) for line in log.read().splitlines() if line.startswith("{")]
+        assert any("draining in-flight work" in line["msg"] for line in lines)
+        # JSON logs: one line per probe on each agent, with the probe's id.
+        per_probe = [line["probe_id"] for line in lines if "probe_id" in line]
+        assert sorted(per_probe) == sorted([event["probe_id"], searched["probe_id"]]), name
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+def test_rotate_keys_remove_and_list_through_the_cli(
+    daemons: dict[str, object], faces_dir: Path
+) -> None:
+    env: dict[str, str] = daemons["env"]  # type: ignore[assignment]
+    before = json.loads(_run(["list"], env).stdout)
+    assert before["subjects"] == {"G01": 2, "G02": 2}
+    rotated = _run(["rotate-keys", "--timeout", "600"], env, timeout=700)
+    assert rotated.returncode == 0, rotated.stderr[-3000:]
+    phases = [json.loads(line)["phase"] for line in rotated.stdout.strip().splitlines()]
+    assert phases[-1] == "done" and "waiting" in phases, phases
+    after = json.loads(_run(["list"], env).stdout)
+    assert after["fingerprint"] != before["fingerprint"] and after["rotation"] == "done"
+    assert after["replicas"]["c1"]["fingerprint"] == after["fingerprint"]
+    assert after["replicas"]["c1"]["up_to_date"] is True
+    verified = json.loads(
+        _run(["probe", str(faces_dir / "img5.jpg"), "--subject", "G01"], env).stdout
+    )
+    assert verified["verified"] is True, verified
+    removed = _run(["remove", "G01"], env)
+    assert removed.returncode == 0 and json.loads(removed.stdout)["removed"] == 2, removed.stderr
+    gone = json.loads(_run(["probe", str(faces_dir / "img5.jpg"), "--subject", "G01"], env).stdout)
+    assert gone["error"] and gone["error"].startswith("UnknownSubject"), gone
+    assert json.loads(_run(["list"], env).stdout)["subjects"] == {"G02": 2}

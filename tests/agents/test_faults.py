@@ -15,11 +15,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +44,12 @@ CLI = Path(sys.executable).with_name("cipherface")
 ENROLLED = ("G01", "G02", "G03")
 STRANGER = "G05"
 PROBES_IN_TESTS = 1000
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _rabbitmqctl(*args: str) -> None:
@@ -66,6 +76,8 @@ class FaultCluster:
         }
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.replica = "f1"
+        #: Each daemon's operations port (/healthz, /readyz, /metrics), kept across restarts.
+        self.ports = {role: _free_port() for role in ("onprem", "cloud")}
 
     # -- commands -----------------------------------------------------------------------
     def run(self, *args: str, timeout: float = 600) -> str:
@@ -105,17 +117,28 @@ class FaultCluster:
         path = self.log_path(role)
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def start(self, role: str, *, wait_for: str | None = None, timeout: float = 180) -> None:
-        """Start ``onprem`` or ``cloud`` and wait for its readiness line."""
-        args = [str(CLI), role] + (["--replica", self.replica] if role == "cloud" else [])
-        marker = wait_for or ("serving probes" if role == "cloud" else "on-prem started")
-        before = self.log_text(role).count(marker)
+    def readiness(self, role: str) -> tuple[int, dict[str, object]]:
+        """(HTTP status, JSON) of a daemon's ``/readyz``; (0, {}) while it does not answer."""
+        url = f"http://127.0.0.1:{self.ports[role]}/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, json.loads(exc.read() or b"{}")
+        except OSError:
+            return 0, {}
+
+    def start(self, role: str, *, timeout: float = 180) -> None:
+        """Start ``onprem`` or ``cloud`` and wait until its ``/readyz`` answers 200."""
+        args = [str(CLI), role, "--metrics-port", str(self.ports[role])]
+        args += ["--replica", self.replica] if role == "cloud" else []
         with self.log_path(role).open("ab") as log:
             self.processes[role] = subprocess.Popen(
                 args, env=self.env, stdout=subprocess.DEVNULL, stderr=log
             )
         deadline = time.monotonic() + timeout
-        while self.log_text(role).count(marker) <= before:
+        while self.readiness(role)[0] != 200:
             if self.processes[role].poll() is not None:
                 raise RuntimeError(f"{role} exited: {self.log_text(role)[-3000:]}")
             if time.monotonic() > deadline:

@@ -34,14 +34,12 @@ async def test_sync_answer_reaches_the_asking_replica_only(tmp_path: Path) -> No
         onprem.book.add(subject, rng.normal(size=128), template_id=f"t{i}")
     await onprem.start()
     replicas = MemoryTransport(broker, topology, role=Role.CLOUD)
-    r2 = SigningKey.generate("r2")
-    TrustStore(settings.trust_store_path).add("r2", r2.verify_key)
-    onprem_key = PinnedKey(onprem.signer.verify_key)
     kinds: dict[str, list[str]] = {"r1": [], "r2": []}
 
     def recorder(name: str) -> Callable[[Delivery], Awaitable[None]]:
         async def record(delivery: Delivery) -> None:
-            kinds[name].append(wire.decode(delivery.body, verifier=onprem_key).message.kind)
+            verifier = PinnedKey(onprem.signer.verify_key)
+            kinds[name].append(wire.decode(delivery.body, verifier=verifier).message.kind)
 
         return record
 
@@ -49,8 +47,12 @@ async def test_sync_answer_reaches_the_asking_replica_only(tmp_path: Path) -> No
         await replicas.consume(
             topology.gallery_queue(name), recorder(name), bindings=topology.gallery_bindings(name)
         )
+    r2 = SigningKey.generate("r2")
+    TrustStore(settings.trust_store_path).add("r2", r2.verify_key)
     try:
-        await replicas.send(topology.sync, wire.encode(wire.SyncRequest(replica="r2"), signer=r2))
+        await replicas.send(
+            topology.sync, wire.encode(wire.SyncRequest(replica="r2"), signer=r2)
+        )
         await until(lambda: kinds["r2"] == ["context", "block"])
         assert kinds["r1"] == []  # no fan-out of a sync's answer
         await onprem.publish_gallery()  # an enrollment-style publish: to everyone

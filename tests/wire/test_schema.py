@@ -46,6 +46,16 @@ HAND_WRITTEN = {
         "reason": str,
         "submitted_at": float,
     },
+    "status": {
+        "replica": str,
+        "fingerprint": str,
+        "blocks": list,
+        "versions": list,
+        "templates": int,
+        "awaiting": int,
+        "staged": str,
+        "reported_at": float,
+    },
     "event": {
         "probe_id": str,
         "mode": str,
