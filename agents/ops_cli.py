@@ -184,8 +184,10 @@ async def _health(args: argparse.Namespace) -> None:
         raise ConfigError("health needs the daemon's --metrics-port (CIPHERFACE_METRICS_PORT)")
     host = "127.0.0.1" if settings.metrics_address in ("0.0.0.0", "") else settings.metrics_address
     url = f"http://{host}:{settings.metrics_port}/{'readyz' if args.ready else 'healthz'}"
+    # The daemon's own endpoint: never through an HTTP proxy from the environment.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=5) as answer:
+        with opener.open(url, timeout=5) as answer:
             print_json(json.loads(answer.read()))
     except urllib.error.HTTPError as exc:
         print_json(json.loads(exc.read() or b"{}"))
