@@ -12,13 +12,11 @@ trust store with ``cipherface trust add``). For an edge-encrypted probe it also
 sends on-prem the probe's encrypted norms, so on-prem can refuse a forged one.
 
 Scale-out: every replica has its own durable gallery queue bound to the gallery
-fanout exchange, so each holds the whole gallery; replicas compete for probes on
-the shared probe queue. A replica that starts asks on-prem for a full sync; it
+exchange (broadcasts and its own key), so each holds the whole gallery; replicas
+compete for probes on the shared probe queue. A replica that starts asks on-prem for a full sync; it
 begins consuming probes only once it holds every block on-prem announced. Its
 name, key and store come from an identity it holds in the data folder
-(`cipherface.replica`), created on first start.
-
-Key rotation: a context under a new key (issued after the one held) starts a
+(`cipherface.replica`), created on first start. Key rotation: a context under a new key (issued after the one held) starts a
 gallery *beside* the one served (`_Staged`, its own SQLite file); probes keep
 being searched on the old gallery until every announced block of the new one is
 in, then the replica switches in one step, waits for the probes still searching
@@ -42,7 +40,8 @@ from cipherface import wire
 from cipherface.config import Settings
 from cipherface.crypto import Keyring
 from cipherface.daemon import finish_in_thread
-from cipherface.embedding import Embedder, EmbeddingCache, largest_face
+from cipherface.embedding import Embedder, largest_face
+from cipherface.embedding_cache import EmbeddingCache
 from cipherface.exceptions import (
     ConfigError,
     EmbeddingError,

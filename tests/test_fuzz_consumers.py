@@ -16,7 +16,6 @@ in a thread, so the (synchronous) hypothesis tests can drive them.
 from __future__ import annotations
 
 import asyncio
-import collections
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -28,7 +27,7 @@ import cv2
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from agents.cloud.agent import CloudAgent
@@ -37,9 +36,8 @@ from cipherface import wire
 from cipherface.config import Settings
 from cipherface.crypto import Keyring, Metric
 from cipherface.embedding import MAX_IMAGE_BYTES
-from cipherface.exceptions import SignatureError, WireFormatError
 from cipherface.gallery import BlockScores, EncryptedBlock, EncryptedProbe, encrypt_probe
-from cipherface.signing import PinnedKey, SigningKey, TrustStore
+from cipherface.signing import PinnedKey, TrustStore
 from cipherface.store import GalleryStore
 from cipherface.transport import (
     REASON_HEADER,
@@ -50,243 +48,14 @@ from cipherface.transport import (
     Topology,
     settle,
 )
+from tests.fuzzing import (
+    _FP,
+    FUZZED,
+    _consumer_settings,
+    mutated_envelopes,
+)
 
 T = TypeVar("T")
-
-#: Inputs tried per test, summed by `test_at_least_10000_inputs_were_fuzzed`.
-FUZZED: collections.Counter[str] = collections.Counter()
-FAST = settings(
-    max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
-)
-
-
-def _consumer_settings(n: int) -> settings:
-    return settings(
-        max_examples=n,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        database=None,
-    )
-
-
-# -- msgpack value strategies -----------------------------------------------------------------
-
-scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=True)
-    | st.text(max_size=24)
-    | st.binary(max_size=64)
-)
-values = st.recursive(
-    scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
-
-_FP = "0123456789abcdef"
-#: Signs the decoder's samples, so that a mutated body re-signed with it is parsed
-#: and its validation fuzzed, not just its signature.
-SIGNER = SigningKey.generate("onprem")
-VERIFIER = PinnedKey(SIGNER.verify_key)
-
-
-def _sample_messages() -> list[wire.Message]:
-    """One valid message of every kind (ciphertext fields are just bytes to the decoder)."""
-    block = EncryptedBlock(
-        block_id=0,
-        version=1,
-        fingerprint=_FP,
-        metric="cosine",
-        dimensions=2,
-        template_ids=("t1", ""),
-        subjects=("alice", ""),
-        columns=(b"c0", b"c1"),
-        norms=None,
-    )
-    probe = EncryptedProbe(
-        fingerprint=_FP, metric="cosine", dimensions=2, columns=(b"a", b"b"), norm=None
-    )
-    return [
-        wire.ContextUpdate(context=b"ctx", blocks=(0, 1)),
-        wire.BlockUpdate(block=block),
-        wire.SyncRequest(replica="r1", fingerprint=_FP),
-        wire.ProbeRequest(probe_id="p1", image=b"\xff\xd8", subject="alice"),
-        wire.EncryptedProbeRequest(probe_id="p2", probe=probe, subject=None),
-        wire.ScoresReady(
-            probe_id="p3",
-            subject=None,
-            scores=(BlockScores(block_id=0, version=1, scores=b"s", pairs=(0, -1)),),
-            faces=1,
-            submitted_at=1.0,
-            timings={"embed": 0.5},
-        ),
-        wire.ProbeRejected(probe_id="p4", subject=None, error="E", reason="r", submitted_at=1.0),
-        wire.ReplicaStatus(
-            replica="r1", fingerprint=_FP, blocks=(0,), versions=(1,), templates=1, awaiting=0
-        ),
-        wire.VerificationEvent(
-            probe_id="p5",
-            mode="1:N",
-            subject="bob",
-            verified=True,
-            distance=0.01,
-            threshold=0.07,
-            model="Dlib",
-            metric="cosine",
-        ),
-    ]
-
-
-SAMPLES = _sample_messages()
-
-
-def _encode(message: wire.Message) -> bytes:
-    return wire.encode(message, fingerprint=_FP, model="Dlib", metric="cosine", signer=SIGNER)
-
-
-ENCODED = [_encode(m) for m in SAMPLES]
-
-
-def _envelope(message: wire.Message) -> dict[str, Any]:
-    """Both layers as one nested map: the inner message under ``signed``."""
-    outer = msgpack.unpackb(_encode(message), raw=False)
-    return {**outer, "signed": msgpack.unpackb(outer["signed"], raw=False)}
-
-
-def _mutate(data: Any, path: list[Any], replacement: Any, delete: bool) -> Any:
-    """A copy of nested ``data`` with the item at ``path`` replaced (or deleted)."""
-    if not path:
-        return replacement
-    head, *rest = path
-    if isinstance(data, dict):
-        copy = dict(data)
-        if delete and not rest:
-            copy.pop(head, None)
-        else:
-            copy[head] = _mutate(copy.get(head), rest, replacement, delete)
-        return copy
-    if isinstance(data, list) and data:
-        copy = list(data)
-        index = head % len(copy)
-        copy[index] = _mutate(copy[index], rest, replacement, delete)
-        return copy
-    return replacement
-
-
-def _paths(data: Any, prefix: list[Any] | None = None) -> list[list[Any]]:
-    """Every path into nested maps and lists."""
-    prefix = prefix or []
-    found = [prefix]
-    if isinstance(data, dict):
-        for key, value in data.items():
-            found += _paths(value, [*prefix, key])
-    elif isinstance(data, list):
-        for index, value in enumerate(data):
-            found += _paths(value, [*prefix, index])
-    return found
-
-
-@st.composite
-def mutated_envelopes(draw: st.DrawFn) -> bytes:
-    """A valid envelope of some kind with one field (deep or shallow) wrong or missing."""
-    envelope = _envelope(draw(st.sampled_from(SAMPLES)))
-    path = draw(st.sampled_from(_paths(envelope)[1:]))
-    delete = draw(st.booleans())
-    mutated = _mutate(envelope, path, draw(values), delete)
-    use_bin_type = draw(st.booleans())
-    inner = mutated.get("signed")
-    if isinstance(inner, dict):
-        packed = msgpack.packb(inner, use_bin_type=use_bin_type)
-        mutated["signed"] = packed
-        if draw(st.booleans()) and path[0] == "signed":
-            mutated["sig"] = SIGNER.sign(packed)  # a signed, ill-formed body
-    return msgpack.packb(mutated, use_bin_type=use_bin_type)
-
-
-def _decode_or_reject(data: bytes) -> wire.Envelope | None:
-    try:
-        return wire.decode(data, verifier=VERIFIER)
-    except (WireFormatError, SignatureError) as exc:
-        assert str(exc)  # a reason a dead letter can carry
-        return None
-
-
-# -- the wire decoder ---------------------------------------------------------------------
-
-
-@FAST
-@given(st.binary(max_size=2048))
-def test_decode_random_bytes(data: bytes) -> None:
-    FUZZED["decode random bytes"] += 1
-    _decode_or_reject(data)
-
-
-@FAST
-@given(mutated_envelopes())
-def test_decode_wrong_types_and_missing_fields(data: bytes) -> None:
-    FUZZED["decode wrong types"] += 1
-    _decode_or_reject(data)
-
-
-@settings(max_examples=2000, deadline=None, database=None)
-@given(st.sampled_from(range(len(ENCODED))), st.floats(0, 1, exclude_max=True))
-def test_decode_truncated(index: int, fraction: float) -> None:
-    FUZZED["decode truncated"] += 1
-    data = ENCODED[index]
-    with pytest.raises(WireFormatError):
-        wire.decode(data[: int(len(data) * fraction)])
-
-
-# msgpack headers that declare a length: bin32, str32, array32, map32, ext32.
-_LENGTH_HEADERS = [b"\xc6", b"\xdb", b"\xdd", b"\xdf", b"\xc9"]
-
-
-@settings(max_examples=1500, deadline=None, database=None)
-@given(
-    st.sampled_from(_LENGTH_HEADERS),
-    st.integers(min_value=2**16, max_value=2**32 - 1),
-    st.binary(max_size=32),
-    st.sampled_from(["top", "signed", "body", "image"]),
-)
-def test_decode_huge_declared_lengths(header: bytes, length: int, tail: bytes, where: str) -> None:
-    FUZZED["decode huge lengths"] += 1
-    bomb = header + length.to_bytes(4, "big") + (b"\x01" if header == b"\xc9" else b"") + tail
-    if where == "top":
-        data = bomb
-    elif where == "signed":
-        # A valid start of the outer map, then the bomb where the inner message goes.
-        data = b"\x84" + msgpack.packb({"v": wire.SCHEMA_VERSION})[1:] + msgpack.packb("signed")
-        data += bomb
-    else:
-        # A valid prefix of a probe's inner map, then the bomb where a field's value goes.
-        prefix = msgpack.packb({"type": "probe", "id": "x", "fp": "", "model": "", "metric": ""})
-        if where == "body":
-            inner = b"\x86" + prefix[1:] + msgpack.packb("body") + bomb
-        else:
-            inner = (
-                b"\x86"
-                + prefix[1:]
-                + msgpack.packb("body")
-                + b"\x81"
-                + msgpack.packb("image")
-                + bomb
-            )
-        outer = {"v": wire.SCHEMA_VERSION, "signed": inner, "by": "", "sig": b""}
-        data = msgpack.packb(outer, use_bin_type=True)
-    started = time.perf_counter()
-    with pytest.raises(WireFormatError):
-        wire.decode(data)
-    assert time.perf_counter() - started < 1.0  # refused from the header, not after allocating
-
-
-def test_decode_refuses_oversized_message() -> None:
-    FUZZED["decode oversized"] += 1
-    with pytest.raises(WireFormatError, match="exceeds"):
-        wire.decode(b"\x00" * (wire.MAX_MESSAGE_BYTES + 1))
 
 
 # -- the consumers --------------------------------------------------------------------------
@@ -660,11 +429,3 @@ def test_agents_keep_serving_after_the_fuzz(rig: Rig, faces_dir: Path) -> None:
     stored = _stored_blocks(rig)
     assert stored and all(b.fingerprint == rig.keyring.fingerprint for b in stored)
     assert all("mallory" not in b.subjects for b in stored)
-
-
-def test_at_least_10000_inputs_were_fuzzed() -> None:
-    total = sum(FUZZED.values())
-    print(f"fuzzed inputs: {total} {dict(FUZZED)}")
-    if len(FUZZED) < 10:
-        pytest.skip(f"only part of the module ran ({total} inputs)")
-    assert total >= 10_000, dict(FUZZED)
