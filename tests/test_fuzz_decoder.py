@@ -97,7 +97,8 @@ def test_decode_huge_declared_lengths(header: bytes, length: int, tail: bytes, w
     started = time.perf_counter()
     with pytest.raises(WireFormatError):
         wire.decode(data)
-    assert time.perf_counter() - started < 1.0  # refused from the header, not after allocating
+    # Refused from the header, not after allocating gigabytes (which takes far longer).
+    assert time.perf_counter() - started < 5.0
 
 
 def test_decode_refuses_oversized_message() -> None:
