@@ -280,7 +280,7 @@ async def test_rotating_keys_of_an_empty_gallery_and_an_interrupted_preparation(
     # While a rotation runs the gallery does not change; one cut short before it
     # published anything is abandoned at the next start.
     onprem.rotation._update(phase="preparing", folder="keys/partial")
-    (deployment.settings.onprem_dir / "keys" / "partial").mkdir()
+    (deployment.settings.onprem_dir / "keys" / "partial").mkdir(mode=0o700)  # as rotation makes it
     with pytest.raises(ConfigError, match="rotation is in progress"):
         await onprem.remove("anyone")
     await deployment.stop(onprem)
