@@ -17,6 +17,7 @@ from cipherface import wire
 from cipherface.exceptions import SignatureError, WireFormatError
 from cipherface.gallery import BlockScores, EncryptedBlock, EncryptedProbe
 from cipherface.signing import PinnedKey, SigningKey
+from tests.samples import sample_event
 
 #: Inputs tried per test, summed by `test_at_least_10000_inputs_were_fuzzed`.
 FUZZED: collections.Counter[str] = collections.Counter()
@@ -93,16 +94,7 @@ def _sample_messages() -> list[wire.Message]:
         wire.ReplicaStatus(
             replica="r1", fingerprint=_FP, blocks=(0,), versions=(1,), templates=1, awaiting=0
         ),
-        wire.VerificationEvent(
-            probe_id="p5",
-            mode="1:N",
-            subject="bob",
-            verified=True,
-            distance=0.01,
-            threshold=0.07,
-            model="Dlib",
-            metric="cosine",
-        ),
+        sample_event(probe_id="p5", mode="1:N"),
     ]
 
 

@@ -9,6 +9,7 @@ from cipherface import wire
 from cipherface.exceptions import SignatureError, WireFormatError
 from cipherface.signing import PinnedKey, SigningKey
 from cipherface.wire import envelope
+from tests.samples import sample_event
 
 ONPREM = SigningKey.generate("onprem")
 PINNED = PinnedKey(ONPREM.verify_key)
@@ -52,17 +53,7 @@ def test_probe_roundtrip_keeps_bytes_raw() -> None:
         wire.ProbeRejected(
             probe_id="p", subject=None, error="NoFaceError", reason="x", submitted_at=1.0
         ),
-        wire.VerificationEvent(
-            probe_id="p",
-            mode="1:N",
-            subject="bob",
-            verified=True,
-            distance=0.0312,
-            threshold=0.07,
-            model="Dlib",
-            metric="cosine",
-            timings={"total": 1.5},
-        ),
+        sample_event(mode="1:N", distance=0.0312, timings={"total": 1.5}),
     ],
 )
 def test_roundtrip(message: wire.Message) -> None:
@@ -138,16 +129,7 @@ def test_oversized_messages_are_refused(monkeypatch: pytest.MonkeyPatch) -> None
         wire.decode(b"\x00" * 2000)
 
 
-EVENT = wire.VerificationEvent(
-    probe_id="p",
-    mode="1:1",
-    subject="bob",
-    verified=True,
-    distance=0.01,
-    threshold=0.07,
-    model="Dlib",
-    metric="cosine",
-)
+EVENT = sample_event()
 
 
 def test_signed_kinds_need_a_signature_from_the_pinned_key() -> None:

@@ -25,6 +25,7 @@ from tests.agents.trust import (
     _submit,
     _unsigned,
 )
+from tests.samples import sample_event
 
 # -- forged gallery messages ---------------------------------------------------------
 
@@ -107,16 +108,7 @@ async def test_block_from_another_publisher_is_not_scored(rig: tuple[Deployment,
 async def test_forged_event_is_dropped_by_the_client(rig: tuple[Deployment, Watch]) -> None:
     deployment, _ = rig
     client = await deployment.client()
-    forged = wire.VerificationEvent(
-        probe_id="p-forged",
-        mode="1:1",
-        subject="B",
-        verified=True,
-        distance=0.01,
-        threshold=0.07,
-        model="Dlib",
-        metric="cosine",
-    )
+    forged = sample_event(probe_id="p-forged", subject="B")
     link = await deployment.link()
     async with client.events() as stream:
         for body in (
@@ -138,17 +130,7 @@ async def test_replayed_genuine_event_is_dropped_by_a_later_subscriber(
     """A captured ``verified: true`` event, signed by on-prem, republished long after."""
     deployment, _ = rig
     onprem = deployment.agents[0]
-    old = wire.VerificationEvent(
-        probe_id="p-old",
-        mode="1:1",
-        subject="B",
-        verified=True,
-        distance=0.01,
-        threshold=0.07,
-        model="Dlib",
-        metric="cosine",
-        issued_at=time.time() - 3600,
-    )
+    old = sample_event(probe_id="p-old", subject="B", issued_at=time.time() - 3600)
     body = wire.encode(old, signer=onprem.signer)  # type: ignore[union-attr]
     client = await deployment.client()
     link = await deployment.link()
