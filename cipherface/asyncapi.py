@@ -214,9 +214,7 @@ def _message(cls: type[Message]) -> dict[str, Any]:
                     "type": "string",
                     "format": "binary",
                     "description": (
-                        "Ed25519 signature over `signed` (required)"
-                        if cls.signed
-                        else "empty"
+                        "Ed25519 signature over `signed` (required)" if cls.signed else "empty"
                     ),
                 },
             },

@@ -492,4 +492,3 @@ def largest_face(faces: Sequence[Face]) -> Face:
         return float(box.get("w", 0)) * float(box.get("h", 0))  # type: ignore[arg-type]
 
     return max(faces, key=area)
-

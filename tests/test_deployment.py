@@ -92,6 +92,7 @@ def test_compose_scales_cloud_replicas_on_identities_not_names() -> None:
         check = compose["services"][name]["healthcheck"]["test"]
         health = build_parser().parse_args(check[1:][1:])
         assert check[:2] == ["CMD", "cipherface"] and health.command == "health" and health.ready
-        assert health.metrics_port == build_parser().parse_args(
-            compose["services"][name]["command"]
-        ).metrics_port
+        assert (
+            health.metrics_port
+            == build_parser().parse_args(compose["services"][name]["command"]).metrics_port
+        )

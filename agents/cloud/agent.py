@@ -16,12 +16,12 @@ exchange (broadcasts and its own key), so each holds the whole gallery; replicas
 compete for probes on the shared probe queue. A replica that starts asks on-prem for a full sync; it
 begins consuming probes only once it holds every block on-prem announced. Its
 name, key and store come from an identity it holds in the data folder
-(`cipherface.replica`), created on first start. Key rotation: a context under a new key (issued after the one held) starts a
-gallery *beside* the one served (`_Staged`, its own SQLite file); probes keep
-being searched on the old gallery until every announced block of the new one is
-in, then the replica switches in one step, waits for the probes still searching
-the old one, and drops it. After each change it reports what it serves
-(`wire.ReplicaStatus`, on the results queue).
+(`cipherface.replica`), created on first start. Key rotation: a context under a
+new key (issued after the one held) starts a gallery *beside* the one served
+(`_Staged`, its own SQLite file); probes are searched on the old gallery until every
+announced block of the new one is in, then the replica switches in one step, waits
+for the probes still searching the old one, and drops it. After each change it
+reports what it serves (`wire.ReplicaStatus`, on the results queue).
 """
 
 from __future__ import annotations

@@ -175,9 +175,7 @@ class RabbitMQTransport(TransportBase):
     def connected(self) -> bool:
         """Whether the (robust) connection is up now, not reconnecting."""
         connection = self._connection
-        return (
-            connection is not None and not connection.is_closed and connection.connected.is_set()
-        )
+        return connection is not None and not connection.is_closed and connection.connected.is_set()
 
     async def queue_depth(self, queue: str) -> int | None:
         """Messages ready in ``queue`` (a passive declaration, on a channel of its own)."""

@@ -20,9 +20,7 @@ def _agent(settings: Settings) -> OnPremAgent:
 
 
 def _modes(folder: Path) -> dict[str, int]:
-    return {
-        str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*")
-    }
+    return {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*")}
 
 
 @pytest.fixture

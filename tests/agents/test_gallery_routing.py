@@ -50,9 +50,7 @@ async def test_sync_answer_reaches_the_asking_replica_only(tmp_path: Path) -> No
     r2 = SigningKey.generate("r2")
     TrustStore(settings.trust_store_path).add("r2", r2.verify_key)
     try:
-        await replicas.send(
-            topology.sync, wire.encode(wire.SyncRequest(replica="r2"), signer=r2)
-        )
+        await replicas.send(topology.sync, wire.encode(wire.SyncRequest(replica="r2"), signer=r2))
         await until(lambda: kinds["r2"] == ["context", "block"])
         assert kinds["r1"] == []  # no fan-out of a sync's answer
         await onprem.publish_gallery()  # an enrollment-style publish: to everyone
