@@ -3,7 +3,8 @@
 ==============  ===========================================================
 module          owns
 ==============  ===========================================================
-`payloads`      `EncryptedBlock`, `BlockScores`, `EncryptedProbe`: gallery data
+`payloads`      `EncryptedBlock`, `BlockScores`, `EncryptedProbe`, `FaceScores`,
+                `FaceResult`: gallery data and per-face answers
 `messages`      one frozen dataclass per message kind, and its validation
 `envelope`      `encode` / `decode`, the `Envelope` metadata, size limits
 ==============  ===========================================================
@@ -20,6 +21,7 @@ from cipherface.wire.envelope import (
     encode,
 )
 from cipherface.wire.messages import (
+    MAX_PROBE_ID_BYTES,
     BlockUpdate,
     ContextUpdate,
     EncryptedProbeRequest,
@@ -31,15 +33,21 @@ from cipherface.wire.messages import (
     SyncRequest,
     VerificationEvent,
     new_id,
+    refusal,
+    request_digest,
 )
+from cipherface.wire.payloads import FaceResult, FaceScores
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "MAX_PROBE_ID_BYTES",
     "SCHEMA_VERSION",
     "BlockUpdate",
     "ContextUpdate",
     "EncryptedProbeRequest",
     "Envelope",
+    "FaceResult",
+    "FaceScores",
     "Message",
     "ProbeRejected",
     "ProbeRequest",
@@ -50,4 +58,6 @@ __all__ = [
     "decode",
     "encode",
     "new_id",
+    "refusal",
+    "request_digest",
 ]
