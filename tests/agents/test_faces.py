@@ -9,13 +9,16 @@ no answer for a face that is not there. Bad probes each get the exact error.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
 import cv2
 import pytest
 
+from agents.onprem.agent import OnPremAgent
 from cipherface import wire
+from cipherface.exceptions import ConfigError
 from tests.agents.conftest import Deployment
 from tests.agents.test_e2e import _collect
 from tests.test_face_detection import side_by_side
@@ -142,3 +145,29 @@ async def test_a_redelivered_probe_gets_one_event(enrolled: Deployment, faces_di
             await client.transport.send(client.transport.topology.probes, body)
         events = await _collect(stream, 1, settle=15.0)
     assert [(e.probe_id, e.error) for e in events] == [("twice", None)]
+
+
+async def test_enrollment_is_incremental_and_refuses_group_photos(
+    enrolled: Deployment, tmp_path: Path, faces_dir: Path
+) -> None:
+    onprem = enrolled.agents[0]
+    assert isinstance(onprem, OnPremAgent)
+    root = tmp_path / "enroll"
+    again = await onprem.enroll(root, progress=False)
+    assert (again.enrolled, again.unchanged, again.skipped) == (0, 6, [])
+    (root / "G01" / "img4.jpg").symlink_to(faces_dir / "img4.jpg")  # a new photo
+    (root / "G01" / "copy.jpg").symlink_to(faces_dir / "img1.jpg")  # enrolled content
+    (root / "G02" / "couple.jpg").symlink_to(faces_dir / "couple.jpg")
+    (root / "G03" / "notes.png").write_bytes(b"not an image")
+    grown = await onprem.enroll(root, progress=False)
+    assert (grown.enrolled, grown.unchanged) == (1, 7)
+    assert sorted(grown.skipped) == [
+        (str(root / "G02" / "couple.jpg"), "2 faces: an enrollment photo must show one person"),
+        (
+            str(root / "G03" / "notes.png"),
+            "notes.png: unsupported image format text; send JPEG, PNG, WebP",
+        ),
+    ]
+    assert len(onprem.book.template_ids("G01")) == 3
+    with pytest.raises(ConfigError, match=re.escape(f"{root / 'missing'}: no such folder")):
+        await onprem.enroll(root / "missing", progress=False)
