@@ -165,7 +165,7 @@ async def test_enrollment_is_incremental_and_refuses_group_photos(
         (str(root / "G02" / "couple.jpg"), "2 faces: an enrollment photo must show one person"),
         (
             str(root / "G03" / "notes.png"),
-            "notes.png: unsupported image format text; send JPEG, PNG, WebP",
+            f"{root / 'G03' / 'notes.png'}: unsupported image format text; send JPEG, PNG, WebP",
         ),
     ]
     assert len(onprem.book.template_ids("G01")) == 3
