@@ -159,16 +159,16 @@ class Client:
             probe_id=probe_id or wire.new_id(), image=data, subject=claimed_subject
         )
         body = wire.encode(request)
-        await self._send(request.probe_id, body)
-        return request.probe_id, wire.request_digest(body)
+        return request.probe_id, await self._send(request.probe_id, body)
 
-    async def _send(self, probe_id: str, body: bytes) -> None:
-        # An id over AMQP's message-id limit travels in the body only: the cloud
-        # answers it with an ``InvalidProbeId`` error event rather than losing it.
-        fits = len(probe_id.encode()) <= wire.MAX_PROBE_ID_BYTES
+    async def _send(self, probe_id: str, body: bytes) -> str:
+        """Send a probe message; its request digest. An id over AMQP's message-id limit
+        travels in the body only: the cloud answers it with an ``InvalidProbeId`` event."""
+        request = wire.request_digest(body)
         await self.transport.send(
-            self.transport.topology.probes, body, message_id=probe_id if fits else None
+            self.transport.topology.probes, body, message_id=wire.message_id(probe_id, request)
         )
+        return request
 
     async def publish_encrypted_probe(
         self,

@@ -477,7 +477,9 @@ class CloudAgent:
             },
         )
 
-    async def _to_onprem(self, message: wire.Message, keyring: Keyring) -> None:
+    async def _to_onprem(
+        self, message: wire.ScoresReady | wire.ProbeRejected, keyring: Keyring
+    ) -> None:
         body = wire.encode(
             message,
             fingerprint=keyring.fingerprint,
@@ -485,5 +487,10 @@ class CloudAgent:
             metric=self.settings.metric.value,
             signer=self.signer,
         )
-        await self.transport.send(self.transport.topology.results, body)
+        # Labelled with the probe, so a dead letter of it names the probe.
+        await self.transport.send(
+            self.transport.topology.results,
+            body,
+            message_id=wire.message_id(message.probe_id, message.request),
+        )
         self.probes_served += 1

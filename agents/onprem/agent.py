@@ -423,7 +423,6 @@ class OnPremAgent:
                         answer = decide(result, ranked, self.threshold, self.settings.metric)
                         timings = {**result.timings, "decrypt": time.perf_counter() - started}
                         event = self._event(result, answer=answer, timings=timings)
-            fits = len(event.probe_id.encode()) <= wire.MAX_PROBE_ID_BYTES
             await self.transport.publish(
                 self.transport.topology.events,
                 event.routing_key,
@@ -433,8 +432,7 @@ class OnPremAgent:
                     metric=self.settings.metric.value,
                     signer=self.signer,
                 ),
-                # An over-long probe id cannot be an AMQP message id; the body names it.
-                message_id=event.probe_id if fits else f"sha256:{event.request}",
+                message_id=wire.message_id(event.probe_id, event.request),
             )
             self.ledger.record(result.probe_id, time.time(), result.request)
             PROBE_AGE.labels(self.role).observe(max(age, 0.0))

@@ -56,6 +56,12 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def message_id(probe_id: str, request: str) -> str:
+    """The AMQP message id of a probe and of what answers it: the probe id, or, for one
+    over AMQP's limit, ``sha256:<request digest>`` (the body still names the probe)."""
+    return probe_id if len(probe_id.encode()) <= MAX_PROBE_ID_BYTES else f"sha256:{request}"
+
+
 def request_digest(body: bytes) -> str:
     """What identifies one probe message (its encoded bytes): a broker's redelivery
     has the same digest, a new probe reusing a probe id another."""
