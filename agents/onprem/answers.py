@@ -74,30 +74,24 @@ def decide(
     faces: list[wire.FaceResult] = []
     order: list[tuple[bool, float, int]] = []
     for index, (face, matches) in enumerate(zip(result.faces, ranked, strict=True)):
-        if not matches:  # not seen from one replica's honest scores: all faces share blocks
-            faces.append(
-                wire.FaceResult(
-                    box=face.box,
-                    confidence=face.confidence,
-                    subject=result.subject,
-                    verified=False,
-                    distance=None,
-                )
-            )
-            continue
-        best = matches[0]
-        verified = accept(best, threshold, metric)
-        distance = round(flood(best.distance, threshold, verified), DECIMALS)
+        # No candidate for one face only if the replica scored faces on different
+        # blocks: it gets no subject of its own and no distance.
+        subject, verified, distance = result.subject, False, None
+        if matches:
+            best = matches[0]
+            verified = accept(best, threshold, metric)
+            subject = best.subject
+            distance = round(flood(best.distance, threshold, verified), DECIMALS)
+            order.append((not verified, best.score, index))
         faces.append(
             wire.FaceResult(
                 box=face.box,
                 confidence=face.confidence,
-                subject=best.subject,
+                subject=subject,
                 verified=verified,
                 distance=distance,
             )
         )
-        order.append((not verified, best.score, index))
     chosen = faces[min(order)[2]]
     return Answer(
         faces=tuple(faces),
