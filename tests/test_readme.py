@@ -94,20 +94,22 @@ def test_the_agents_walkthrough_runs_as_written(
         "CIPHERFACE_LOG_LEVEL": "WARNING",
     }
     env.pop("CIPHERFACE_DATA_DIR", None)
+    logs = {name: (tmp_path / f"walkthrough.{name}").open("w+") for name in ("out", "err")}
     proc = subprocess.Popen(
         ["bash", "-e", "walkthrough.sh"],
         cwd=tmp_path,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=logs["out"],  # files, not pipes: a daemon left behind holds no pipe open
+        stderr=logs["err"],
         text=True,
         start_new_session=True,  # its background daemons are one process group
     )
     try:
-        out, err = proc.communicate(timeout=900)
+        proc.wait(timeout=900)
     finally:
-        if proc.poll() is None or _group_alive(proc.pid):
+        if _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
+    out, err = _read(logs["out"]), _read(logs["err"])
     assert proc.returncode == 0, err[-4000:]
     assert url.startswith("amqp")
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -122,6 +124,12 @@ def test_the_agents_walkthrough_runs_as_written(
     assert (refused["subject"], refused["verified"], refused["error"]) == ("bob", False, None)
     assert "exit 1: not bob" in out
     assert {e["probe_id"] for e in events[3:]} == {e["probe_id"] for e in events[:3]}
+
+
+def _read(handle: typing.IO[str]) -> str:
+    handle.seek(0)
+    with handle:
+        return handle.read()
 
 
 def _group_alive(pgid: int) -> bool:
