@@ -110,17 +110,33 @@ class EncryptedGallery:
         return self._shards[block_id % len(self._shards)]
 
     def _fan_out(self, request: tuple[Any, ...], block_ids: Iterable[int]) -> list[BlockScores]:
+        [results] = self._call_shards("score", (request,), block_ids)
+        return results
+
+    def _call_shards(
+        self, method: str, args: tuple[Any, ...], block_ids: Iterable[int], probes: int = 1
+    ) -> list[list[BlockScores]]:
+        """``method(*args, ids)`` on every shard holding some of ``block_ids``: per-probe scores."""
         by_shard: dict[int, list[int]] = {}
         for block_id in block_ids:
             by_shard.setdefault(block_id % len(self._shards), []).append(block_id)
         with self._lock:
             for index, ids in by_shard.items():
-                self._shards[index].send("score", request, ids)
-            results = [r for index in by_shard for r in self._shards[index].receive()]
-        return sorted(
-            (BlockScores(block_id=b, version=v, scores=s) for b, v, s in results),
-            key=lambda scores: scores.block_id,
-        )
+                self._shards[index].send(method, *args, ids)
+            replies = [self._shards[index].receive() for index in by_shard]
+        if probes == 1 and method == "score":
+            replies = [[reply] for reply in replies]
+        return [
+            sorted(
+                (
+                    BlockScores(block_id=b, version=v, scores=s)
+                    for reply in replies
+                    for b, v, s in reply[p]
+                ),
+                key=lambda scores: scores.block_id,
+            )
+            for p in range(probes)
+        ]
 
     def search(
         self, probe: np.ndarray | Sequence[float] | EncryptedProbe, *, subject: str | None = None
@@ -153,6 +169,30 @@ class EncryptedGallery:
                 const = float(vector @ vector)
             request = ("plain", (factor * vector).tolist(), const)
         return self._fan_out(request, self._blocks_of(subject))
+
+    def search_many(
+        self, probes: Sequence[np.ndarray | Sequence[float]]
+    ) -> list[list[BlockScores]]:
+        """Encrypted scores of several plaintext probes in one pass over the gallery.
+
+        Each probe's scores are exactly what `search` gives it alone; the gallery is
+        read once for all of them (`cipherface.gallery.kernel`), so waiting probes
+        are best scored together.
+        """
+        if self.metric is None or not probes:
+            return [[] for _ in probes]
+        factor, const = _weights(self.metric)
+        weights, consts = [], []
+        for probe in probes:
+            vector = prepare_embedding(probe, self.metric)
+            if vector.shape != (self.dimensions,):
+                raise ConfigError(f"expected a {self.dimensions}-d probe, got {vector.shape}")
+            _check_norm(vector, self.metric)
+            weights.append(factor * vector)
+            consts.append(float(vector @ vector) if self.metric is Metric.EUCLIDEAN else const)
+        return self._call_shards(
+            "score_many", (np.asarray(weights), consts), self._blocks_of(None), len(probes)
+        )
 
     def verify_pairs(
         self, pairs: Sequence[tuple[np.ndarray | Sequence[float], str]]

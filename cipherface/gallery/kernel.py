@@ -1,0 +1,174 @@
+"""Many plaintext probes against one block in one pass: an exact matrix product mod q.
+
+Why: SEAL scores a plaintext probe with ``d`` `multiply_plain` and ``d``
+additions per block, so P waiting probes read the whole gallery P times. With
+real scalar weights a probe's score ciphertext is ``sum_j w_j C_j`` (plus
+constants), where ``w_j = round(2^25 x weight_j)`` is the constant polynomial SEAL
+encodes a real scalar as, and in NTT form a product by a constant polynomial
+is a coefficient-wise product. At the lowest level a column is two arrays of
+``N`` coefficients modulo one prime ``q``, so for P probes and a block of ``d``
+columns the scores are ``W (P x d) @ C (d x 2N) mod q``: one pass over the
+block for all P probes, on BLAS.
+
+Exactness: coefficients (< 2^60) are split into three 20-bit limbs; a limb
+product summed over a group of columns stays below 2^53, so float64 BLAS is
+exact. Limbs recombine as ``S0 + 2^20 (S1 + 2^20 S2) mod q`` with
+``2^60 mod q`` small (SEAL's 60-bit primes sit just below 2^60). The result is
+the very residue SEAL computes: tests compare it bit for bit.
+
+The cloud keeps each block's coefficients resident as one (d, 2, N) array next
+to the SEAL ciphertexts the edge-probe path (ciphertext x ciphertext) uses, so
+no request rebuilds anything; results are written as SEAL serializations
+(`Writer`) that on-prem loads and checks as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from cipherface.exceptions import ConfigError
+
+__all__: list[str] = []
+
+_LIMB_BITS = 20
+_LIMBS = 3
+_LIMB_MASK = np.uint64((1 << _LIMB_BITS) - 1)
+#: A group of columns whose weights' absolute sum times a limb stays below 2^53.
+_GROUP_WEIGHT = float(2 ** (53 - _LIMB_BITS))
+
+
+#: SEAL's serialization header: magic, header size, version, compression mode,
+#: reserved, then the total size (little endian) at byte 8.
+_HEADER = 16
+_COMPRESSION_BYTE = 5
+_NO_COMPRESSION = 0
+#: Decompressed payloads are at most this large (a three-component score at N=32768).
+_MAX_PAYLOAD = 1 << 24
+
+
+def _payload(data: bytes) -> bytes:
+    """A SEAL serialization's member bytes, decompressed if SEAL compressed them."""
+    if data[_COMPRESSION_BYTE] == _NO_COMPRESSION:
+        return data[_HEADER:]
+    return zstandard.ZstdDecompressor().decompress(data[_HEADER:], max_output_size=_MAX_PAYLOAD)
+
+
+def coefficients(seal: Any, ciphertext: Any) -> np.ndarray:
+    """A ciphertext's coefficients (one prime) as a (size, N) uint64 array.
+
+    TenSEAL exposes no buffer, so they come out of SEAL's own serialization, whose
+    last ``size x N`` words are the coefficients (tests check the round trip).
+    """
+    shape = (ciphertext.size(), ciphertext.poly_modulus_degree())
+    body = _payload(seal.dump(ciphertext))
+    count = shape[0] * shape[1]
+    words = np.frombuffer(body, dtype="<u8", count=count, offset=len(body) - 8 * count)
+    return words.astype(np.uint64).reshape(shape)
+
+
+def plain_coefficients(plain: Any) -> np.ndarray:
+    """A plaintext's NTT-form coefficients (one prime); TenSEAL reads them one by one."""
+    return np.array([plain.data(i) for i in range(plain.coeff_count())], dtype=np.uint64)
+
+
+class Writer:
+    """Serializes coefficient arrays as ciphertexts shaped like ``template`` (uncompressed).
+
+    The members before the coefficients (parameters id, NTT flag, size, scale) are
+    the template's, so what SEAL loads is the template with new coefficients.
+    """
+
+    def __init__(self, seal: Any, template: Any) -> None:
+        body = _payload(seal.dump(template))
+        count = template.size() * template.poly_modulus_degree()
+        self._prefix = body[: len(body) - 8 * count]
+        self._count = count
+        self._header = bytearray(seal.dump(template)[:_HEADER])
+        self._header[_COMPRESSION_BYTE] = _NO_COMPRESSION
+        self._header[8:16] = (_HEADER + len(body)).to_bytes(8, "little")
+
+    def __call__(self, values: np.ndarray) -> bytes:
+        if values.size != self._count:
+            raise ConfigError(f"{values.size} coefficients for a ciphertext of {self._count}")
+        return bytes(self._header) + self._prefix + values.astype("<u8", copy=False).tobytes()
+
+
+def integer_weights(weights: np.ndarray, scale: float) -> np.ndarray:
+    """``round(weights * scale)`` as SEAL's encoder rounds (half away from zero), int64."""
+    scaled = np.asarray(weights, dtype=np.float64) * scale
+    return (np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)).astype(np.int64)
+
+
+class ModularProduct:
+    """``W @ C mod q`` for int64 weights and uint64 coefficients below one prime ``q``."""
+
+    def __init__(self, modulus: int) -> None:
+        self.modulus = modulus
+        self._q = np.uint64(modulus)
+        self._wrap = (1 << (_LIMB_BITS * _LIMBS)) % modulus
+        if self._wrap >= 1 << 43 or modulus >= 1 << (_LIMB_BITS * _LIMBS):
+            raise ConfigError("the lowest CKKS prime must lie just below 2^60 for the kernel")
+        self._wrap64 = np.uint64(self._wrap)
+
+    def _shift(self, values: np.ndarray) -> np.ndarray:
+        """``values * 2^20 mod q`` for values below q: the top limb wraps to ``2^60 mod q``."""
+        top = values >> np.uint64(2 * _LIMB_BITS)
+        rest = values & np.uint64((1 << (2 * _LIMB_BITS)) - 1)
+        return ((rest << np.uint64(_LIMB_BITS)) + top * self._wrap64) % self._q
+
+    def _groups(self, weights: np.ndarray) -> list[slice]:
+        """Column ranges whose worst probe's absolute weight sum keeps limb products exact."""
+        bound = np.abs(weights).max(axis=0).astype(np.float64)
+        if bound.max(initial=0.0) >= _GROUP_WEIGHT:
+            raise ConfigError("a probe weight is too large for the exact kernel")
+        groups, start, total = [], 0, 0.0
+        for j, value in enumerate(bound):
+            if total + value >= _GROUP_WEIGHT:
+                groups.append(slice(start, j))
+                start, total = j, 0.0
+            total += value
+        groups.append(slice(start, bound.size))
+        return groups
+
+    def __call__(self, weights: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """``weights`` (P, d) int64 times ``columns`` (d, n) uint64 (each < q): (P, n) uint64."""
+        out = np.zeros((weights.shape[0], columns.shape[1]), dtype=np.uint64)
+        for group in self._groups(weights):
+            w = weights[:, group].astype(np.float64)
+            block = columns[group]
+            limbs = []
+            for limb in range(_LIMBS):
+                part = (block >> np.uint64(_LIMB_BITS * limb)) & _LIMB_MASK
+                exact = (w @ part.astype(np.float64)).astype(np.int64)
+                limbs.append(np.mod(exact, self.modulus).astype(np.uint64))
+            total = limbs[-1]
+            for lower in reversed(limbs[:-1]):
+                total = (self._shift(total) + lower) % self._q
+            out = (out + total) % self._q
+        return out
+
+
+#: Coefficient positions per BLAS call: a block's limbs for them stay in cache.
+_CHUNK = 2048
+
+
+def weighted_sums(
+    product: ModularProduct, columns: np.ndarray, weights: np.ndarray, constants: np.ndarray
+) -> np.ndarray:
+    """Coefficients of ``sum_j weights[p, j] columns[j] + constants[p]`` for every probe ``p``.
+
+    ``columns`` (d, size, N) are a block's ciphertexts at one prime; ``constants``
+    (P, N) are NTT-form plaintext coefficients added to the first component.
+    Returns (P, size, N) uint64.
+    """
+    _, size, degree = columns.shape
+    result = np.empty((weights.shape[0], size, degree), dtype=np.uint64)
+    for component in range(size):
+        for start in range(0, degree, _CHUNK):
+            window = slice(start, min(start + _CHUNK, degree))
+            result[:, component, window] = product(weights, columns[:, component, window])
+    result[:, 0] = (result[:, 0] + constants) % np.uint64(product.modulus)
+    return result
