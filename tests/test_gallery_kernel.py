@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tenseal.sealapi as sealapi
 
-from cipherface.crypto import Keyring, Metric
+from cipherface.crypto import Keyring, Metric, prepare_embedding
 from cipherface.exceptions import ConfigError
 from cipherface.gallery import EncryptedGallery, EnrollmentBook, rank
-from cipherface.gallery.kernel import ModularProduct, Writer, coefficients
-from cipherface.gallery.packing import _Seal
+from cipherface.gallery.kernel import ModularProduct, Writer, coefficients, limb_planes
+from cipherface.gallery.packing import _Seal, _weights
+from cipherface.wire.payloads import EncryptedBlock
 
 #: SEAL's lowest 60-bit prime at n8192 (2^60 - 98303).
 PRIME = 1152921504606748673
@@ -28,14 +30,14 @@ def test_modular_product_is_exact_against_python_integers() -> None:
         ]
         for row in weights
     ]
-    assert product(weights, columns).tolist() == expected
+    assert product(weights, limb_planes(columns[:, None])[0]).tolist() == expected
 
 
 def test_modular_product_refuses_what_it_cannot_keep_exact() -> None:
     with pytest.raises(ConfigError):
         ModularProduct(2**61 - 1)
     with pytest.raises(ConfigError):
-        ModularProduct(PRIME)(np.array([[2**34]]), np.ones((1, 4), dtype=np.uint64))
+        ModularProduct(PRIME)(np.array([[2**40]]), np.ones((4, 1, 4), dtype=np.uint16))
 
 
 def test_writer_round_trips_through_seal(keys: Keyring) -> None:
@@ -47,6 +49,28 @@ def test_writer_round_trips_through_seal(keys: Keyring) -> None:
     assert loaded.scale == template.scale and loaded.is_ntt_form()
 
 
+def _seal_reference(
+    seal: _Seal, block: EncryptedBlock, metric: Metric, probe: np.ndarray
+) -> np.ndarray:
+    """A block's scores for ``probe`` computed by SEAL alone, as the engine once did."""
+    vector = prepare_embedding(probe, metric)
+    factor, const = _weights(metric)
+    total = None
+    for column, weight in zip(block.columns, factor * vector, strict=True):
+        term = sealapi.Ciphertext()
+        seal.evaluator.multiply_plain(seal.load(column), seal.plain(float(weight), 2.0**25), term)
+        if total is None:
+            total = term
+        else:
+            seal.evaluator.add_inplace(total, term)
+    if block.norms is not None:
+        seal.evaluator.add_inplace(total, seal.load(block.norms))
+        const = float(vector @ vector)
+    if const:
+        seal.evaluator.add_plain_inplace(total, seal.plain(const * (1 + 1j), 2.0**50))
+    return coefficients(seal, total)
+
+
 @pytest.mark.parametrize(
     ("metric", "workers"),
     [(Metric.EUCLIDEAN, 1), (Metric.COSINE, 2), (Metric.EUCLIDEAN_L2, 2)],
@@ -54,7 +78,7 @@ def test_writer_round_trips_through_seal(keys: Keyring) -> None:
 def test_search_many_equals_seal_bit_for_bit(
     keys: Keyring, public: Keyring, metric: Metric, workers: int
 ) -> None:
-    """Each probe's batched ciphertext is the one SEAL computes for it alone."""
+    """Each probe's batched ciphertext is the one SEAL computes, and `search` agrees."""
     rng = np.random.default_rng(5)
     vectors = rng.standard_normal((8192 + 300, 32))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -63,18 +87,21 @@ def test_search_many_equals_seal_bit_for_bit(
     book = EnrollmentBook(keys, metric, 32)
     book.add_many((f"s{i}", v, f"t{i}") for i, v in enumerate(vectors))
     probes = [vectors[i] + 0.01 * rng.standard_normal(32) for i in (7, 8200, 40)]
-    seal = _Seal(keys)
+    seal = _Seal(public)
+    blocks = list(book.encrypt_blocks())
     with EncryptedGallery(public, workers=workers) as gallery:
-        for block in book.encrypt_blocks():
+        for block in blocks:
             gallery.put(block)
         batched = gallery.search_many(probes)
-        alone = [gallery.search(p) for p in probes]
+        alone = gallery.search(probes[1])
     assert [len(b) for b in batched] == [2, 2, 2]
-    for many, single in zip(batched, alone, strict=True):
-        for a, b in zip(many, single, strict=True):
-            assert (a.block_id, a.version) == (b.block_id, b.version)
+    for probe, scores in zip(probes, batched, strict=True):
+        for block, result in zip(blocks, scores, strict=True):
+            assert (result.block_id, result.version) == (block.block_id, block.version)
             assert np.array_equal(
-                coefficients(seal, seal.load(a.scores)), coefficients(seal, seal.load(b.scores))
+                coefficients(seal, seal.load(result.scores)),
+                _seal_reference(seal, block, metric, probe),
             )
+    assert [a.scores for a in alone] == [b.scores for b in batched[1]]
     # And on-prem accepts and ranks them as usual.
     assert rank(keys, book, batched[1])[0].subject == "s8200"

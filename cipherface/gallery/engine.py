@@ -153,22 +153,14 @@ class EncryptedGallery:
             self.keyring.check(probe.fingerprint)
             if probe.metric != self.metric.value or probe.dimensions != self.dimensions:
                 raise ConfigError("the probe was encrypted for another metric or dimension")
-            request: tuple[Any, ...] = (
+            request = (
                 "encrypted",
                 probe.columns,
                 probe.norm,
                 _weights(self.metric)[1],
             )
-        else:
-            vector = prepare_embedding(probe, self.metric)
-            if vector.shape != (self.dimensions,):
-                raise ConfigError(f"expected a {self.dimensions}-d probe, got {vector.shape}")
-            _check_norm(vector, self.metric)
-            factor, const = _weights(self.metric)
-            if self.metric is Metric.EUCLIDEAN:
-                const = float(vector @ vector)
-            request = ("plain", (factor * vector).tolist(), const)
-        return self._fan_out(request, self._blocks_of(subject))
+            return self._fan_out(request, self._blocks_of(subject))
+        return self._score_plain([probe], self._blocks_of(subject))[0]
 
     def search_many(
         self, probes: Sequence[np.ndarray | Sequence[float]]
@@ -181,6 +173,12 @@ class EncryptedGallery:
         """
         if self.metric is None or not probes:
             return [[] for _ in probes]
+        return self._score_plain(probes, self._blocks_of(None))
+
+    def _score_plain(
+        self, probes: Sequence[np.ndarray | Sequence[float]], block_ids: list[int]
+    ) -> list[list[BlockScores]]:
+        assert self.metric is not None
         factor, const = _weights(self.metric)
         weights, consts = [], []
         for probe in probes:
@@ -191,7 +189,7 @@ class EncryptedGallery:
             weights.append(factor * vector)
             consts.append(float(vector @ vector) if self.metric is Metric.EUCLIDEAN else const)
         return self._call_shards(
-            "score_many", (np.asarray(weights), consts), self._blocks_of(None), len(probes)
+            "score_many", (np.asarray(weights), consts), block_ids, len(probes)
         )
 
     def verify_pairs(

@@ -10,9 +10,9 @@ is a coefficient-wise product. At the lowest level a column is two arrays of
 columns the scores are ``W (P x d) @ C (d x 2N) mod q``: one pass over the
 block for all P probes, on BLAS.
 
-Exactness: coefficients (< 2^60) are split into three 20-bit limbs; a limb
+Exactness: coefficients (< 2^60) are split into four 16-bit limbs; a limb
 product summed over a group of columns stays below 2^53, so float64 BLAS is
-exact. Limbs recombine as ``S0 + 2^20 (S1 + 2^20 S2) mod q`` with
+exact. Limbs recombine as ``S0 + 2^16 (S1 + 2^16 (S2 + 2^16 S3)) mod q`` with
 ``2^60 mod q`` small (SEAL's 60-bit primes sit just below 2^60). The result is
 the very residue SEAL computes: tests compare it bit for bit.
 
@@ -24,6 +24,7 @@ no request rebuilds anything; results are written as SEAL serializations
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -33,9 +34,11 @@ from cipherface.exceptions import ConfigError
 
 __all__: list[str] = []
 
-_LIMB_BITS = 20
-_LIMBS = 3
-_LIMB_MASK = np.uint64((1 << _LIMB_BITS) - 1)
+#: Coefficients are read as four 16-bit words: a little-endian uint16 view is the
+#: limb split, with no shifting or masking.
+_LIMB_BITS = 16
+_LIMBS = 4
+_PRIME_BITS = 60
 #: A group of columns whose weights' absolute sum times a limb stays below 2^53.
 _GROUP_WEIGHT = float(2 ** (53 - _LIMB_BITS))
 
@@ -108,16 +111,24 @@ class ModularProduct:
     def __init__(self, modulus: int) -> None:
         self.modulus = modulus
         self._q = np.uint64(modulus)
-        self._wrap = (1 << (_LIMB_BITS * _LIMBS)) % modulus
-        if self._wrap >= 1 << 43 or modulus >= 1 << (_LIMB_BITS * _LIMBS):
+        self._wrap = (1 << _PRIME_BITS) % modulus
+        # Reductions subtract q once: sums stay below 2q only for q close to 2^60.
+        if self._wrap >= 1 << 36 or modulus >= 1 << _PRIME_BITS or sys.byteorder != "little":
             raise ConfigError("the lowest CKKS prime must lie just below 2^60 for the kernel")
         self._wrap64 = np.uint64(self._wrap)
+        self._signed_q = np.int64(modulus)
+
+    def _reduce(self, values: np.ndarray) -> np.ndarray:
+        """``values mod q`` for values below ``2q``: a subtraction, not a division."""
+        return np.where(values >= self._q, values - self._q, values)
 
     def _shift(self, values: np.ndarray) -> np.ndarray:
-        """``values * 2^20 mod q`` for values below q: the top limb wraps to ``2^60 mod q``."""
-        top = values >> np.uint64(2 * _LIMB_BITS)
-        rest = values & np.uint64((1 << (2 * _LIMB_BITS)) - 1)
-        return ((rest << np.uint64(_LIMB_BITS)) + top * self._wrap64) % self._q
+        """``values * 2^16 mod q`` for values below q: the top bits wrap to ``2^60 mod q``."""
+        low_bits = _PRIME_BITS - _LIMB_BITS
+        top = values >> np.uint64(low_bits)
+        rest = values & np.uint64((1 << low_bits) - 1)
+        # rest * 2^16 < 2^60 and top * wrap < 2^52 (wrap < 2^36): below 2q.
+        return self._reduce((rest << np.uint64(_LIMB_BITS)) + top * self._wrap64)
 
     def _groups(self, weights: np.ndarray) -> list[slice]:
         """Column ranges whose worst probe's absolute weight sum keeps limb products exact."""
@@ -133,22 +144,32 @@ class ModularProduct:
         groups.append(slice(start, bound.size))
         return groups
 
-    def __call__(self, weights: np.ndarray, columns: np.ndarray) -> np.ndarray:
-        """``weights`` (P, d) int64 times ``columns`` (d, n) uint64 (each < q): (P, n) uint64."""
-        out = np.zeros((weights.shape[0], columns.shape[1]), dtype=np.uint64)
+    def __call__(self, weights: np.ndarray, planes: np.ndarray) -> np.ndarray:
+        """``weights`` (P, d) int64 times coefficients given as `limb_planes` (4, d, n): (P, n)."""
+        out = np.zeros((weights.shape[0], planes.shape[2]), dtype=np.uint64)
         for group in self._groups(weights):
             w = weights[:, group].astype(np.float64)
-            block = columns[group]
             limbs = []
-            for limb in range(_LIMBS):
-                part = (block >> np.uint64(_LIMB_BITS * limb)) & _LIMB_MASK
-                exact = (w @ part.astype(np.float64)).astype(np.int64)
-                limbs.append(np.mod(exact, self.modulus).astype(np.uint64))
+            for plane in planes[:, group]:
+                exact = (w @ plane.astype(np.float64)).astype(np.int64)
+                # |exact| < 2^53 < q: one conditional addition of q is the residue.
+                limbs.append((exact + (exact < 0) * self._signed_q).astype(np.uint64))
             total = limbs[-1]
             for lower in reversed(limbs[:-1]):
-                total = (self._shift(total) + lower) % self._q
-            out = (out + total) % self._q
+                total = self._reduce(self._shift(total) + lower)
+            out = self._reduce(out + total)
         return out
+
+
+def limb_planes(columns: np.ndarray) -> np.ndarray:
+    """(d, size, N) uint64 coefficients as (size, 4, d, N) uint16 limb planes, lowest first.
+
+    The same eight bytes per coefficient, laid out so that every BLAS operand is
+    a contiguous row of one limb: built once per block when the cloud receives it.
+    """
+    d, size, degree = columns.shape
+    words = columns.astype("<u8", copy=False).view(np.uint16).reshape(d, size, degree, _LIMBS)
+    return np.ascontiguousarray(words.transpose(1, 3, 0, 2))
 
 
 #: Coefficient positions per BLAS call: a block's limbs for them stay in cache.
@@ -156,19 +177,21 @@ _CHUNK = 2048
 
 
 def weighted_sums(
-    product: ModularProduct, columns: np.ndarray, weights: np.ndarray, constants: np.ndarray
+    product: ModularProduct, planes: np.ndarray, weights: np.ndarray, constants: np.ndarray
 ) -> np.ndarray:
     """Coefficients of ``sum_j weights[p, j] columns[j] + constants[p]`` for every probe ``p``.
 
-    ``columns`` (d, size, N) are a block's ciphertexts at one prime; ``constants``
-    (P, N) are NTT-form plaintext coefficients added to the first component.
-    Returns (P, size, N) uint64.
+    ``planes`` are a block's ciphertexts as `limb_planes`; ``constants`` (P, N) are
+    NTT-form plaintext coefficients added to the first component. Returns
+    (P, size, N) uint64.
     """
-    _, size, degree = columns.shape
+    size, _, _, degree = planes.shape
     result = np.empty((weights.shape[0], size, degree), dtype=np.uint64)
     for component in range(size):
         for start in range(0, degree, _CHUNK):
             window = slice(start, min(start + _CHUNK, degree))
-            result[:, component, window] = product(weights, columns[:, component, window])
-    result[:, 0] = (result[:, 0] + constants) % np.uint64(product.modulus)
+            result[:, component, window] = product(weights, planes[component, :, :, window])
+    modulus = np.uint64(product.modulus)
+    first = result[:, 0] + constants
+    result[:, 0] = np.where(first >= modulus, first - modulus, first)
     return result

@@ -27,6 +27,7 @@ from cipherface.gallery.kernel import (
     Writer,
     coefficients,
     integer_weights,
+    limb_planes,
     plain_coefficients,
     weighted_sums,
 )
@@ -60,7 +61,7 @@ class _Engine:
     def __init__(self, keyring: Keyring) -> None:
         self.seal = _Seal(keyring)
         self.blocks: dict[int, tuple[int, list[Any], Any]] = {}
-        #: Each block's coefficients, (columns [+ norms], 2, N), for batched plaintext probes.
+        #: Each block's coefficients (columns [+ norms]) as `limb_planes`, for batched probes.
         self.arrays: dict[int, np.ndarray] = {}
         prime = self.seal.context.last_context_data().parms().coeff_modulus()[0].value()
         self.product = ModularProduct(prime)
@@ -71,8 +72,10 @@ class _Engine:
     ) -> None:
         loaded = [self.seal.load(c) for c in columns]
         norm = None if norms is None else self.seal.load(norms)
-        self.arrays[block_id] = np.stack(
-            [coefficients(self.seal, c) for c in [*loaded, *([] if norm is None else [norm])]]
+        self.arrays[block_id] = limb_planes(
+            np.stack(
+                [coefficients(self.seal, c) for c in [*loaded, *([] if norm is None else [norm])]]
+            )
         )
         self.blocks[block_id] = (version, loaded, norm)
         if self.writer is None:
@@ -89,10 +92,7 @@ class _Engine:
     ) -> list[tuple[int, int, bytes]]:
         seal = self.seal
         kind = request[0]
-        if kind == "plain":
-            weights = [seal.plain(float(w), _VALUE_SCALE) for w in request[1]]
-            probe, const = weights, request[2]
-        elif kind == "encrypted":
+        if kind == "encrypted":
             probe = [seal.load(c) for c in request[1]]
             const = request[3]
             extra = None if request[2] is None else seal.load(request[2])
@@ -152,7 +152,7 @@ class _Engine:
                 # per block and a 0.7 MB key at the cloud, for nothing decryption needs.
                 evaluator.multiply(column, weight, term)
             elif weight.is_zero():
-                continue  # SEAL refuses products that would be transparent
+                continue  # SEAL refuses products that would be transparent (pairs)
             else:
                 evaluator.multiply_plain(column, weight, term)
             if acc is None:
