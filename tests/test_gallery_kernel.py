@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import tenseal.sealapi as sealapi
@@ -105,3 +107,43 @@ def test_search_many_equals_seal_bit_for_bit(
     assert [a.scores for a in alone] == [b.scores for b in batched[1]]
     # And on-prem accepts and ranks them as usual.
     assert rank(keys, book, batched[1])[0].subject == "s8200"
+
+
+def test_concurrent_searches_share_passes_and_a_bad_probe_fails_alone(
+    keys: Keyring, public: Keyring
+) -> None:
+    rng = np.random.default_rng(6)
+    vectors = rng.standard_normal((500, 16))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    book = EnrollmentBook(keys, Metric.COSINE, 16)
+    book.add_many((f"s{i}", v, f"t{i}") for i, v in enumerate(vectors))
+    probes: list[np.ndarray] = [vectors[i] for i in range(12)]
+    probes[5] = np.ones(7)  # wrong dimension: refused, the others still answered
+    with EncryptedGallery(public, workers=2) as gallery:
+        for block in book.encrypt_blocks():
+            gallery.put(block)
+        sizes: list[int] = []
+        many = gallery.search_many
+
+        def recording(batch: list[np.ndarray]) -> list:
+            sizes.append(len(batch))
+            return many(batch)
+
+        gallery.search_many = recording  # type: ignore[method-assign]
+
+        def one(probe: np.ndarray) -> object:
+            try:
+                return gallery.search_shared(probe)
+            except ConfigError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            answers = list(pool.map(one, probes))
+        alone = [gallery.search(p) for i, p in enumerate(probes) if i != 5]
+    assert isinstance(answers[5], ConfigError)
+    shared = [a for i, a in enumerate(answers) if i != 5]
+    assert [[s.scores for s in a] for a in shared] == [[s.scores for s in a] for a in alone]
+    assert sum(sizes) >= len(probes) and max(sizes) > 1  # passes were shared
+    assert [rank(keys, book, a, top_k=1)[0].subject for a in shared] == [
+        f"s{i}" for i in range(12) if i != 5
+    ]

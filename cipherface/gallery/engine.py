@@ -29,6 +29,7 @@ import numpy as np
 
 from cipherface.crypto import Keyring, Metric, prepare_embedding
 from cipherface.exceptions import ConfigError
+from cipherface.gallery.batching import SearchBatcher
 from cipherface.gallery.book import _Shipped
 from cipherface.gallery.packing import _check_norm, _weights
 from cipherface.gallery.workers import _Shard
@@ -57,6 +58,7 @@ class EncryptedGallery:
         self._slots = keyring.slots
         self._lock = threading.Lock()
         self._shards = [_Shard(keyring, workers > 1) for _ in range(max(workers, 1))]
+        self._batcher = SearchBatcher(self)
         if store is not None:
             stored = store.context_fingerprint()
             if stored is None:
@@ -161,6 +163,18 @@ class EncryptedGallery:
             )
             return self._fan_out(request, self._blocks_of(subject))
         return self._score_plain([probe], self._blocks_of(subject))[0]
+
+    def search_shared(
+        self, probe: np.ndarray | Sequence[float] | EncryptedProbe, *, subject: str | None = None
+    ) -> list[BlockScores]:
+        """`search`, sharing one pass with concurrent plaintext 1:N probes (`SearchBatcher`).
+
+        For daemons that search from several threads; a probe waits up to the
+        batcher's window (5 ms) for company. Edge probes and 1:1 go alone.
+        """
+        if subject is not None or isinstance(probe, EncryptedProbe):
+            return self.search(probe, subject=subject)
+        return self._batcher.search(probe)
 
     def search_many(
         self, probes: Sequence[np.ndarray | Sequence[float]]
