@@ -3,14 +3,18 @@
 The cloud holds only a public keyring. Measured on the 2-core benchmark machine
 (N=8192, 128-d; see `cipherface.gallery.packing` for the layout):
 
-- A plaintext probe costs 128 plaintext multiplications per block of 8192
-  templates: about 8 ms, i.e. ~1,000,000 inner products per second per core.
+- A plaintext probe is scored by `cipherface.gallery.kernel`: the weighted sum
+  of a block's 128 columns as an exact matrix product mod q on float64 BLAS,
+  about 5 ms per block of 8192 templates for one probe (SEAL's 128
+  ``multiply_plain`` took 8 ms) and about 30 ms for 32 probes in one pass, on one
+  idle core. Workers keep each block's coefficients as 16-bit limb planes next to
+  the SEAL ciphertexts (twice the memory: about 2.2 KB per 128-d template).
   An encrypted probe (``d`` ciphertexts, each one probe component in every slot,
   made with the public key at the edge) costs 128 ciphertext products, left
   unrelinearised: about 16 ms per block (~520,000 per second per core). The
   decrypted score then has three components, which decryption handles.
-- A million templates are 123 blocks: 0.48 s of cloud search and 0.18 s of
-  on-prem decryption and top-5 on 2 cores, 25x plaintext numpy. Batched 1:1
+- A million templates are 123 blocks (`benchmarks/bench_search.py` prints the
+  current figures against numpy float32 and faiss). Batched 1:1
   (`verify_pairs`) needs two rounds for a full block and verifies ~56,000
   claims per second, 380x one-ciphertext-per-template verification.
 - TenSEAL's SEAL bindings hold the GIL, so threads do not parallelise; with
