@@ -4,9 +4,9 @@ Measured on this machine (n8192, unit vectors, euclidean_l2 so scores span [0, 4
 a plaintext probe's scores (the batched kernel, exact mod q) are within
 ``PLAIN_ERROR`` of float64 numpy, an edge-encrypted probe's within ``EDGE_ERROR``,
 at 128-d and at 512-d. The bounds are about twice the largest error seen over
-several runs (plain 4.5e-5, edge 4.5e-4): a change that adds noise (fewer scale bits, dropped coefficient
-bits) fails here before it shows as a wrong decision. `SCORE_TOLERANCE` and
-`FIT_TOLERANCE` (integrity) sit above these.
+several runs (plain 4.5e-5, edge 4.5e-4): a change that adds noise (fewer scale
+bits, dropped coefficient bits) fails here before it shows as a wrong decision.
+`SCORE_TOLERANCE` and `FIT_TOLERANCE` (integrity) sit above these.
 """
 
 from __future__ import annotations
