@@ -47,28 +47,24 @@ def accept(match: Match, threshold: float, metric: Metric | str) -> bool:
     return decision(match.score, threshold, Metric.parse(metric))
 
 
-#: Layouts whose occupancy mask was computed, by ``id``, with the layout kept alive
-#: so that an id is never reused while cached. Bounded: a changed block's old
-#: layout falls out when the cache is full.
+#: The last layout seen of each block id and its occupancy mask: one entry per
+#: block, and a new version (or another book's block of the same id) replaces it.
 _MASKS: dict[int, tuple[_Shipped, np.ndarray]] = {}
-_MASK_CACHE_SIZE = 4096
 
 
-def _occupied(layout: _Shipped, capacity: int) -> np.ndarray:
+def _occupied(block_id: int, layout: _Shipped, capacity: int) -> np.ndarray:
     """Which of a block's ``capacity`` positions hold a template (read-only, cached).
 
     Built once per shipped layout: at a million templates, rebuilding it from the
     8192 labels of each of 123 blocks on every probe took longer than decrypting.
     """
-    cached = _MASKS.get(id(layout))
-    if cached is not None and cached[0] is layout:
+    cached = _MASKS.get(block_id)
+    if cached is not None and cached[0] is layout and cached[1].size == capacity:
         return cached[1]
     mask = np.zeros(capacity, dtype=bool)
     mask[: len(layout.template_ids)] = [bool(t) for t in layout.template_ids]
     mask.flags.writeable = False
-    if len(_MASKS) >= _MASK_CACHE_SIZE:
-        _MASKS.clear()
-    _MASKS[id(layout)] = (layout, mask)
+    _MASKS[block_id] = (layout, mask)
     return mask
 
 
@@ -112,7 +108,7 @@ def _decrypted(
         if len(block.pairs) > book.capacity:
             raise IntegrityError(f"{len(block.pairs)} pairs scored in a block of {book.capacity}")
         values = seal.decrypt(seal.load_checked(block.scores, size=size))
-        scored = _occupied(layout, values.size)
+        scored = _occupied(block.block_id, layout, values.size)
         if block.pairs:
             # Batched 1:1: only the positions a pair owns carry a meaningful score.
             owned = np.zeros(values.size, dtype=bool)
@@ -212,7 +208,7 @@ def _nearest(
         return []
     masked = np.full((len(decrypted), capacity), np.inf)
     for row, item in enumerate(decrypted):
-        keep = _occupied(item.layout, capacity)
+        keep = _occupied(item.block.block_id, item.layout, capacity)
         if subject is not None:
             names = item.layout.subjects
             keep = keep & np.array(
