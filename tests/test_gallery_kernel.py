@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import tenseal.sealapi as sealapi
 
 from cipherface.crypto import Keyring, Metric, prepare_embedding
-from cipherface.exceptions import ConfigError
+from cipherface.exceptions import CiphertextError, ConfigError
 from cipherface.gallery import EncryptedGallery, EnrollmentBook, rank
 from cipherface.gallery.kernel import ModularProduct, Writer, coefficients, limb_planes
 from cipherface.gallery.packing import _Seal, _weights
@@ -147,3 +148,28 @@ def test_concurrent_searches_share_passes_and_a_bad_probe_fails_alone(
     assert [rank(keys, book, a, top_k=1)[0].subject for a in shared] == [
         f"s{i}" for i in range(12) if i != 5
     ]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_block_of_misshapen_columns_is_refused_and_the_gallery_keeps_serving(
+    keys: Keyring, public: Keyring, workers: int
+) -> None:
+    """The kernel reads two-component columns at scale 2^25: anything else is refused at put."""
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((50, 16))
+    book = EnrollmentBook(keys, Metric.COSINE, 16)
+    book.add_many((f"s{i}", v, f"t{i}") for i, v in enumerate(vectors))
+    [block] = book.encrypt_blocks()
+    seal = _Seal(public)
+    fresh = seal.load(seal.encrypt_public(0.5, 2.0**25))
+    three = sealapi.Ciphertext()
+    seal.evaluator.multiply(fresh, fresh, three)
+    bad_columns = (seal.encrypt_public(0.5, 2.0**50), seal.dump(three))
+    with EncryptedGallery(public, workers=workers) as gallery:
+        for bad in bad_columns:
+            forged = dataclasses.replace(block, columns=(bad, *block.columns[1:]))
+            with pytest.raises(CiphertextError, match="two-component"):
+                gallery.put(forged)
+        assert len(gallery) == 0
+        assert gallery.put(block)
+        assert rank(keys, book, gallery.search(vectors[4]))[0].subject == "s4"

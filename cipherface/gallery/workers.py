@@ -70,8 +70,10 @@ class _Engine:
     def put(
         self, block_id: int, version: int, columns: Sequence[bytes], norms: bytes | None
     ) -> None:
-        loaded = [self.seal.load(c) for c in columns]
-        norm = None if norms is None else self.seal.load(norms)
+        loaded = [self._column(c, _VALUE_SCALE) for c in columns]
+        norm = None if norms is None else self._column(norms, _SCORE_SCALE)
+        if not loaded:
+            raise CiphertextError(f"block {block_id} has no columns")
         self.arrays[block_id] = limb_planes(
             np.stack(
                 [coefficients(self.seal, c) for c in [*loaded, *([] if norm is None else [norm])]]
@@ -82,6 +84,17 @@ class _Engine:
             score = sealapi.Ciphertext()
             self.seal.evaluator.multiply_plain(loaded[0], self.seal.plain(1.0, _VALUE_SCALE), score)
             self.writer = Writer(self.seal, score)
+
+    def _column(self, data: bytes, scale: float) -> Any:
+        """A column as on-prem encrypts it (two components, NTT form, ``scale``), or refused.
+
+        The kernel reads coefficients as two polynomials: any other shape is refused
+        here, as a `CiphertextError`, rather than failing inside a worker.
+        """
+        column = self.seal.load(data)
+        if column.size() != 2 or not column.is_ntt_form() or column.scale != scale:
+            raise CiphertextError("a gallery column must be a fresh two-component ciphertext")
+        return column
 
     def drop(self, block_id: int) -> None:
         self.blocks.pop(block_id, None)
