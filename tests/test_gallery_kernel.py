@@ -20,12 +20,14 @@ from cipherface.wire.payloads import EncryptedBlock
 PRIME = 1152921504606748673
 
 
-def test_modular_product_is_exact_against_python_integers() -> None:
-    rng = np.random.default_rng(3)
+@pytest.mark.parametrize("bits", [20, 29, 31, 36])
+def test_modular_product_is_exact_against_python_integers(bits: int) -> None:
+    """Small weights take the paired-limb path, large ones the per-limb path and
+    several column groups; signs both ways."""
+    rng = np.random.default_rng(bits)
     product = ModularProduct(PRIME)
     columns = rng.integers(0, PRIME, size=(40, 64), dtype=np.uint64)
-    # Weights near the bound force several column groups, signs both ways.
-    weights = rng.integers(-(2**31), 2**31, size=(5, 40), dtype=np.int64)
+    weights = rng.integers(-(2**bits), 2**bits, size=(5, 40), dtype=np.int64)
     expected = [
         [
             sum(int(w) * int(c) for w, c in zip(row, columns[:, k], strict=True)) % PRIME

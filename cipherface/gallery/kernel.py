@@ -39,8 +39,12 @@ __all__: list[str] = []
 _LIMB_BITS = 16
 _LIMBS = 4
 _PRIME_BITS = 60
-#: A group of columns whose weights' absolute sum times a limb stays below 2^53.
+#: A group of columns whose weights' absolute sum (per probe) stays below this keeps
+#: every limb product sum below 2^53: exact in float64.
 _GROUP_WEIGHT = float(2 ** (53 - _LIMB_BITS))
+#: Below this instead (unit-vector probes are), limb sums stay below 2^46 and two
+#: limbs combine exactly in int64 (below 2^62): fewer reductions mod q.
+_PAIRED_WEIGHT = float(2**30)
 
 
 #: SEAL's serialization header: magic, header size, version, compression mode,
@@ -131,33 +135,49 @@ class ModularProduct:
         return self._reduce((rest << np.uint64(_LIMB_BITS)) + top * self._wrap64)
 
     def _groups(self, weights: np.ndarray) -> list[slice]:
-        """Column ranges whose worst probe's absolute weight sum keeps limb products exact."""
-        bound = np.abs(weights).max(axis=0).astype(np.float64)
-        if bound.max(initial=0.0) >= _GROUP_WEIGHT:
+        """Column ranges in which every probe's absolute weight sum stays below the bound."""
+        magnitude = np.abs(weights).astype(np.float64)
+        if magnitude.max(initial=0.0) >= _GROUP_WEIGHT:
             raise ConfigError("a probe weight is too large for the exact kernel")
-        groups, start, total = [], 0, 0.0
-        for j, value in enumerate(bound):
-            if total + value >= _GROUP_WEIGHT:
-                groups.append(slice(start, j))
-                start, total = j, 0.0
-            total += value
-        groups.append(slice(start, bound.size))
+        running = np.cumsum(magnitude, axis=1)
+        groups, start = [], 0
+        while start < weights.shape[1]:
+            base = running[:, start - 1 : start] if start else 0.0
+            over = ((running[:, start:] - base) >= _GROUP_WEIGHT).any(axis=0)
+            stop = start + int(np.argmax(over)) if over.any() else weights.shape[1]
+            groups.append(slice(start, stop))
+            start = stop
         return groups
+
+    def _residue(self, values: np.ndarray) -> np.ndarray:
+        """int64 values below 2^62 in magnitude, reduced to [0, q) as uint64.
+
+        The quotient is estimated in float64 (off by at most one), the remainder
+        taken exactly in int64 and corrected by one q either way.
+        """
+        quotient = np.floor(values / float(self.modulus)).astype(np.int64)
+        rest = values - quotient * self._signed_q
+        rest = np.where(rest < 0, rest + self._signed_q, rest)
+        return np.where(rest >= self._signed_q, rest - self._signed_q, rest).astype(np.uint64)
 
     def __call__(self, weights: np.ndarray, planes: np.ndarray) -> np.ndarray:
         """``weights`` (P, d) int64 times coefficients given as `limb_planes` (4, d, n): (P, n)."""
-        out = np.zeros((weights.shape[0], planes.shape[2]), dtype=np.uint64)
+        out = None
         for group in self._groups(weights):
             w = weights[:, group].astype(np.float64)
-            limbs = []
-            for plane in planes[:, group]:
-                exact = (w @ plane.astype(np.float64)).astype(np.int64)
-                # |exact| < 2^53 < q: one conditional addition of q is the residue.
-                limbs.append((exact + (exact < 0) * self._signed_q).astype(np.uint64))
-            total = limbs[-1]
-            for lower in reversed(limbs[:-1]):
-                total = self._reduce(self._shift(total) + lower)
-            out = self._reduce(out + total)
+            limb = [(w @ p.astype(np.float64)).astype(np.int64) for p in planes[:, group]]
+            if np.abs(w).sum(axis=1).max() < _PAIRED_WEIGHT:
+                low = self._residue(limb[0] + (limb[1] << 16))
+                high = self._residue(limb[2] + (limb[3] << 16))
+                total = self._reduce(low + self._shift(self._shift(high)))
+            else:
+                # |limb| < 2^53 < q: one conditional addition of q is the residue.
+                residues = [(x + (x < 0) * self._signed_q).astype(np.uint64) for x in limb]
+                total = residues[-1]
+                for lower in reversed(residues[:-1]):
+                    total = self._reduce(self._shift(total) + lower)
+            out = total if out is None else self._reduce(out + total)
+        assert out is not None
         return out
 
 
