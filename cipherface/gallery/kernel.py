@@ -16,8 +16,8 @@ exact. Limbs recombine as ``S0 + 2^16 (S1 + 2^16 (S2 + 2^16 S3)) mod q`` with
 ``2^60 mod q`` small (SEAL's 60-bit primes sit just below 2^60). The result is
 the very residue SEAL computes: tests compare it bit for bit.
 
-The cloud keeps each block's coefficients resident as one (d, 2, N) array next
-to the SEAL ciphertexts the edge-probe path (ciphertext x ciphertext) uses, so
+The cloud keeps each block's coefficients resident as 16-bit limb planes
+(`limb_planes`) next to the SEAL ciphertexts the edge-probe path (ciphertext x ciphertext) uses, so
 no request rebuilds anything; results are written as SEAL serializations
 (`Writer`) that on-prem loads and checks as before.
 """
@@ -25,6 +25,7 @@ no request rebuilds anything; results are written as SEAL serializations
 from __future__ import annotations
 
 import sys
+import zlib
 from typing import Any
 
 import numpy as np
@@ -52,15 +53,22 @@ _PAIRED_WEIGHT = float(2**30)
 _HEADER = 16
 _COMPRESSION_BYTE = 5
 _NO_COMPRESSION = 0
+_ZLIB = 1
+_ZSTD = 2
 #: Decompressed payloads are at most this large (a three-component score at N=32768).
 _MAX_PAYLOAD = 1 << 24
 
 
 def _payload(data: bytes) -> bytes:
-    """A SEAL serialization's member bytes, decompressed if SEAL compressed them."""
-    if data[_COMPRESSION_BYTE] == _NO_COMPRESSION:
+    """A SEAL serialization's member bytes, decompressed as its header says."""
+    mode = data[_COMPRESSION_BYTE]
+    if mode == _NO_COMPRESSION:
         return data[_HEADER:]
-    return zstandard.ZstdDecompressor().decompress(data[_HEADER:], max_output_size=_MAX_PAYLOAD)
+    if mode == _ZLIB:
+        return zlib.decompress(data[_HEADER:], bufsize=_MAX_PAYLOAD)
+    if mode == _ZSTD:
+        return zstandard.ZstdDecompressor().decompress(data[_HEADER:], max_output_size=_MAX_PAYLOAD)
+    raise ConfigError(f"SEAL serialization of unknown compression mode {mode}")
 
 
 def coefficients(seal: Any, ciphertext: Any) -> np.ndarray:
