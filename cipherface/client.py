@@ -7,13 +7,19 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from cipherface import wire
 from cipherface.crypto import Keyring, Metric
 from cipherface.embedding import Embedder, largest_face
-from cipherface.exceptions import ConfigError, SecretKeyError, SignatureError, WireFormatError
+from cipherface.exceptions import (
+    ConfigError,
+    IntegrityError,
+    SecretKeyError,
+    SignatureError,
+    WireFormatError,
+)
 from cipherface.gallery import EncryptedProbe, encrypt_probe
 from cipherface.signing import PinnedKey, VerifyKey
 from cipherface.transport.base import Delivery, Transport
@@ -61,10 +67,20 @@ class EventStream:
     counted in `forged` (the queue is private: nobody else would read a dead letter);
     a genuine event issued more than `REPLAY_WINDOW` before the stream opened is a
     replay, dropped and counted in `replayed`.
+    ``published`` maps the probe ids its client sent to their request digests, so
+    `wait_for` answers a probe with its own event only: probe ids are the sender's
+    choice, and another user may send a probe under the same id first.
     """
 
-    def __init__(self, onprem_key: VerifyKey, *, max_seen: int = MAX_SEEN) -> None:
+    def __init__(
+        self,
+        onprem_key: VerifyKey,
+        *,
+        max_seen: int = MAX_SEEN,
+        published: Mapping[str, str] | None = None,
+    ) -> None:
         self._verifier = PinnedKey(onprem_key)
+        self._published: Mapping[str, str] = {} if published is None else published
         self._queue: asyncio.Queue[wire.VerificationEvent] = asyncio.Queue()
         #: Insertion-ordered, bounded to `max_seen`: the dedupe set does not grow forever.
         self._seen: dict[tuple[str, str], None] = {}
@@ -108,9 +124,12 @@ class EventStream:
     async def wait_for(
         self, probe_id: str, timeout: float | None = None, *, request: str | None = None
     ) -> wire.VerificationEvent:
-        """The event of one probe (of that request digest, if given); other events stay
-        queued for iteration. `asyncio.TimeoutError` when none comes in ``timeout``."""
+        """The event of one probe (of that request digest, if given; else of the probe
+        this stream's client sent under that id, if it did); other events stay queued
+        for iteration. `asyncio.TimeoutError` when none comes in ``timeout``."""
         held: list[wire.VerificationEvent] = []
+        if request is None:
+            request = self._published.get(probe_id)
 
         async def scan() -> wire.VerificationEvent:
             while True:
@@ -133,6 +152,10 @@ class Client:
         self.transport = transport
         #: On-prem's verify key: needed to read events (`events`, `verify`), not to publish.
         self.onprem_key = onprem_key
+        #: Probe id -> request digest of the last probe sent under it (bounded to
+        #: `MAX_SEEN`, oldest first): how `EventStream.wait_for` tells its event
+        #: from the event of someone else's probe that took the same id.
+        self._published: dict[str, str] = {}
 
     async def publish_probe(
         self,
@@ -168,6 +191,10 @@ class Client:
         await self.transport.send(
             self.transport.topology.probes, body, message_id=wire.message_id(probe_id, request)
         )
+        self._published.pop(probe_id, None)
+        self._published[probe_id] = request
+        if len(self._published) > MAX_SEEN:
+            del self._published[next(iter(self._published))]
         return request
 
     async def publish_encrypted_probe(
@@ -194,7 +221,7 @@ class Client:
         """
         if self.onprem_key is None:
             raise ConfigError("reading events needs on-prem's verify key (Client(..., onprem_key))")
-        stream = EventStream(self.onprem_key)
+        stream = EventStream(self.onprem_key, published=self._published)
         consumer = await self.transport.consume(
             "",
             stream.deliver,
@@ -214,7 +241,19 @@ class Client:
         *,
         timeout: float = 120.0,
     ) -> wire.VerificationEvent:
-        """Publish one probe and wait for its event (`asyncio.TimeoutError` after ``timeout``)."""
+        """Publish one probe and wait for its event (`asyncio.TimeoutError` after ``timeout``).
+
+        Raises `IntegrityError` if the event answers another claim than the one sent:
+        on-prem learns the claim from the replica that scored the probe, and a replica
+        that turned "is this A?" into "who is this?" would get any enrolled face verified.
+        """
         async with self.events() as stream:
             probe_id, request = await self._publish_image(image, claimed_subject, None)
-            return await stream.wait_for(probe_id, timeout, request=request)
+            event = await stream.wait_for(probe_id, timeout, request=request)
+        mode = "1:N" if claimed_subject is None else "1:1"
+        if event.mode != mode or (mode == "1:1" and event.subject != claimed_subject):
+            raise IntegrityError(
+                f"the event of probe {probe_id} answers {event.mode} {event.subject!r}, "
+                f"not the {mode} claim {claimed_subject!r} sent"
+            )
+        return event

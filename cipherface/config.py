@@ -78,6 +78,11 @@ class Settings:
     rotation_grace: float = 30.0
     #: How many candidates on-prem ranks for a 1:N probe.
     top_k: int = 5
+    #: Most faces one probe image may have: the cloud answers a probe with more
+    #: with ``TooManyFacesError``, and on-prem refuses scores of more faces (a
+    #: replica's forgery: each face costs a decryption and a fit) as an
+    #: ``IntegrityError``. 32: a group photo, not a crowd.
+    max_faces: int = 32
     #: Processes a cloud replica spreads its gallery over (TenSEAL holds the GIL).
     workers: int = 1
     #: File holding the broker password, put into `amqp_url` at connect time, so the
@@ -103,8 +108,8 @@ class Settings:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose {', '.join(PRESETS)}")
-        if min(self.prefetch, self.top_k, self.workers) < 1:
-            raise ConfigError("prefetch, top_k and workers must be at least 1")
+        if min(self.prefetch, self.top_k, self.workers, self.max_faces) < 1:
+            raise ConfigError("prefetch, top_k, workers and max_faces must be at least 1")
         for name in _PATHS:
             value = getattr(self, name)
             if value is not None:
@@ -224,7 +229,15 @@ _PATHS = ("amqp_password_file", "tls_ca", "tls_cert", "tls_key", "onprem_key")
 
 #: Fields read as numbers from the environment.
 _FLOATS = ("sync_interval", "probe_ttl", "ledger_window", "gallery_queue_expiry", "rotation_grace")
-_INTS = ("prefetch", "top_k", "metrics_port", "workers", "ledger_max", "max_image_side")
+_INTS = (
+    "prefetch",
+    "top_k",
+    "metrics_port",
+    "workers",
+    "ledger_max",
+    "max_image_side",
+    "max_faces",
+)
 
 
 def _convert(name: str, raw: str) -> object:

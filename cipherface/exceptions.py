@@ -18,6 +18,7 @@ know which library failed underneath::
     │   ├── ImageDecodeError(ValueError)  corrupt, truncated, empty or oversized input
     │   │   └── UnsupportedImageError     a file that is not JPEG, PNG or WebP
     │   ├── NoFaceError               an image in which no face was found
+    │   ├── TooManyFacesError         more faces than a probe may have (`max_faces`)
     │   ├── UnknownModelError(ValueError)
     │   └── MissingWeightsError       model weights absent and not downloadable
     ├── WireFormatError(ValueError)   a message that does not decode or validate
@@ -43,6 +44,7 @@ __all__ = [
     "SecretKeyError",
     "SignatureError",
     "StoreError",
+    "TooManyFacesError",
     "TransportError",
     "UnknownModelError",
     "UnsupportedImageError",
@@ -125,6 +127,14 @@ class UnsupportedImageError(ImageDecodeError):
 
 class NoFaceError(EmbeddingError):
     """The image decoded, but no face was detected in it."""
+
+
+class TooManyFacesError(EmbeddingError):
+    """A probe image with more faces than `Settings.max_faces`.
+
+    Each face costs a gallery search on the cloud and a decryption and a fit on
+    on-prem: the bound keeps one probe's work bounded, whoever sends it.
+    """
 
 
 class UnknownModelError(EmbeddingError, ValueError):

@@ -200,12 +200,28 @@ def test_non_finite_numbers_are_refused_at_decode(value: float) -> None:
         ({"box": [1, 2, 0, 5], "confidence": 1.0}, "field 'box' must be [x, y, w, h]"),
         ({"box": [1, 2, 3, 4.5], "confidence": 1.0}, "field 'box[]' must be int, got float"),
         ({"box": None, "confidence": float("nan")}, "field 'confidence' must be a finite number"),
+        # What a malicious replica would put in events: garbage boxes and confidences.
+        ({"box": [1, 2, 3, 2**63], "confidence": 1.0}, "field 'box' reaches past 40000000"),
+        ({"box": [2**40, 0, 3, 4], "confidence": 1.0}, "field 'box' reaches past 40000000"),
+        ({"box": None, "confidence": -0.5}, "field 'confidence' must lie in [0, 1], got -0.5"),
+        ({"box": None, "confidence": 1e300}, "field 'confidence' must lie in [0, 1]"),
     ],
 )
 def test_a_malformed_face_is_refused_at_decode(face: dict[str, object], error: str) -> None:
     body = {"subject": "s", "verified": True, "distance": 0.1, **face}
     with pytest.raises(WireFormatError, match=re.escape(error)):
         wire.FaceResult.from_dict(body)
+    with pytest.raises(WireFormatError, match=re.escape(error)):
+        wire.FaceScores.from_dict({"scores": [], **face})
+
+
+def test_no_face_box_reaches_past_the_largest_image() -> None:
+    from cipherface.embedding import MAX_IMAGE_PIXELS
+    from cipherface.wire.payloads import _MAX_BOX_EDGE
+
+    assert _MAX_BOX_EDGE == MAX_IMAGE_PIXELS  # an image's side is at most its pixel count
+    edge = {"box": [0, 0, 1, MAX_IMAGE_PIXELS], "confidence": 0.0, "scores": []}
+    assert wire.FaceScores.from_dict(edge).box == (0, 0, 1, MAX_IMAGE_PIXELS)
 
 
 def test_probe_refusals_name_the_problem() -> None:

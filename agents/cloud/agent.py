@@ -448,7 +448,13 @@ class CloudAgent:
         """Score every face of the probe (an edge probe is one face, without a box)."""
         try:
             faces, check, timings = await asyncio.to_thread(
-                score_faces, request, self.embedder, gallery, keyring, self._conjugation_key
+                score_faces,
+                request,
+                self.embedder,
+                gallery,
+                keyring,
+                self._conjugation_key,
+                max_faces=self.settings.max_faces,
             )
         except (EmbeddingError, KeyMismatchError) as exc:
             # Bad input from a user gets an answer (an error event), not silence.

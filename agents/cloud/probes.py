@@ -9,6 +9,7 @@ import numpy as np
 from cipherface import wire
 from cipherface.crypto import Keyring
 from cipherface.embedding_cache import EmbeddingCache
+from cipherface.exceptions import TooManyFacesError
 from cipherface.gallery import EncryptedGallery
 from cipherface.gallery.integrity import prove_probe
 
@@ -21,20 +22,27 @@ def score_faces(
     gallery: EncryptedGallery,
     keyring: Keyring,
     conjugation_key: bytes,
+    *,
+    max_faces: int,
 ) -> tuple[tuple[wire.FaceScores, ...], wire.ProbeCheck | None, dict[str, float]]:
     """Every face's encrypted scores, an edge probe's norm proof, and seconds per stage.
 
     Every face the detector keeps is searched, not only the largest: a photo of
     two enrolled people is an answer for each, and on-prem says which face decided.
     An edge probe is one face without a box (the cloud never saw the image). Runs
-    in a thread; raises `EmbeddingError` (no face, not an image) or
-    `KeyMismatchError` (an edge probe under another key).
+    in a thread; raises `EmbeddingError` (no face, not an image, more than
+    ``max_faces`` faces: `TooManyFacesError`) or `KeyMismatchError` (an edge
+    probe under another key).
     """
     timings: dict[str, float] = {}
     check = None
     started = time.perf_counter()
     if isinstance(request, wire.ProbeRequest):
         found = embedder.embed(request.image, name=f"probe {request.probe_id}")
+        if len(found) > max_faces:
+            raise TooManyFacesError(
+                f"probe {request.probe_id}: {len(found)} faces, at most {max_faces} per probe"
+            )
         probes: list[tuple[tuple[int, ...] | None, float, object]] = [
             (face.box, float(face.confidence), np.asarray(face.embedding)) for face in found
         ]

@@ -401,7 +401,13 @@ class OnPremAgent:
                 keys.book.refresh()  # `cipherface enroll` may have run beside this daemon
                 try:
                     ranked = await self.rotation.using(
-                        keys, rank_faces, keys.keyring, keys.book, result, top_k=self.settings.top_k
+                        keys,
+                        rank_faces,
+                        keys.keyring,
+                        keys.book,
+                        result,
+                        top_k=self.settings.top_k,
+                        max_faces=self.settings.max_faces,
                     )
                 except IntegrityError as exc:
                     # Nothing derived from a tampered decryption leaves on-prem: the

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from cipherface import wire
 from cipherface.crypto import Keyring, Metric
+from cipherface.exceptions import IntegrityError
 from cipherface.gallery import EnrollmentBook, Match, accept, rank
 from cipherface.gallery.integrity import flood
 
@@ -24,10 +25,19 @@ DECIMALS = wire.VerificationEvent.DISTANCE_DECIMALS
 
 
 def rank_faces(
-    keyring: Keyring, book: EnrollmentBook, result: wire.ScoresReady, *, top_k: int
+    keyring: Keyring,
+    book: EnrollmentBook,
+    result: wire.ScoresReady,
+    *,
+    top_k: int,
+    max_faces: int,
 ) -> list[list[Match]]:
     """Each face's candidates, nearest first; `IntegrityError` if any face's scores are
-    tampered with (one forged face refuses the whole probe)."""
+    tampered with (one forged face refuses the whole probe), or if there are more
+    than ``max_faces`` faces (the cloud refuses such a probe: each face costs a
+    decryption and a fit here), checked before anything is decrypted."""
+    if len(result.faces) > max_faces:
+        raise IntegrityError(f"{len(result.faces)} faces scored, at most {max_faces} per probe")
     return [
         rank(
             keyring,

@@ -174,6 +174,10 @@ def rank(
     ``probe_check`` comes with the scores of an edge-encrypted probe. Raises
     `IntegrityError` for scores or a probe the protocol would not produce.
     """
+    blocks = [block.block_id for block in scores]
+    if len(set(blocks)) < len(blocks):
+        # One probe scores each block once: a repeat is only extra decryptions.
+        raise IntegrityError(f"{len(blocks) - len(set(blocks))} block(s) scored twice")
     decrypted = _decrypted(keyring, book, scores, probe_check)
     chosen = _nearest(decrypted, book.capacity, subject, top_k, per_subject)
     released: dict[int, set[int]] = {}

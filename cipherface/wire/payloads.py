@@ -133,6 +133,12 @@ class BlockScores:
         )
 
 
+#: No face box reaches past this many pixels: the cloud refuses images over 40
+#: Mpx (`cipherface.embedding.MAX_IMAGE_PIXELS`), so no side is longer. A larger
+#: coordinate is a forgery, and would lose precision in JSON readers of events.
+_MAX_BOX_EDGE = 40_000_000
+
+
 def _box(data: Mapping[str, object]) -> tuple[int, ...] | None:
     """A face's ``(x, y, w, h)`` in the probe image's pixels, or None (an edge probe)."""
     box = field(data, "box", (list, tuple, type(None)))
@@ -141,7 +147,17 @@ def _box(data: Mapping[str, object]) -> tuple[int, ...] | None:
     values = tuple(of_type(v, int, "box[]") for v in box)
     if len(values) != 4 or min(values[2:]) < 1 or min(values[:2]) < 0:
         raise WireFormatError("field 'box' must be [x, y, w, h] with x, y >= 0 and w, h >= 1")
+    if max(values[0] + values[2], values[1] + values[3]) > _MAX_BOX_EDGE:
+        raise WireFormatError(f"field 'box' reaches past {_MAX_BOX_EDGE} pixels")
     return values
+
+
+def _confidence(data: Mapping[str, object]) -> float:
+    """A detector's confidence: DeepFace reports it in [0, 1] (an edge probe: 1)."""
+    value = float(field(data, "confidence", (int, float)))
+    if not 0.0 <= value <= 1.0:
+        raise WireFormatError(f"field 'confidence' must lie in [0, 1], got {value}")
+    return value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -174,7 +190,7 @@ class FaceScores:
         blocks = field(data, "scores", (list, tuple))
         return cls(
             box=_box(data),
-            confidence=float(field(data, "confidence", (int, float))),
+            confidence=_confidence(data),
             scores=tuple(BlockScores.from_dict(of_type(b, dict, "scores[]")) for b in blocks),
         )
 
@@ -210,7 +226,7 @@ class FaceResult:
         distance = field(data, "distance", (int, float, type(None)))
         return cls(
             box=_box(data),
-            confidence=float(field(data, "confidence", (int, float))),
+            confidence=_confidence(data),
             subject=field(data, "subject", (str, type(None))),
             verified=field(data, "verified", bool),
             distance=None if distance is None else float(distance),
