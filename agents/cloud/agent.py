@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -447,14 +448,9 @@ class CloudAgent:
     ) -> None:
         """Score every face of the probe (an edge probe is one face, without a box)."""
         try:
+            search = functools.partial(score_faces, max_faces=self.settings.max_faces)
             faces, check, timings = await asyncio.to_thread(
-                score_faces,
-                request,
-                self.embedder,
-                gallery,
-                keyring,
-                self._conjugation_key,
-                max_faces=self.settings.max_faces,
+                search, request, self.embedder, gallery, keyring, self._conjugation_key
             )
         except (EmbeddingError, KeyMismatchError) as exc:
             # Bad input from a user gets an answer (an error event), not silence.
