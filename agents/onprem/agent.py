@@ -29,7 +29,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from agents.onprem.answers import Answer, decide, rank_faces
+from agents.onprem.answers import Answer, cloud_timings, decide, rank_faces
 from agents.onprem.enrollment import IMAGE_SUFFIXES, EnrollReport, subject_of
 from agents.onprem.keys import KeySet, generate_keys, write_keys
 from cipherface import wire
@@ -427,7 +427,8 @@ class OnPremAgent:
                         event = self._event(result, error=expired)
                     else:
                         answer = decide(result, ranked, self.threshold, self.settings.metric)
-                        timings = {**result.timings, "decrypt": time.perf_counter() - started}
+                        timings = cloud_timings(result)
+                        timings["decrypt"] = time.perf_counter() - started
                         event = self._event(result, answer=answer, timings=timings)
             await self.transport.publish(
                 self.transport.topology.events,

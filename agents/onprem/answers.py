@@ -19,9 +19,24 @@ from cipherface.exceptions import IntegrityError
 from cipherface.gallery import EnrollmentBook, Match, accept, rank
 from cipherface.gallery.integrity import flood
 
-__all__ = ["Answer", "decide", "rank_faces"]
+__all__ = ["CLOUD_STAGES", "Answer", "cloud_timings", "decide", "rank_faces"]
 
 DECIMALS = wire.VerificationEvent.DISTANCE_DECIMALS
+#: The stages a replica times (`agents.cloud.probes.score_faces`).
+CLOUD_STAGES = ("embed", "check", "search")
+
+
+def cloud_timings(result: wire.ScoresReady) -> dict[str, float]:
+    """The replica's timings an event may pass on: its known stages, non-negative.
+
+    The map is the replica's to fill: thousands of keys or negative seconds would
+    otherwise reach every subscriber in an event on-prem signs.
+    """
+    return {
+        stage: seconds
+        for stage, seconds in result.timings.items()
+        if stage in CLOUD_STAGES and seconds >= 0
+    }
 
 
 def rank_faces(

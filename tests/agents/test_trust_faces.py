@@ -51,6 +51,7 @@ def _faces(
     subject: str | None = None,
     request: str | None = None,
     replica: CloudAgent | None = None,
+    timings: dict[str, float] | None = None,
 ) -> bytes:
     """Scores of several faces, signed by the trusted replica, fresh (not expired)."""
     message = wire.ScoresReady(
@@ -62,7 +63,7 @@ def _faces(
         ),
         request=request or wire.request_digest(probe_id.encode()),
         submitted_at=time.time(),
-        timings={},
+        timings=timings or {},
     )
     if replica is None:
         return _signed_by_replica(deployment, message)
@@ -124,6 +125,20 @@ async def test_one_tampered_face_beside_an_honest_one_refuses_the_probe(
     )
     await _result(deployment, _faces(deployment, "mixed", [(honest,), (shifted,)]))
     _refused(await watch.event("mixed"), "one probe")
+
+
+async def test_a_replicas_timings_reach_events_only_as_its_known_stages(
+    rig: tuple[Deployment, Watch],
+) -> None:
+    """Thousands of made-up timing keys, or negative seconds, are not signed into events."""
+    deployment, watch = rig
+    honest = _honest_block_scores(deployment)
+    junk = {f"stage-{i}": 1.0 for i in range(2000)} | {"embed": -5.0, "search": 0.25}
+    await _result(deployment, _faces(deployment, "timed", [(honest,)], timings=junk))
+    event = await watch.event("timed")
+    assert event.verified and event.subject == "B"
+    assert set(event.timings) == {"search", "decrypt", "total"}
+    assert event.timings["search"] == 0.25
 
 
 async def test_a_claim_turned_into_a_search_by_the_replica_is_not_a_verification(
