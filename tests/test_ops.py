@@ -124,9 +124,13 @@ def test_settings_are_checked_and_read_from_the_environment() -> None:
         "CIPHERFACE_LEDGER_MAX": "10",
         "CIPHERFACE_LOG_FORMAT": "json",
         "CIPHERFACE_METRICS_ADDRESS": "0.0.0.0",
+        "CIPHERFACE_MAX_FACES": "4",
     }
     settings = Settings.from_env(env)
     assert (settings.probe_ttl, settings.ledger_max, settings.log_format) == (60.0, 10, "json")
+    assert settings.max_faces == 4
+    with pytest.raises(ConfigError, match="max_faces must be at least 1"):
+        Settings(max_faces=0)
     assert settings.metrics_address == "0.0.0.0" and settings.replica is None
     with pytest.raises(ConfigError):
         Settings(probe_ttl=100.0, ledger_window=10.0)
