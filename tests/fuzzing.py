@@ -92,12 +92,12 @@ def _sample_messages() -> list[wire.Message]:
                     scores=(BlockScores(block_id=0, version=1, scores=b"s", pairs=(0, -1)),),
                 ),
             ),
-            request="r3",
+            request="3" * 32,
             submitted_at=1.0,
             timings={"embed": 0.5},
         ),
         wire.ProbeRejected(
-            probe_id="p4", subject=None, error="E", reason="r", request="r4", submitted_at=1.0
+            probe_id="p4", subject=None, error="E", reason="r", request="4" * 32, submitted_at=1.0
         ),
         wire.ReplicaStatus(
             replica="r1", fingerprint=_FP, blocks=(0,), versions=(1,), templates=1, awaiting=0

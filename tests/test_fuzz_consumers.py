@@ -338,7 +338,7 @@ def test_onprem_result_handler_garbage(rig: Rig, case: Any) -> None:
         probe_id=pid,
         subject=subject,
         faces=(wire.FaceScores(box=None, confidence=1.0, scores=scores),),
-        request=pid,
+        request=wire.request_digest(pid.encode()),
         submitted_at=time.time(),
         timings={},
     )

@@ -62,10 +62,15 @@ def message_id(probe_id: str, request: str) -> str:
     return probe_id if len(probe_id.encode()) <= MAX_PROBE_ID_BYTES else f"sha256:{request}"
 
 
+#: Hex characters of a `request_digest`.
+_DIGEST_CHARS = 32
+_HEX = frozenset("0123456789abcdef")
+
+
 def request_digest(body: bytes) -> str:
     """What identifies one probe message (its encoded bytes): a broker's redelivery
     has the same digest, a new probe reusing a probe id another."""
-    return hashlib.sha256(body).hexdigest()[:32]
+    return hashlib.sha256(body).hexdigest()[:_DIGEST_CHARS]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,6 +85,9 @@ class Message:
     #: Whether the sender must sign it (on-prem or a trusted replica): everything
     #: but a user's probe. `cipherface.wire.envelope.decode` enforces it.
     signed: ClassVar[bool] = True
+    #: Fields that must hold a `request_digest`: what a replica claims to answer
+    #: ends up in ledgers and AMQP message ids (255 bytes at most), so it is checked.
+    digests: ClassVar[tuple[str, ...]] = ()
 
     def body(self) -> dict[str, Any]:
         """The msgpack-native body."""
@@ -102,6 +110,12 @@ class Message:
         checked = {
             name: of_type(body[name], spec.accepts, labels[name]) for name, spec in specs.items()
         }
+        for name in cls.digests:
+            value = checked[name]
+            if len(value) != _DIGEST_CHARS or not _HEX.issuperset(value):
+                raise WireFormatError(
+                    f"field {labels[name]!r} must be a request digest ({_DIGEST_CHARS} hex digits)"
+                )
         return cls(
             **{name: spec.decode(checked[name], labels[name]) for name, spec in specs.items()}
         )
@@ -174,6 +188,7 @@ class ScoresReady(Message):
     """cloud -> on-prem: encrypted distances of every face of one probe against the gallery."""
 
     kind: ClassVar[str] = "scores"
+    digests: ClassVar[tuple[str, ...]] = ("request",)
     probe_id: str
     subject: str | None
     #: One entry per face the cloud found (an edge probe: one, without a box).
@@ -193,6 +208,7 @@ class ProbeRejected(Message):
     """cloud -> on-prem: a probe that cannot be matched (no face, not an image, ...)."""
 
     kind: ClassVar[str] = "rejected"
+    digests: ClassVar[tuple[str, ...]] = ("request",)
     probe_id: str
     subject: str | None
     #: The error type, e.g. "NoFaceError".

@@ -15,7 +15,7 @@ def _scores(count: int, subject: str | None = None) -> wire.ScoresReady:
         wire.FaceScores(box=(100 * i, 0, 80, 80), confidence=0.9, scores=()) for i in range(count)
     )
     return wire.ScoresReady(
-        probe_id="p", subject=subject, faces=faces, request="r", submitted_at=0.0, timings={}
+        probe_id="p", subject=subject, faces=faces, request="0" * 32, submitted_at=0.0, timings={}
     )
 
 

@@ -138,7 +138,7 @@ async def test_scores_from_an_untrusted_replica_are_dead_lettered(
         probe_id="rogue",
         subject=None,
         faces=(wire.FaceScores(box=None, confidence=1.0, scores=(honest,)),),
-        request="rogue",
+        request=wire.request_digest(b"rogue"),
         submitted_at=0.0,
         timings={},
     )
@@ -171,7 +171,7 @@ async def test_in_range_scores_shifted_by_a_trusted_replica_are_refused(
         probe_id="shifted",
         subject="A",
         faces=(wire.FaceScores(box=None, confidence=1.0, scores=(shifted,)),),
-        request="shifted",
+        request=wire.request_digest(b"shifted"),
         submitted_at=0.0,
         timings={},
     )

@@ -22,7 +22,7 @@ from cipherface.crypto import Metric
 from cipherface.exceptions import IntegrityError
 from cipherface.gallery import encrypt_probe
 from cipherface.gallery.packing import _SCORE_SCALE, _Seal
-from cipherface.transport import Delivery
+from cipherface.transport import REASON_HEADER, Delivery
 from cipherface.wire.payloads import BlockScores
 from tests.agents.conftest import Deployment
 from tests.agents.trust import (
@@ -139,6 +139,26 @@ async def test_a_replicas_timings_reach_events_only_as_its_known_stages(
     assert event.verified and event.subject == "B"
     assert set(event.timings) == {"search", "decrypt", "total"}
     assert event.timings["search"] == 0.25
+
+
+async def test_a_made_up_request_digest_is_dead_lettered_with_the_reason(
+    rig: tuple[Deployment, Watch],
+) -> None:
+    """A replica's ``request`` becomes an AMQP message id (255 bytes at most) for a long
+    probe id: 400 characters once made on-prem's publish fail with a ``TypeError``."""
+    deployment, watch = rig
+    rejected = wire.ProbeRejected(
+        probe_id="L" * 300,
+        subject=None,
+        error="NoFaceError",
+        reason="none",
+        request="r" * 400,
+        submitted_at=time.time(),
+    )
+    await _result(deployment, _signed_by_replica(deployment, rejected))
+    dead = await watch.dead_letter(lambda d: "request digest" in str(d.headers[REASON_HEADER]))
+    assert "WireFormatError: field 'rejected.request'" in str(dead.headers[REASON_HEADER])
+    assert "L" * 300 not in watch.events
 
 
 async def test_a_claim_turned_into_a_search_by_the_replica_is_not_a_verification(
