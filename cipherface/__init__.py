@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from cipherface.exceptions import (
+    ChunkError,
     CipherFaceError,
     CiphertextError,
     ConfigError,
@@ -18,6 +19,7 @@ from cipherface.exceptions import (
     EmbeddingError,
     ImageDecodeError,
     KeyMismatchError,
+    MessageTooLargeError,
     MissingResourceError,
     MissingWeightsError,
     NoFaceError,
@@ -50,6 +52,7 @@ __all__ = [
     "DEFAULT_PRESET",
     "MODELS",
     "PRESETS",
+    "ChunkError",
     "CipherFace",
     "CipherFaceError",
     "CiphertextError",
@@ -66,6 +69,7 @@ __all__ = [
     "ImageDecodeError",
     "KeyMismatchError",
     "Keyring",
+    "MessageTooLargeError",
     "Metric",
     "MissingResourceError",
     "MissingWeightsError",

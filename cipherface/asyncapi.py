@@ -28,7 +28,7 @@ from cipherface import wire
 from cipherface.exceptions import ConfigError
 from cipherface.transport.base import REASON_HEADER, SOURCE_HEADER, Topology
 from cipherface.wire.messages import _KINDS, Message
-from cipherface.wire.payloads import BlockScores, EncryptedBlock, EncryptedProbe, ProbeCheck
+from cipherface.wire.payloads import BlockLayout, BlockScores, EncryptedProbe, ProbeCheck
 from cipherface.wire.schema import spec_of
 
 __all__ = ["document", "main", "render"]
@@ -53,7 +53,7 @@ class _Channel:
     receiver: tuple[str, str] | None = None
 
 
-_GALLERY = (wire.ContextUpdate, wire.BlockUpdate)
+_GALLERY = (wire.ContextUpdate, wire.BlockChunk)
 _PROBES = (wire.ProbeRequest, wire.EncryptedProbeRequest)
 _RESULTS = (wire.ScoresReady, wire.ProbeRejected, wire.ReplicaStatus)
 
@@ -286,7 +286,7 @@ def document(topology: Topology | None = None) -> dict[str, Any]:
         if end is not None
         for service, summary in (end,)
     }
-    payloads = (EncryptedBlock, BlockScores, EncryptedProbe, ProbeCheck)
+    payloads = (BlockLayout, BlockScores, EncryptedProbe, ProbeCheck)
     return {
         "asyncapi": "3.0.0",
         "info": {

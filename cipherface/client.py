@@ -135,14 +135,17 @@ class Client:
         *,
         probe_id: str | None = None,
     ) -> str:
-        """Queue an image for 1:1 verification (with a subject) or 1:N search; return its id."""
+        """Queue an image for 1:1 verification (with a subject) or 1:N search; return its id.
+
+        An image whose message exceeds the transport's size limit raises
+        `MessageTooLargeError` (re-encode it smaller: probes are downscaled anyway).
+        """
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         request = wire.ProbeRequest(
             probe_id=probe_id or wire.new_id(), image=data, subject=claimed_subject
         )
-        await self.transport.send(
-            self.transport.topology.probes, wire.encode(request), message_id=request.probe_id
-        )
+        body = wire.encode(request, limit=self.transport.max_message_size)
+        await self.transport.send(self.transport.topology.probes, body, message_id=request.probe_id)
         return request.probe_id
 
     async def publish_encrypted_probe(
@@ -156,7 +159,12 @@ class Client:
         request = wire.EncryptedProbeRequest(
             probe_id=probe_id or wire.new_id(), probe=probe, subject=claimed_subject
         )
-        body = wire.encode(request, fingerprint=probe.fingerprint, metric=probe.metric)
+        body = wire.encode(
+            request,
+            fingerprint=probe.fingerprint,
+            metric=probe.metric,
+            limit=self.transport.max_message_size,
+        )
         await self.transport.send(self.transport.topology.probes, body, message_id=request.probe_id)
         return request.probe_id
 

@@ -21,11 +21,17 @@ from cipherface.embedding import (
     model_spec,
 )
 from cipherface.exceptions import ConfigError
+from cipherface.wire.envelope import MAX_MESSAGE_BYTES
 
-__all__ = ["CURRENT_KEY_FILE", "DEFAULT_AMQP_URL", "Settings"]
+__all__ = ["CURRENT_KEY_FILE", "DEFAULT_AMQP_URL", "MESSAGE_SIZE_RANGE", "Settings"]
 
 #: In on-prem's folder: the key folder in use after a key rotation (`Settings.key_dir`).
 CURRENT_KEY_FILE = "current-key"
+
+#: Bounds of `Settings.max_message_size`: a block chunk must hold its layout (up to
+#: 16,384 template ids and subjects at n16384) beside at least one column; RabbitMQ
+#: 3.x allows at most 512 MiB and refuses more than 128 MiB by default.
+MESSAGE_SIZE_RANGE = (1024 * 1024, 128 * 1024 * 1024)
 
 #: The broker the tests and `docker-compose.yml` use.
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -53,6 +59,9 @@ class Settings:
     #: (`cipherface.replica.claim`), so a restart keeps it and scaled replicas
     #: sharing a volume each take their own.
     replica: str | None = None
+    #: Largest message sent or accepted, envelope included (bytes). Keep it at or
+    #: under the broker's ``max_message_size``; blocks are chunked to fit it.
+    max_message_size: int = MAX_MESSAGE_BYTES
     #: Deliveries in flight per consumer: backpressure on slow embedding.
     prefetch: int = 2
     #: Port of the operations endpoint (``/metrics``, ``/healthz``, ``/readyz``);
@@ -119,6 +128,12 @@ class Settings:
             raise ConfigError("ledger_max must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key go together: set both or neither")
+        low, high = MESSAGE_SIZE_RANGE
+        if not low <= self.max_message_size <= high:
+            raise ConfigError(
+                f"max_message_size must be between {low} and {high} bytes, "
+                f"got {self.max_message_size}"
+            )
         if self.max_image_side < MIN_IMAGE_SIDE:
             raise ConfigError(
                 f"max_image_side must be at least {MIN_IMAGE_SIDE} px, got {self.max_image_side}"
@@ -224,7 +239,15 @@ _PATHS = ("amqp_password_file", "tls_ca", "tls_cert", "tls_key", "onprem_key")
 
 #: Fields read as numbers from the environment.
 _FLOATS = ("sync_interval", "probe_ttl", "ledger_window", "gallery_queue_expiry", "rotation_grace")
-_INTS = ("prefetch", "top_k", "metrics_port", "workers", "ledger_max", "max_image_side")
+_INTS = (
+    "prefetch",
+    "top_k",
+    "metrics_port",
+    "workers",
+    "ledger_max",
+    "max_image_side",
+    "max_message_size",
+)
 
 
 def _convert(name: str, raw: str) -> object:

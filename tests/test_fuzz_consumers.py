@@ -272,9 +272,12 @@ def test_cloud_gallery_block_with_garbage_ciphertexts(
         norms=None,
     )
     assert rig.onprem is not None
-    body = wire.encode(wire.BlockUpdate(block=block), fingerprint=fp, signer=rig.onprem.signer)
-    outcome, reason = rig.feed(rig.cloud._on_gallery, body)
-    assert outcome is Outcome.DEAD_LETTER, reason
+    signer = rig.onprem.signer
+    outcomes = [
+        rig.feed(rig.cloud._on_gallery, wire.encode(chunk, fingerprint=fp, signer=signer))
+        for chunk in wire.split_block(block, wire.MAX_MESSAGE_BYTES)
+    ]
+    assert outcomes[-1][0] is Outcome.DEAD_LETTER, outcomes
     assert "mallory" not in rig.cloud.gallery.subjects()  # type: ignore[union-attr]
     # Nor on disk, where it would stop the replica from starting again.
     assert all("mallory" not in b.subjects for b in _stored_blocks(rig))

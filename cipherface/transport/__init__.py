@@ -63,10 +63,16 @@ def open_transport(
         context = None
         if url.startswith("amqps://"):
             context = tls_context(settings.tls_ca, settings.tls_cert, settings.tls_key)
-        return RabbitMQTransport(url, topology, role=role, ssl_context=context)
+        return RabbitMQTransport(
+            url,
+            topology,
+            role=role,
+            ssl_context=context,
+            max_message_size=settings.max_message_size,
+        )
     if broker is None:
         raise ConfigError(
             "no broker URL (--amqp-url or CIPHERFACE_AMQP_URL): the in-process broker only "
             "connects agents running in the same process, as 'cipherface demo' does"
         )
-    return MemoryTransport(broker, topology, role=role)
+    return MemoryTransport(broker, topology, role=role, max_message_size=settings.max_message_size)

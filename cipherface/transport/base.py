@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
-from cipherface.exceptions import CipherFaceError, MissingResourceError, TransportError
+from cipherface.exceptions import (
+    CipherFaceError,
+    MessageTooLargeError,
+    MissingResourceError,
+    TransportError,
+)
+from cipherface.wire.envelope import MAX_MESSAGE_BYTES
 
 __all__ = [
     "REASON_HEADER",
@@ -33,6 +39,7 @@ __all__ = [
     "Topology",
     "Transport",
     "TransportBase",
+    "check_size",
     "declares",
     "drain",
     "missing_resource",
@@ -307,9 +314,22 @@ class Outcome(enum.Enum):
     DEAD_LETTER = "dead-letter"
 
 
-async def settle(handler: Handler, delivery: Delivery) -> tuple[Outcome, str]:
+def check_size(body: bytes, limit: int, where: str) -> None:
+    """Refuse a message body over the transport's cap (`MessageTooLargeError`).
+
+    Checked before publishing, so an oversized message is a typed error naming
+    what was sent rather than a channel the broker closes (``max_message_size``).
+    """
+    if len(body) > limit:
+        raise MessageTooLargeError(f"message to {where}", len(body), limit)
+
+
+async def settle(
+    handler: Handler, delivery: Delivery, *, limit: int = MAX_MESSAGE_BYTES
+) -> tuple[Outcome, str]:
     """Run a handler and classify the result, the same way for every transport.
 
+    - larger than ``limit``: never handed to the handler -> DEAD_LETTER.
     - returns normally: the work is done -> ACK.
     - `TransportError` or cancellation: the broker hiccuped or we are shutting
       down, the message is fine -> REQUEUE (another try, maybe on another replica).
@@ -317,6 +337,7 @@ async def settle(handler: Handler, delivery: Delivery) -> tuple[Outcome, str]:
       with the reason, so it is kept for inspection and never retried forever.
     """
     try:
+        check_size(delivery.body, limit, "this consumer")
         await handler(delivery)
     except asyncio.CancelledError:
         return Outcome.REQUEUE, "cancelled"
@@ -367,6 +388,9 @@ class Fetched:
 class TransportBase:
     """What both transports share: ``async with`` opens the transport, leaving closes it."""
 
+    #: Largest body sent or handed to a handler (`Settings.max_message_size`).
+    max_message_size: int = MAX_MESSAGE_BYTES
+
     @property
     def connected(self) -> bool:
         """Whether the broker is reachable now (readiness; `RabbitMQTransport` overrides)."""
@@ -416,6 +440,9 @@ class Transport(Protocol):
     """Durable work queues, fanout/topic exchanges, dead letters, async context manager."""
 
     topology: Topology
+    #: Largest body it sends or hands to a handler: larger ones are refused
+    #: (`MessageTooLargeError`) or dead-lettered unread.
+    max_message_size: int
 
     async def __aenter__(self) -> Transport: ...
 

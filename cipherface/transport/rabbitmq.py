@@ -37,11 +37,13 @@ from cipherface.transport.base import (
     Role,
     Topology,
     TransportBase,
+    check_size,
     declares,
     drain,
     missing_resource,
     settle,
 )
+from cipherface.wire.envelope import MAX_MESSAGE_BYTES
 
 __all__ = ["RabbitMQTransport", "read_secret", "tls_context", "with_password"]
 
@@ -89,7 +91,9 @@ class _RabbitConsumer:
             routing_key=message.routing_key or "",
             redelivered=bool(message.redelivered),
         )
-        outcome, reason = await settle(self._handler, delivery)
+        outcome, reason = await settle(
+            self._handler, delivery, limit=self._transport.max_message_size
+        )
         try:
             if outcome is Outcome.ACK:
                 await message.ack()
@@ -132,8 +136,10 @@ class RabbitMQTransport(TransportBase):
         *,
         role: Role | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        max_message_size: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self.url = url
+        self.max_message_size = max_message_size
         self.topology = topology or Topology()
         self.role = role
         self._ssl_context = ssl_context
@@ -281,6 +287,7 @@ class RabbitMQTransport(TransportBase):
         ``mandatory``: a queue that does not exist yet is an error, not a lost probe.
         """
         exchange = self.topology.work_exchange(queue)
+        check_size(body, self.max_message_size, queue)
         channel = self._channel()
         try:
             target = await channel.get_exchange(exchange, ensure=False)
@@ -295,6 +302,7 @@ class RabbitMQTransport(TransportBase):
 
         Not ``mandatory``: an event nobody subscribes to is not an error.
         """
+        check_size(body, self.max_message_size, exchange)
         channel = self._channel()
         try:
             target = await channel.get_exchange(exchange, ensure=False)

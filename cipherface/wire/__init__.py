@@ -6,12 +6,14 @@ module          owns
 `payloads`      `EncryptedBlock`, `BlockScores`, `EncryptedProbe`: gallery data
 `messages`      one frozen dataclass per message kind, and its validation
 `envelope`      `encode` / `decode`, the `Envelope` metadata, size limits
+`chunks`        a block as chunks under the size limit, and their assembly
 ==============  ===========================================================
 
 The wire layer loads no TenSEAL (a test asserts it): decoding an event, or
 dead-lettering a malformed block, never pays for the crypto library.
 """
 
+from cipherface.wire.chunks import BlockAssembler, split_block
 from cipherface.wire.envelope import (
     MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
@@ -20,7 +22,7 @@ from cipherface.wire.envelope import (
     encode,
 )
 from cipherface.wire.messages import (
-    BlockUpdate,
+    BlockChunk,
     ContextUpdate,
     EncryptedProbeRequest,
     Message,
@@ -36,7 +38,8 @@ from cipherface.wire.messages import (
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "SCHEMA_VERSION",
-    "BlockUpdate",
+    "BlockAssembler",
+    "BlockChunk",
     "ContextUpdate",
     "EncryptedProbeRequest",
     "Envelope",
@@ -50,4 +53,5 @@ __all__ = [
     "decode",
     "encode",
     "new_id",
+    "split_block",
 ]

@@ -68,7 +68,8 @@ async def test_replayed_block_with_a_higher_version_is_refused(
     [stored] = list(cloud.store.iter_blocks())  # type: ignore[union-attr]
     pinned = EncryptedBlock(**{**_fields(stored), "version": 99})
     forger = SigningKey.generate("onprem")
-    await _gallery(deployment, wire.encode(wire.BlockUpdate(block=pinned), signer=forger))
+    for chunk in wire.split_block(pinned, wire.MAX_MESSAGE_BYTES):
+        await _gallery(deployment, wire.encode(chunk, signer=forger))
     await watch.dead_letter(lambda d: "SignatureError" in str(d.headers[REASON_HEADER]))
     [held] = list(cloud.store.iter_blocks())  # type: ignore[union-attr]
     assert held.version == stored.version
@@ -88,16 +89,14 @@ async def test_block_from_another_publisher_is_not_scored(rig: tuple[Deployment,
     forged = EncryptedBlock(
         **{**_fields(stored), "version": stored.version + 1, "columns": forged_columns}
     )
+    chunks = wire.split_block(forged, wire.MAX_MESSAGE_BYTES)
     for signer in (None, SigningKey.generate("onprem")):
-        body = (
-            wire.encode(wire.BlockUpdate(block=forged), signer=signer)
-            if signer
-            else _unsigned(wire.BlockUpdate(block=forged))
-        )
-        await _gallery(deployment, body)
+        for chunk in chunks:
+            body = wire.encode(chunk, signer=signer) if signer else _unsigned(chunk)
+            await _gallery(deployment, body)
     await asyncio.sleep(1)
     reasons = [str(d.headers[REASON_HEADER]) for d in watch.dead]
-    assert sum("SignatureError" in r for r in reasons) == 2, reasons
+    assert sum("SignatureError" in r for r in reasons) == 2 * len(chunks), reasons
     [held] = list(cloud.store.iter_blocks())  # type: ignore[union-attr]
     assert held.version == stored.version
 
