@@ -54,6 +54,7 @@ from tests.fuzzing import (
     _consumer_settings,
     mutated_envelopes,
 )
+from tests.samples import EDGE_PROBE_LIMIT
 
 T = TypeVar("T")
 
@@ -79,7 +80,12 @@ class Rig:
     def __post_init__(self) -> None:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.settings = Settings(data_dir=self.root / "data", prefix="fuzz", replica="f1")
+        self.settings = Settings(
+            data_dir=self.root / "data",
+            prefix="fuzz",
+            replica="f1",
+            max_message_size=EDGE_PROBE_LIMIT,
+        )
         self.topology = Topology(prefix="fuzz")
         self.keyring = generate_keys(self.settings)
 
@@ -89,7 +95,7 @@ class Rig:
 
     def link(self) -> MemoryTransport:
         """A transport on the rig's broker."""
-        transport = MemoryTransport(self.broker, self.topology)
+        transport = MemoryTransport(self.broker, self.topology, max_message_size=EDGE_PROBE_LIMIT)
         self.transports.append(transport)
         return transport
 
@@ -216,7 +222,9 @@ def test_cloud_encrypted_probe_with_garbage_ciphertexts(
     )
     pid = _pid("enc")
     body = wire.encode(
-        wire.EncryptedProbeRequest(probe_id=pid, probe=probe), fingerprint=fingerprint
+        wire.EncryptedProbeRequest(probe_id=pid, probe=probe),
+        fingerprint=fingerprint,
+        limit=EDGE_PROBE_LIMIT,
     )
     outcome, reason = rig.feed(rig.cloud._on_probe, body)
     if outcome is Outcome.ACK:
@@ -417,7 +425,9 @@ def test_agents_keep_serving_after_the_fuzz(rig: Rig, faces_dir: Path) -> None:
     )
     for pid, probe in ((edge_id, edge), (other_id, other)):
         body = wire.encode(
-            wire.EncryptedProbeRequest(probe_id=pid, probe=probe), fingerprint=probe.fingerprint
+            wire.EncryptedProbeRequest(probe_id=pid, probe=probe),
+            fingerprint=probe.fingerprint,
+            limit=EDGE_PROBE_LIMIT,
         )
         rig.call(client.send(client.topology.probes, body))
     rig.wait_events({plain_id, edge_id, other_id})

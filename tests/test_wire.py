@@ -8,7 +8,6 @@ import pytest
 from cipherface import wire
 from cipherface.exceptions import MessageTooLargeError, SignatureError, WireFormatError
 from cipherface.signing import PinnedKey, SigningKey
-from cipherface.wire import envelope
 from tests.samples import sample_event
 
 ONPREM = SigningKey.generate("onprem")
