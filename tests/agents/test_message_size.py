@@ -57,6 +57,20 @@ async def test_the_broker_refuses_a_message_over_its_cap(node: RabbitNode) -> No
         assert await link.queue_depth(topology.sync) == 1  # only the message that fit
 
 
+async def test_a_cap_set_live_applies_to_new_connections(node: RabbitNode) -> None:
+    """What `.ci/run` does to the shared broker: ``rabbitmqctl eval``, no restart."""
+    topology = Topology(prefix=unique_prefix(), idle_queue_expiry_ms=60_000)
+    lower = CAP // 2
+    node.ctl("eval", f"application:set_env(rabbit, max_message_size, {lower}).")
+    try:
+        async with RabbitMQTransport(node.amqp_url(), topology, max_message_size=CAP) as link:
+            await link.send(topology.sync, b"x" * (lower - 4096))
+            with pytest.raises(TransportError, match="larger than configured max size"):
+                await link.send(topology.sync, b"x" * (lower + 1))
+    finally:
+        node.ctl("eval", f"application:set_env(rabbit, max_message_size, {CAP}).")
+
+
 class SyntheticEmbedder:
     """Stands in for DeepFace: an "image" names a subject, its face is that subject's vector."""
 
