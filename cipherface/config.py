@@ -62,6 +62,11 @@ class Settings:
     #: Largest message sent or accepted, envelope included (bytes). Keep it at or
     #: under the broker's ``max_message_size``; blocks are chunked to fit it.
     max_message_size: int = MAX_MESSAGE_BYTES
+    #: Redeliveries of a message whose consumer died before the broker dead-letters
+    #: it (``x-delivery-limit`` of the quorum queues; 0: none). The default is
+    #: `cipherface.transport.base.DELIVERY_LIMIT` (not imported: the transports
+    #: import this module).
+    delivery_limit: int = 4
     #: Deliveries in flight per consumer: backpressure on slow embedding.
     prefetch: int = 2
     #: Port of the operations endpoint (``/metrics``, ``/healthz``, ``/readyz``);
@@ -124,6 +129,8 @@ class Settings:
             raise ConfigError("probe_ttl, ledger_window and gallery_queue_expiry are >= 0")
         if self.probe_ttl and self.ledger_window < self.probe_ttl:
             raise ConfigError("ledger_window must be at least probe_ttl")
+        if self.delivery_limit < 0:
+            raise ConfigError("delivery_limit must be >= 0")
         if self.ledger_max < 1:
             raise ConfigError("ledger_max must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -247,6 +254,7 @@ _INTS = (
     "ledger_max",
     "max_image_side",
     "max_message_size",
+    "delivery_limit",
 )
 
 

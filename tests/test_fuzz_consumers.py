@@ -163,7 +163,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory, deepface_home: Path) -> Iterat
 
 
 def _probe_body(probe_id: str, image: bytes, subject: str | None) -> bytes:
-    return wire.encode(wire.ProbeRequest(probe_id=probe_id, image=image, subject=subject))
+    request = wire.ProbeRequest(probe_id=probe_id, image=image, subject=subject)
+    return wire.encode(request, limit=EDGE_PROBE_LIMIT)  # an image at the 16 MiB image cap
 
 
 _probe_counter = iter(range(10**9))

@@ -55,7 +55,11 @@ def open_transport(
     guest or the in-process broker can. Use the result as an async context manager.
     """
     expiry = int(settings.gallery_queue_expiry * 1000) or None
-    topology = Topology(prefix=settings.prefix, gallery_queue_expiry_ms=expiry)
+    topology = Topology(
+        prefix=settings.prefix,
+        gallery_queue_expiry_ms=expiry,
+        delivery_limit=settings.delivery_limit or None,
+    )
     if settings.amqp_url:
         url = settings.amqp_url
         if settings.amqp_password_file is not None:

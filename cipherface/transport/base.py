@@ -26,6 +26,7 @@ from cipherface.exceptions import (
 from cipherface.wire.envelope import MAX_MESSAGE_BYTES
 
 __all__ = [
+    "DELIVERY_LIMIT",
     "REASON_HEADER",
     "SOURCE_HEADER",
     "Consumer",
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 REASON_HEADER = "x-cipherface-reason"
 #: Header a dead-lettered message carries: the queue it was taken from.
 SOURCE_HEADER = "x-cipherface-queue"
+#: Default `Topology.delivery_limit`: a few tries for a message whose consumer died
+#: by accident (a replica killed mid-probe), not many for one that kills it.
+DELIVERY_LIMIT = 4
 
 
 class Role(enum.Enum):
@@ -122,6 +126,18 @@ class Topology:
                                   queue     reason in the ``x-cipherface-reason``
     ============================  ========  ======================================
 
+    Queue types: every durable queue is a RabbitMQ **quorum** queue (replicated
+    over a cluster's nodes, a message survives the loss of a minority of them), with
+    ``x-delivery-limit``: a message whose consumer dies ``delivery_limit + 1``
+    times in a row (a native crash in TenSEAL, OpenCV or DeepFace takes the process
+    with it, so no handler can dead-letter the message) is dead-lettered by the
+    broker itself (``x-first-death-reason: delivery_limit``), instead of taking
+    down every replica in turn forever. The per-replica gallery queues are quorum
+    queues too (their ``x-expires`` is supported): blocks are what a replica cannot
+    serve without. Only a subscriber's event queue stays **classic**: it is
+    exclusive and auto-deleted (quorum queues are neither), belongs to one
+    connection, and a subscriber that goes away wants no events kept for it.
+
     Every work queue has an exchange of its own, not the default exchange:
     RabbitMQ checks write permission on the exchange a message is published to,
     and everyone may write to the default one, so a user allowed to send probes
@@ -141,6 +157,9 @@ class Topology:
     #: a replica gone for good leaves no queue filling with every block of every
     #: sync, and one that comes back syncs anyway (`Settings.gallery_queue_expiry`).
     gallery_queue_expiry_ms: int | None = None
+    #: Redeliveries of a message before the broker dead-letters it (quorum queues'
+    #: ``x-delivery-limit``; `Settings.delivery_limit`). None: no limit.
+    delivery_limit: int | None = DELIVERY_LIMIT
 
     @property
     def probes(self) -> str:
@@ -263,12 +282,19 @@ class Topology:
         return next((q for q in self.queues if q.name == name), None)
 
     def queue_arguments(self, name: str) -> dict[str, Any]:
-        """RabbitMQ arguments of a durable queue (every declarer must pass the same)."""
-        arguments: dict[str, Any] = {}
+        """RabbitMQ arguments of a durable queue (every declarer must pass the same).
+
+        A queue declared before with other arguments (a classic one, from before
+        quorum queues) is refused by RabbitMQ with ``PRECONDITION_FAILED``: see the
+        README's upgrade note.
+        """
+        arguments: dict[str, Any] = {"x-queue-type": "quorum"}
         if name != self.dead_letters:
-            # Whatever the broker itself rejects (e.g. a nack without requeue) still
-            # lands in the dead-letter queue rather than vanishing.
+            # Whatever the broker itself rejects (a nack without requeue, a message
+            # over the delivery limit) still lands in the dead-letter queue.
             arguments["x-dead-letter-exchange"] = self.dead_letter_exchange
+            if self.delivery_limit is not None:
+                arguments["x-delivery-limit"] = self.delivery_limit
         expiries = [self.idle_queue_expiry_ms]
         if self.is_gallery_queue(name):
             expiries.append(self.gallery_queue_expiry_ms)
