@@ -41,7 +41,9 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 class Settings:
     """Everything an agent needs to know that is not a key."""
 
-    #: RabbitMQ URL; None means the in-process broker (single-process runs only).
+    #: RabbitMQ URL, or several separated by commas (a cluster's nodes: a lost
+    #: connection reconnects to the next); None means the in-process broker
+    #: (single-process runs only).
     amqp_url: str | None = None
     #: Prefix of every queue and exchange, so several deployments share a broker.
     prefix: str = "cipherface"
@@ -161,6 +163,11 @@ class Settings:
     def override(self, **changes: object) -> Settings:
         """A copy with the given fields replaced; None means "keep", as for unset flags."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
+
+    @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The broker URLs `amqp_url` lists, in the order they are tried."""
+        return tuple(u.strip() for u in (self.amqp_url or "").split(",") if u.strip())
 
     @property
     def onprem_dir(self) -> Path:

@@ -135,7 +135,8 @@ class Rig:
 
     def feed(self, handler: Any, body: bytes) -> tuple[Outcome, str]:
         """One delivery through a handler, classified as the transports classify it."""
-        outcome, reason = self.call(settle(handler, Delivery(body=body, message_id="fuzz")))
+        delivery = Delivery(body=body, message_id="fuzz")
+        outcome, reason = self.call(settle(handler, delivery, limit=EDGE_PROBE_LIMIT))
         assert outcome is not Outcome.REQUEUE, f"bad input would be retried forever: {reason}"
         if outcome is Outcome.DEAD_LETTER:
             assert reason, "a dead letter must say why"

@@ -60,15 +60,16 @@ def open_transport(
         gallery_queue_expiry_ms=expiry,
         delivery_limit=settings.delivery_limit or None,
     )
-    if settings.amqp_url:
-        url = settings.amqp_url
+    if settings.amqp_urls:
+        urls = settings.amqp_urls
         if settings.amqp_password_file is not None:
-            url = with_password(url, read_secret(settings.amqp_password_file))
+            password = read_secret(settings.amqp_password_file)
+            urls = tuple(with_password(url, password) for url in urls)
         context = None
-        if url.startswith("amqps://"):
+        if any(url.startswith("amqps://") for url in urls):
             context = tls_context(settings.tls_ca, settings.tls_cert, settings.tls_key)
         return RabbitMQTransport(
-            url,
+            urls,
             topology,
             role=role,
             ssl_context=context,
