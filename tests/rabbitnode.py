@@ -28,9 +28,12 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 from urllib.parse import quote
 
 from tests.environment import missing
+
+S = TypeVar("S", bound="_Started")
 
 __all__ = ["RabbitCluster", "RabbitNode", "free_port"]
 
@@ -56,7 +59,29 @@ def _script(name: str) -> str:
     return found
 
 
-class RabbitNode:
+class _Started:
+    """``with`` starts it and always stops it."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: S) -> S:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class RabbitNode(_Started):
     """One private RabbitMQ node under ``root``; a context manager that starts and stops it.
 
     ``config`` lines are appended to the node's ``rabbitmq.conf``; ``{port}``-style
@@ -165,18 +190,6 @@ class RabbitNode:
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait(10)
 
-    def __enter__(self) -> RabbitNode:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # -- use ------------------------------------------------------------------------------
     def ctl(
         self, *args: str, check: bool = True, timeout: float = 60.0
@@ -213,7 +226,7 @@ class RabbitNode:
         return "\n".join(texts)[-chars:]
 
 
-class RabbitCluster:
+class RabbitCluster(_Started):
     """``size`` private nodes joined into one cluster; a context manager that starts and stops it.
 
     Each node has its own name, ports and folders under ``root/node<i>``; they share
@@ -255,15 +268,3 @@ class RabbitCluster:
         """Stop every node still running."""
         for node in reversed(self.nodes):
             node.stop()
-
-    def __enter__(self) -> RabbitCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 REASON_HEADER = "x-cipherface-reason"
 #: Header a dead-lettered message carries: the queue it was taken from.
 SOURCE_HEADER = "x-cipherface-queue"
-#: Default `Topology.delivery_limit`: a few tries for a message whose consumer died
-#: by accident (a replica killed mid-probe), not many for one that kills it.
+#: Default `Topology.delivery_limit`: retries for a consumer killed by accident, few
+#: for a message that kills it.
 DELIVERY_LIMIT = 4
 
 
@@ -126,17 +126,12 @@ class Topology:
                                   queue     reason in the ``x-cipherface-reason``
     ============================  ========  ======================================
 
-    Queue types: every durable queue is a RabbitMQ **quorum** queue (replicated
-    over a cluster's nodes, a message survives the loss of a minority of them), with
-    ``x-delivery-limit``: a message whose consumer dies ``delivery_limit + 1``
-    times in a row (a native crash in TenSEAL, OpenCV or DeepFace takes the process
-    with it, so no handler can dead-letter the message) is dead-lettered by the
-    broker itself (``x-first-death-reason: delivery_limit``), instead of taking
-    down every replica in turn forever. The per-replica gallery queues are quorum
-    queues too (their ``x-expires`` is supported): blocks are what a replica cannot
-    serve without. Only a subscriber's event queue stays **classic**: it is
-    exclusive and auto-deleted (quorum queues are neither), belongs to one
-    connection, and a subscriber that goes away wants no events kept for it.
+    Every durable queue (gallery ones included) is a **quorum** queue, replicated
+    over a cluster, with ``x-delivery-limit``: a message whose consumers die with it
+    (a native crash: no handler can dead-letter it) is dead-lettered by the broker
+    after ``delivery_limit`` redeliveries, not retried on every replica forever.
+    A subscriber's event queue stays **classic**: exclusive and auto-deleted
+    (quorum queues are neither), one connection's, nothing kept once it leaves.
 
     Every work queue has an exchange of its own, not the default exchange:
     RabbitMQ checks write permission on the exchange a message is published to,
@@ -282,12 +277,8 @@ class Topology:
         return next((q for q in self.queues if q.name == name), None)
 
     def queue_arguments(self, name: str) -> dict[str, Any]:
-        """RabbitMQ arguments of a durable queue (every declarer must pass the same).
-
-        A queue declared before with other arguments (a classic one, from before
-        quorum queues) is refused by RabbitMQ with ``PRECONDITION_FAILED``: see the
-        README's upgrade note.
-        """
+        """RabbitMQ arguments of a durable queue (every declarer must pass the same; a
+        queue declared with others, e.g. classic, is ``PRECONDITION_FAILED``: README)."""
         arguments: dict[str, Any] = {"x-queue-type": "quorum"}
         if name != self.dead_letters:
             # Whatever the broker itself rejects (a nack without requeue, a message
