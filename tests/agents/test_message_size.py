@@ -17,12 +17,14 @@ import numpy as np
 import pytest
 
 from agents.cloud.agent import CloudAgent
+from agents.onprem.agent import generate_keys
 from cipherface import wire
 from cipherface.config import Settings
 from cipherface.embedding import Face
 from cipherface.exceptions import MessageTooLargeError, TransportError
-from cipherface.signing import TrustStore
+from cipherface.signing import SigningKey, TrustStore
 from cipherface.transport import RabbitMQTransport, Topology
+from cipherface.wire.payloads import EncryptedBlock
 from tests.agents.conftest import Deployment
 from tests.environment import unique_prefix
 from tests.rabbitnode import RabbitNode
@@ -94,8 +96,6 @@ async def test_a_gallery_goes_end_to_end_under_the_cap(
         sync_interval=2.0,
     )
     assert settings.max_message_size == CAP
-    from agents.onprem.agent import generate_keys
-
     generate_keys(settings)
     deployment = Deployment(settings, settings.amqp_url)
     rng = np.random.default_rng(dimensions)
@@ -128,10 +128,7 @@ async def test_a_gallery_goes_end_to_end_under_the_cap(
 
 
 def test_a_block_of_each_size_is_chunked_under_the_cap() -> None:
-    """How many chunks a whole block takes (printed: the sizes the README quotes)."""
-    from cipherface.signing import SigningKey
-    from cipherface.wire.payloads import EncryptedBlock
-
+    """How many chunks a whole block takes (printed)."""
     signer = SigningKey.generate("onprem")
     for dimensions in MODELS:
         block = EncryptedBlock(
