@@ -1,6 +1,8 @@
 """The ``cipherface`` command: keys, enrollment, the two daemons, probes, events, demo.
 
 Every command reads `Settings.from_env` (``CIPHERFACE_*``) and lets flags override it.
+Exit codes a script can rely on: 0 done (``probe``: verified), 1 ``probe`` not
+verified, 2 an error: one line on stderr naming the file, URL or probe, no traceback.
 """
 
 from __future__ import annotations
@@ -8,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import csv
 import json
 import logging
 import os
@@ -31,18 +32,12 @@ from cipherface.photos import find_faces_dir
 if TYPE_CHECKING:
     from cipherface.transport import Role, Transport
 
-__all__ = ["add_broker_setup_parser", "build_parser", "main"]
+__all__ = ["ERROR", "ProbeTimeout", "add_broker_setup_parser", "build_parser", "main"]
+
+#: Exit code of every command that fails (``probe``: 1 means "not verified").
+ERROR = 2
 
 log = logging.getLogger(__name__)
-
-
-def _read_labels(path: Path | None) -> dict[str, str] | None:
-    """``file,subject`` CSV (a header row is skipped) -> {file: subject}."""
-    if path is None:
-        return None
-    with path.open(newline="") as handle:
-        rows = [row for row in csv.reader(handle) if len(row) >= 2]
-    return {file: subject for file, subject, *_ in rows[1:]}
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -61,8 +56,13 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
+class ProbeTimeout(CipherFaceError):
+    """``probe`` got no event in time: exit 2, like an error event."""
+
+
 def _print_json(data: object) -> None:
-    print(json.dumps(data, sort_keys=True), flush=True)
+    # allow_nan=False: every line is valid JSON (the wire refuses non-finite numbers).
+    print(json.dumps(data, sort_keys=True, allow_nan=False), flush=True)
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -137,20 +137,25 @@ async def _trust(args: argparse.Namespace) -> None:
 
 async def _enroll(args: argparse.Namespace) -> None:
     from agents.onprem.agent import OnPremAgent
+    from agents.onprem.enrollment import read_labels
     from cipherface.transport import Role, open_transport
 
     settings = _settings(args)
+    if not args.folder.is_dir():  # before connecting: a typo is not a broker problem
+        raise ConfigError(f"{args.folder}: no such folder")
+    labels = read_labels(args.labels) if args.labels else None
     async with open_transport(settings, role=Role.ONPREM) as transport:
         agent = OnPremAgent(settings, transport)
         try:
-            report = await agent.enroll(args.folder, labels=_read_labels(args.labels))
+            report = await agent.enroll(args.folder, labels=labels)
         finally:
             await agent.stop()
     _print_json(
         {
             "enrolled": report.enrolled,
+            "unchanged": report.unchanged,
             "blocks_published": report.blocks_published,
-            "skipped": report.skipped,
+            "skipped": [{"photo": photo, "reason": reason} for photo, reason in report.skipped],
         }
     )
 
@@ -193,16 +198,25 @@ async def _open_when_declared(
             await asyncio.sleep(1.0)
 
 
-async def _probe(args: argparse.Namespace) -> None:
+async def _probe(args: argparse.Namespace) -> int:
+    """Exit 0 verified, 1 not verified, 2 an error event (or no event in time)."""
     from cipherface.client import Client
     from cipherface.signing import VerifyKey
     from cipherface.transport import Role, open_transport
 
     settings = _settings(args)
+    if not args.image.is_file():
+        raise ConfigError(f"{args.image}: no such file")
     async with open_transport(settings, role=Role.CLIENT) as transport:
         client = Client(transport, VerifyKey.load(settings.onprem_verify_key_path))
-        event = await client.verify(args.image, args.subject, timeout=args.timeout)
+        try:
+            event = await client.verify(args.image, args.subject, timeout=args.timeout)
+        except asyncio.TimeoutError:
+            raise ProbeTimeout(
+                f"{args.image}: no event within {args.timeout:g}s (are the daemons running?)"
+            ) from None
     _print_json(event.to_json())
+    return 2 if event.error else (0 if event.verified else 1)
 
 
 async def _watch(args: argparse.Namespace) -> None:
@@ -300,7 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="on-prem's verify key to pin (env CIPHERFACE_ONPREM_KEY; "
         "default DATA_DIR/onprem/signing.pub)",
     )
-    common.add_argument("--log-level", default=os.environ.get("CIPHERFACE_LOG_LEVEL", "INFO"))
+    common.add_argument(
+        "--log-level",
+        default=os.environ.get("CIPHERFACE_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (env CIPHERFACE_LOG_LEVEL, default INFO)",
+    )
 
     parser = argparse.ArgumentParser(
         prog="cipherface",
@@ -313,8 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keygen.add_argument("--overwrite", action="store_true", help="replace existing keys")
     enroll = sub.add_parser("enroll", parents=[common], help="enroll a folder of face photos")
-    enroll.add_argument("folder", type=Path)
-    enroll.add_argument("--labels", type=Path, help="CSV file,subject (else folder/file name)")
+    enroll.add_argument(
+        "folder",
+        type=Path,
+        help="photos, one face each: FOLDER/<subject>/*.jpg (or FOLDER/<subject>.jpg); "
+        "photos enrolled before are skipped",
+    )
+    enroll.add_argument(
+        "--labels",
+        type=Path,
+        help="CSV of file name,subject rows (an optional header row is recognised)",
+    )
     sub.add_parser("onprem", parents=[common], help="run the on-prem daemon")
     cloud = sub.add_parser("cloud", parents=[common], help="run a cloud daemon")
     cloud.add_argument("--replica", help="replica name (default: an identity kept in DATA_DIR)")
@@ -325,15 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
     trust = sub.add_parser(
         "trust", parents=[common], help="on-prem: the replicas whose scores and syncs it accepts"
     )
-    trust.add_argument("action", choices=["add", "remove", "list"])
+    trust.add_argument("action", choices=["add", "remove", "list"], help="what to do")
     trust.add_argument("replica", nargs="?", help="replica name (add, remove)")
     trust.add_argument(
         "key", nargs="?", type=Path, help="the replica's signing.pub, or its text (add)"
     )
-    probe = sub.add_parser("probe", parents=[common], help="verify/identify one image")
-    probe.add_argument("image", type=Path)
+    probe = sub.add_parser(
+        "probe",
+        parents=[common],
+        help="verify/identify one image; exit 0 verified, 1 not verified, 2 error",
+    )
+    probe.add_argument("image", type=Path, help="a JPEG, PNG or WebP photo")
     probe.add_argument("--subject", help="claimed subject (1:1); omit for 1:N")
-    probe.add_argument("--timeout", type=float, default=120.0)
+    probe.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for the event (default 120)"
+    )
     watch = sub.add_parser("watch", parents=[common], help="print events as JSON lines")
     watch.add_argument("--pattern", default="#", help="routing-key pattern, e.g. event.*.verified")
     watch.add_argument("--count", type=int, default=0, help="stop after this many events")
@@ -368,14 +401,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     started = time.perf_counter()
     try:
-        asyncio.run(_COMMANDS[args.command](args))
-    except CipherFaceError as exc:
+        code = asyncio.run(_COMMANDS[args.command](args))
+    except (CipherFaceError, OSError) as exc:  # a user's error: one line, no traceback
         print(f"cipherface {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return ERROR
     except KeyboardInterrupt:
         return 130
     log.debug("%s took %.1fs", args.command, time.perf_counter() - started)
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

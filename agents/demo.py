@@ -17,6 +17,7 @@ from typing import Any
 
 from agents.cloud.agent import CloudAgent
 from agents.onprem.agent import OnPremAgent, generate_keys
+from cipherface import wire
 from cipherface.client import Client
 from cipherface.config import Settings
 from cipherface.photos import identity_groups
@@ -45,6 +46,27 @@ def plan(folder: Path) -> tuple[dict[str, str], list[tuple[Path, str]]]:
         enroll.update({name: group for name in enrolled})
         probes.append((folder / held_out, group))
     return enroll, probes
+
+
+def _row(*cells: str) -> str:
+    widths = (4, 14, 6, 6, 8, 5, 8, 6)
+    return " ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths, strict=True)).rstrip()
+
+
+def _wrong(event: wire.VerificationEvent, truth: str, claim: str | None) -> str:
+    """Why the event is not the right answer ('' when it is)."""
+    if event.error:
+        return event.error
+    distance, limit = event.distance, event.threshold
+    if claim is not None and event.verified != (claim == truth):
+        if event.verified:
+            return f"{claim} accepted for {truth}'s photo: distance {distance} <= {limit}"
+        return f"{truth} not recognised: distance {distance} > threshold {limit}"
+    if claim is None and event.subject != truth:
+        return f"named {event.subject} (distance {distance}), not {truth}"
+    if claim is None and not event.verified:
+        return f"{truth} is the nearest, but at {distance} > threshold {limit}"
+    return ""
 
 
 async def run_demo(settings: Settings, folder: Path) -> dict[str, Any]:
@@ -80,25 +102,26 @@ async def run_demo(settings: Settings, folder: Path) -> dict[str, Any]:
         if len(probes) >= 2:
             claims += [(probes[0][0], probes[0][1], probes[0][1])]  # a true claim
             claims += [(probes[0][0], probes[0][1], probes[1][1])]  # a false claim
+        print(_row("mode", "photo", "claim", "truth", "subject", "faces", "distance", "result"))
         async with client.events() as events:
             for photo, truth, claim in claims:
                 sent = time.perf_counter()
                 probe_id = await client.publish_probe(photo, claim)
                 event = await events.wait_for(probe_id, timeout=300)
                 latencies.append(time.perf_counter() - sent)
-                expected = truth == claim if claim else True
-                correct = (
-                    event.verified == expected
-                    if claim
-                    else (event.verified and event.subject == truth)
-                )
-                results.append(
-                    {**event.to_json(), "photo": photo.name, "truth": truth, "correct": correct}
-                )
+                why = _wrong(event, truth, claim)
+                results.append({**event.to_json(), "photo": photo.name, "truth": truth, "why": why})
                 print(
-                    f"{event.mode:>3} {photo.name:<14} claim={claim or '-':<4} truth={truth:<4} "
-                    f"-> subject={event.subject} verified={event.verified} "
-                    f"distance={event.distance} {'OK' if correct else 'WRONG'}",
+                    _row(
+                        event.mode,
+                        photo.name,
+                        claim or "-",
+                        truth,
+                        event.subject or "-",
+                        str(len(event.faces)),
+                        "-" if event.distance is None else f"{event.distance:.4f}",
+                        "WRONG" if why else "OK",
+                    ),
                     flush=True,
                 )
         await cloud.stop()
@@ -109,7 +132,8 @@ async def run_demo(settings: Settings, folder: Path) -> dict[str, Any]:
         "skipped": len(report.skipped),
         "enroll_seconds": round(enroll_seconds, 2),
         "probes": len(results),
-        "correct": sum(r["correct"] for r in results),
+        "correct": sum(not r["why"] for r in results),
+        "wrong": [f"{r['photo']}: {r['why']}" for r in results if r["why"]],
         "latency_p50_s": round(statistics.median(latencies), 3),
         "latency_max_s": round(max(latencies), 3),
         "model": settings.model,

@@ -205,7 +205,7 @@ def add_ops_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     remove = sub.add_parser(
         "remove", parents=[common], help="withdraw a subject or a template; republish its blocks"
     )
-    remove.add_argument("subject", nargs="?")
+    remove.add_argument("subject", nargs="?", help="the subject to withdraw (or --template)")
     remove.add_argument("--template", help="one template id instead of a whole subject")
     rotate = sub.add_parser(
         "rotate-keys", parents=[common], help="re-encrypt the gallery under a new CKKS key"
@@ -215,16 +215,18 @@ def add_ops_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         "--pickup", type=float, default=30.0, help="seconds for the daemon to take the request"
     )
     backup = sub.add_parser("backup", parents=[common], help="archive on-prem's folder (0600)")
-    backup.add_argument("archive", type=Path)
+    backup.add_argument("archive", type=Path, help="the .tar.gz to write (0600)")
     restore = sub.add_parser("restore", parents=[common], help="restore on-prem's folder")
-    restore.add_argument("archive", type=Path)
+    restore.add_argument("archive", type=Path, help="a .tar.gz written by backup")
     restore.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     dead = sub.add_parser(
         "dead", parents=[common], help="dead letters: list, replay or purge (broker admin URL)"
     )
-    dead.add_argument("action", choices=["list", "replay", "purge"])
+    dead.add_argument("action", choices=["list", "replay", "purge"], help="what to do")
     dead.add_argument("--id", action="append", help="only this message id (repeatable)")
-    dead.add_argument("--limit", type=int, default=10_000)
+    dead.add_argument(
+        "--limit", type=int, default=10_000, help="most dead letters to handle (default 10000)"
+    )
     health = sub.add_parser(
         "health", parents=[common], help="ask a local daemon's /healthz (or /readyz)"
     )

@@ -28,7 +28,14 @@ from cipherface import wire
 from cipherface.exceptions import ConfigError
 from cipherface.transport.base import REASON_HEADER, SOURCE_HEADER, Topology
 from cipherface.wire.messages import _KINDS, Message
-from cipherface.wire.payloads import BlockLayout, BlockScores, EncryptedProbe, ProbeCheck
+from cipherface.wire.payloads import (
+    BlockLayout,
+    BlockScores,
+    EncryptedProbe,
+    FaceResult,
+    FaceScores,
+    ProbeCheck,
+)
 from cipherface.wire.schema import spec_of
 
 __all__ = ["document", "main", "render"]
@@ -286,7 +293,7 @@ def document(topology: Topology | None = None) -> dict[str, Any]:
         if end is not None
         for service, summary in (end,)
     }
-    payloads = (BlockLayout, BlockScores, EncryptedProbe, ProbeCheck)
+    payloads = (BlockLayout, BlockScores, EncryptedProbe, FaceScores, FaceResult, ProbeCheck)
     return {
         "asyncapi": "3.0.0",
         "info": {

@@ -53,7 +53,9 @@ class EventStream:
     """Verification events from a private queue bound to the events exchange.
 
     Created by `Client.events`; iterate with ``async for``. Events are
-    deduplicated by probe id, so a subscriber sees each probe's decision once.
+    deduplicated by probe id and request digest (`wire.request_digest`), so a
+    subscriber sees each probe's decision once, and also the ``DuplicateProbeId``
+    answer to a new probe that reused an answered id.
     Anyone who may publish to the exchange could forge a decision, so only
     events signed by on-prem's pinned key pass; the others are dropped and
     counted in `forged` (the queue is private: nobody else would read a dead letter);
@@ -65,7 +67,7 @@ class EventStream:
         self._verifier = PinnedKey(onprem_key)
         self._queue: asyncio.Queue[wire.VerificationEvent] = asyncio.Queue()
         #: Insertion-ordered, bounded to `max_seen`: the dedupe set does not grow forever.
-        self._seen: dict[str, None] = {}
+        self._seen: dict[tuple[str, str], None] = {}
         self._max_seen = max_seen
         self._opened_at = time.time()
         #: Events dropped because on-prem's key did not sign them.
@@ -90,8 +92,9 @@ class EventStream:
             self.replayed += 1
             log.warning("dropped a replayed event of probe %s", event.probe_id)
             return
-        if event.probe_id not in self._seen:
-            self._seen[event.probe_id] = None
+        key = (event.probe_id, event.request)
+        if key not in self._seen:
+            self._seen[key] = None
             if len(self._seen) > self._max_seen:
                 del self._seen[next(iter(self._seen))]
             self._queue.put_nowait(event)
@@ -102,14 +105,17 @@ class EventStream:
     async def __anext__(self) -> wire.VerificationEvent:
         return await self._queue.get()
 
-    async def wait_for(self, probe_id: str, timeout: float | None = None) -> wire.VerificationEvent:
-        """The event of one probe; other events stay queued for iteration."""
+    async def wait_for(
+        self, probe_id: str, timeout: float | None = None, *, request: str | None = None
+    ) -> wire.VerificationEvent:
+        """The event of one probe (of that request digest, if given); other events stay
+        queued for iteration. `asyncio.TimeoutError` when none comes in ``timeout``."""
         held: list[wire.VerificationEvent] = []
 
         async def scan() -> wire.VerificationEvent:
             while True:
                 event = await self._queue.get()
-                if event.probe_id == probe_id:
+                if event.probe_id == probe_id and request in (None, event.request):
                     return event
                 held.append(event)
 
@@ -135,18 +141,35 @@ class Client:
         *,
         probe_id: str | None = None,
     ) -> str:
-        """Queue an image for 1:1 verification (with a subject) or 1:N search; return its id.
+        """Queue an image for 1:1 verification (with a subject) or 1:N search; return its id."""
+        return (await self._publish_image(image, claimed_subject, probe_id))[0]
 
-        An image whose message exceeds the transport's size limit raises
-        `MessageTooLargeError` (re-encode it smaller: probes are downscaled anyway).
-        """
-        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    async def _publish_image(
+        self,
+        image: bytes | str | os.PathLike[str],
+        claimed_subject: str | None,
+        probe_id: str | None,
+    ) -> tuple[str, str]:
+        """Publish; (probe id, request digest). A missing file is a `ConfigError` naming it."""
+        try:
+            data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{image}: cannot read the image: {exc.strerror}") from None
         request = wire.ProbeRequest(
             probe_id=probe_id or wire.new_id(), image=data, subject=claimed_subject
         )
+        # Over the transport's size limit: `MessageTooLargeError` (send a smaller image).
         body = wire.encode(request, limit=self.transport.max_message_size)
-        await self.transport.send(self.transport.topology.probes, body, message_id=request.probe_id)
-        return request.probe_id
+        return request.probe_id, await self._send(request.probe_id, body)
+
+    async def _send(self, probe_id: str, body: bytes) -> str:
+        """Send a probe message; its request digest. An id over AMQP's message-id limit
+        travels in the body only: the cloud answers it with an ``InvalidProbeId`` event."""
+        request = wire.request_digest(body)
+        await self.transport.send(
+            self.transport.topology.probes, body, message_id=wire.message_id(probe_id, request)
+        )
+        return request
 
     async def publish_encrypted_probe(
         self,
@@ -165,7 +188,7 @@ class Client:
             metric=probe.metric,
             limit=self.transport.max_message_size,
         )
-        await self.transport.send(self.transport.topology.probes, body, message_id=request.probe_id)
+        await self._send(request.probe_id, body)
         return request.probe_id
 
     @contextlib.asynccontextmanager
@@ -197,7 +220,7 @@ class Client:
         *,
         timeout: float = 120.0,
     ) -> wire.VerificationEvent:
-        """Publish one probe and wait for its event."""
+        """Publish one probe and wait for its event (`asyncio.TimeoutError` after ``timeout``)."""
         async with self.events() as stream:
-            probe_id = await self.publish_probe(image, claimed_subject)
-            return await stream.wait_for(probe_id, timeout)
+            probe_id, request = await self._publish_image(image, claimed_subject, None)
+            return await stream.wait_for(probe_id, timeout, request=request)

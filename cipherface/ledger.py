@@ -11,10 +11,16 @@ default 7 days) and at most ``max_events`` entries (`Settings.ledger_max`, defau
 On-prem drops, unanswered, results of probes older than the window (their event
 may be forgotten), and probes older than their time-to-live (shorter than the
 window) get an ``Expired`` event: so pruning never lets a duplicate through.
+
+Each entry is a probe id *and* the digest of the probe message it answered
+(`wire.request_digest`): a redelivery of the same probe has the same digest and
+is a duplicate, suppressed; a new probe reusing an answered id has another, and
+gets an event of its own saying so (``DuplicateProbeId``), never silence.
 """
 
 from __future__ import annotations
 
+import enum
 import sqlite3
 import threading
 import time
@@ -23,10 +29,21 @@ from pathlib import Path
 from cipherface.exceptions import StoreError
 from cipherface.private import private_file
 
-__all__ = ["PRUNE_EVERY", "ProbeLedger"]
+__all__ = ["PRUNE_EVERY", "Claim", "ProbeLedger"]
 
 #: Records between two prunings of the ledger.
 PRUNE_EVERY = 256
+
+
+class Claim(enum.Enum):
+    """What `ProbeLedger.claim` found for a (probe id, request digest)."""
+
+    #: No event for this probe id yet: decide and emit it.
+    NEW = "new"
+    #: This very probe has (or is getting) its event: a redelivery, suppressed.
+    DUPLICATE = "duplicate"
+    #: Another probe had this id: emit a ``DuplicateProbeId`` error event.
+    REUSED = "reused"
 
 
 class ProbeLedger:
@@ -50,45 +67,59 @@ class ProbeLedger:
             self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(
-                "CREATE TABLE IF NOT EXISTS emitted (probe_id TEXT PRIMARY KEY, at REAL)"
+                "CREATE TABLE IF NOT EXISTS answered (probe_id TEXT, request TEXT, at REAL,"
+                " PRIMARY KEY (probe_id, request))"
             )
-            self._db.execute("CREATE INDEX IF NOT EXISTS emitted_at ON emitted (at)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS answered_at ON answered (at)")
+            if self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'emitted'"
+            ).fetchone():
+                # A ledger from before request digests: its probes count under digest ''.
+                self._db.execute(
+                    "INSERT OR IGNORE INTO answered SELECT probe_id, '', at FROM emitted"
+                )
+                self._db.execute("DROP TABLE emitted")
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the probe ledger at {target}: {exc}") from exc
         self._lock = threading.Lock()
         #: Probes whose event is being decided right now: the ledger row is only
         #: written once the event is out, and a second delivery of the same result
         #: may arrive meanwhile (scores redelivered after a broker restart).
-        self._in_flight: set[str] = set()
+        self._in_flight: set[tuple[str, str]] = set()
         #: Duplicates suppressed since start (reported in logs and tests).
         self.duplicates = 0
         self.prune(time.time())
 
-    def seen(self, probe_id: str) -> bool:
-        """True when an event for this probe was already published."""
+    def seen(self, probe_id: str, request: str | None = None) -> bool:
+        """True when an event for this probe id (and this request, if given) is out."""
+        query, args = "SELECT 1 FROM answered WHERE probe_id = ?", (probe_id,)
+        if request is not None:
+            query, args = query + " AND request = ?", (probe_id, request)
         with self._lock:
-            row = self._db.execute(
-                "SELECT 1 FROM emitted WHERE probe_id = ?", (probe_id,)
-            ).fetchone()
+            row = self._db.execute(query, args).fetchone()
         return row is not None
 
-    def claim(self, probe_id: str) -> bool:
-        """Take the right to emit this probe's event; False (a duplicate) if it is taken.
+    def claim(self, probe_id: str, request: str = "") -> Claim:
+        """Take the right to emit the event of this probe (``request``: its digest).
 
-        A claim ends with `record` once the event is published, or `release` if
-        deciding failed, so that a redelivery can try again.
+        A `Claim.NEW` or `Claim.REUSED` claim ends with `record` once the event is
+        published, or `release` if deciding failed, so that a redelivery can try again.
         """
-        if probe_id in self._in_flight or self.seen(probe_id):
+        key = (probe_id, request)
+        if key in self._in_flight or self.seen(probe_id, request):
             self.duplicates += 1
-            return False
-        self._in_flight.add(probe_id)
-        return True
+            return Claim.DUPLICATE
+        reused = self.seen(probe_id) or any(pid == probe_id for pid, _ in self._in_flight)
+        self._in_flight.add(key)
+        return Claim.REUSED if reused else Claim.NEW
 
-    def record(self, probe_id: str, at: float) -> None:
-        """Remember that the event for this probe is out."""
+    def record(self, probe_id: str, at: float, request: str = "") -> None:
+        """Remember that the event for this probe (id and request digest) is out."""
         try:
             with self._lock:
-                self._db.execute("INSERT OR IGNORE INTO emitted VALUES (?, ?)", (probe_id, at))
+                self._db.execute(
+                    "INSERT OR IGNORE INTO answered VALUES (?, ?, ?)", (probe_id, request, at)
+                )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot record probe {probe_id}: {exc}") from exc
         self._since_prune += 1
@@ -101,10 +132,10 @@ class ProbeLedger:
         try:
             with self._lock:
                 old = self._db.execute(
-                    "DELETE FROM emitted WHERE at < ?", (now - self.window,)
+                    "DELETE FROM answered WHERE at < ?", (now - self.window,)
                 ).rowcount
                 over = self._db.execute(
-                    "DELETE FROM emitted WHERE probe_id IN (SELECT probe_id FROM emitted "
+                    "DELETE FROM answered WHERE rowid IN (SELECT rowid FROM answered "
                     "ORDER BY at DESC LIMIT -1 OFFSET ?)",
                     (self.max_events,),
                 ).rowcount
@@ -114,11 +145,11 @@ class ProbeLedger:
 
     def __len__(self) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM emitted").fetchone()[0])
+            return int(self._db.execute("SELECT COUNT(*) FROM answered").fetchone()[0])
 
-    def release(self, probe_id: str) -> None:
+    def release(self, probe_id: str, request: str = "") -> None:
         """End a claim (after `record`, or without an event when deciding failed)."""
-        self._in_flight.discard(probe_id)
+        self._in_flight.discard((probe_id, request))
 
     def close(self) -> None:
         """Close the database."""

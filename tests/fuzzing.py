@@ -85,12 +85,20 @@ def _sample_messages() -> list[wire.Message]:
         wire.ScoresReady(
             probe_id="p3",
             subject=None,
-            scores=(BlockScores(block_id=0, version=1, scores=b"s", pairs=(0, -1)),),
-            faces=1,
+            faces=(
+                wire.FaceScores(
+                    box=(1, 2, 60, 60),
+                    confidence=0.9,
+                    scores=(BlockScores(block_id=0, version=1, scores=b"s", pairs=(0, -1)),),
+                ),
+            ),
+            request="r3",
             submitted_at=1.0,
             timings={"embed": 0.5},
         ),
-        wire.ProbeRejected(probe_id="p4", subject=None, error="E", reason="r", submitted_at=1.0),
+        wire.ProbeRejected(
+            probe_id="p4", subject=None, error="E", reason="r", request="r4", submitted_at=1.0
+        ),
         wire.ReplicaStatus(
             replica="r1", fingerprint=_FP, blocks=(0,), versions=(1,), templates=1, awaiting=0
         ),

@@ -99,5 +99,5 @@ def test_cli_backup_restore_round_trip(
     assert main(["restore", str(archive), "--data-dir", str(target)]) == 0
     out = capsys.readouterr().out.strip().splitlines()[-1]
     assert '"templates": 2' in out
-    assert main(["restore", str(archive), "--data-dir", str(target)]) == 1
+    assert main(["restore", str(archive), "--data-dir", str(target)]) == 2
     assert main(["restore", str(archive), "--data-dir", str(target), "--overwrite"]) == 0

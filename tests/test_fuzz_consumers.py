@@ -348,7 +348,12 @@ def test_onprem_result_handler_garbage(rig: Rig, case: Any) -> None:
     pid = _pid("scores")
     scores = tuple(BlockScores(block_id=b, version=1, scores=s) for b, s in blobs)
     message = wire.ScoresReady(
-        probe_id=pid, subject=subject, scores=scores, faces=1, submitted_at=time.time(), timings={}
+        probe_id=pid,
+        subject=subject,
+        faces=(wire.FaceScores(box=None, confidence=1.0, scores=scores),),
+        request=pid,
+        submitted_at=time.time(),
+        timings={},
     )
     fp = rig.keyring.fingerprint if right_key else _FP
     # Signed by the trusted replica: garbage from a malicious cloud reaches the checks.

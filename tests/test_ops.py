@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import re
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +18,7 @@ from cipherface.client import EventStream
 from cipherface.config import Settings
 from cipherface.daemon import JsonFormatter
 from cipherface.exceptions import ConfigError
-from cipherface.ledger import PRUNE_EVERY, ProbeLedger
+from cipherface.ledger import PRUNE_EVERY, Claim, ProbeLedger
 from cipherface.metrics import OpsServer
 from cipherface.signing import SigningKey
 from cipherface.transport import Delivery
@@ -38,6 +39,23 @@ def test_ledger_forgets_by_age_and_by_count(tmp_path: Path) -> None:
     assert len(ledger) == PRUNE_EVERY  # the oldest went first
     assert ledger.seen(f"q{2 * PRUNE_EVERY - 1}") and not ledger.seen("q0")
     ledger.close()
+
+
+def test_ledger_tells_a_redelivery_from_a_reused_probe_id(tmp_path: Path) -> None:
+    ledger = ProbeLedger(tmp_path / "ledger.sqlite")
+    assert ledger.claim("p", "first") is Claim.NEW
+    assert ledger.claim("p", "first") is Claim.DUPLICATE  # in flight
+    ledger.record("p", time.time(), "first")
+    ledger.release("p", "first")
+    assert ledger.claim("p", "first") is Claim.DUPLICATE  # a redelivery: suppressed
+    assert ledger.claim("p", "second") is Claim.REUSED  # a new probe: answered as such
+    ledger.record("p", time.time(), "second")
+    ledger.release("p", "second")
+    ledger.close()
+    again = ProbeLedger(tmp_path / "ledger.sqlite")  # on disk: a restart remembers both
+    assert again.claim("p", "second") is Claim.DUPLICATE
+    assert again.claim("p", "third") is Claim.REUSED
+    again.close()
 
 
 def test_event_stream_dedupe_set_is_bounded() -> None:

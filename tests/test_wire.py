@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import msgpack
 import pytest
 
 from cipherface import wire
 from cipherface.exceptions import MessageTooLargeError, SignatureError, WireFormatError
 from cipherface.signing import PinnedKey, SigningKey
+from cipherface.wire.payloads import BlockScores
 from tests.samples import sample_event
 
 ONPREM = SigningKey.generate("onprem")
@@ -50,9 +53,29 @@ def test_probe_roundtrip_keeps_bytes_raw() -> None:
         wire.ContextUpdate(context=b"ctx", conjugation_key=b"g", blocks=(0, 1, 2), issued_at=5.0),
         wire.SyncRequest(replica="r1", fingerprint="ab12", requested_at=3.0),
         wire.ProbeRejected(
-            probe_id="p", subject=None, error="NoFaceError", reason="x", submitted_at=1.0
+            probe_id="p",
+            subject=None,
+            error="NoFaceError",
+            reason="x",
+            request="d",
+            submitted_at=1.0,
         ),
         sample_event(mode="1:N", distance=0.0312, timings={"total": 1.5}),
+        wire.ScoresReady(
+            probe_id="p",
+            subject=None,
+            faces=(
+                wire.FaceScores(
+                    box=(10, 20, 90, 90),
+                    confidence=0.9,
+                    scores=(BlockScores(block_id=0, version=1, scores=b"s"),),
+                ),
+                wire.FaceScores(box=(200, 20, 60, 61), confidence=0.4, scores=()),
+            ),
+            request="d",
+            submitted_at=1.0,
+            timings={"embed": 1.0},
+        ),
     ],
 )
 def test_roundtrip(message: wire.Message) -> None:
@@ -169,4 +192,40 @@ def test_an_unsigned_probe_decodes_without_a_verifier_but_a_signed_one_is_checke
 def test_non_finite_numbers_are_refused_at_decode(value: float) -> None:
     probe = wire.ProbeRequest(probe_id="p", image=b"x", submitted_at=value)
     with pytest.raises(WireFormatError, match="finite"):
+        wire.decode(wire.encode(probe))
+
+
+@pytest.mark.parametrize(
+    ("face", "error"),
+    [
+        ({"box": [1, 2, 3], "confidence": 1.0}, "field 'box' must be [x, y, w, h]"),
+        ({"box": [1, 2, 0, 5], "confidence": 1.0}, "field 'box' must be [x, y, w, h]"),
+        ({"box": [1, 2, 3, 4.5], "confidence": 1.0}, "field 'box[]' must be int, got float"),
+        ({"box": None, "confidence": float("nan")}, "field 'confidence' must be a finite number"),
+    ],
+)
+def test_a_malformed_face_is_refused_at_decode(face: dict[str, object], error: str) -> None:
+    body = {"subject": "s", "verified": True, "distance": 0.1, **face}
+    with pytest.raises(WireFormatError, match=re.escape(error)):
+        wire.FaceResult.from_dict(body)
+
+
+def test_probe_refusals_name_the_problem() -> None:
+    long_id = "x" * 256
+    assert wire.refusal(wire.ProbeRequest(probe_id=long_id, image=b"x")) == (
+        "InvalidProbeId",
+        "probe id of 256 bytes exceeds AMQP's 255-byte message-id limit",
+    )
+    assert wire.refusal(wire.ProbeRequest(probe_id="p", image=b"x", subject="")) == (
+        "InvalidSubject",
+        "claimed subject '' is empty: send nil for 1:N identification",
+    )
+    assert wire.refusal(wire.ProbeRequest(probe_id="x" * 255, image=b"x", subject="a")) is None
+
+
+def test_a_probe_submitted_at_nan_is_refused_naming_the_field() -> None:
+    probe = wire.ProbeRequest(probe_id="p", image=b"x", submitted_at=float("nan"))
+    with pytest.raises(
+        WireFormatError, match=re.escape("field 'probe.submitted_at' must be a finite number")
+    ):
         wire.decode(wire.encode(probe))

@@ -33,14 +33,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from agents.cloud.probes import score_faces
 from agents.cloud.staged import Staged, stage
 from cipherface import wire
 from cipherface.config import Settings
 from cipherface.crypto import Keyring
 from cipherface.daemon import finish_in_thread
-from cipherface.embedding import Embedder, largest_face
+from cipherface.embedding import Embedder
 from cipherface.embedding_cache import EmbeddingCache
 from cipherface.exceptions import (
     ConfigError,
@@ -50,7 +49,6 @@ from cipherface.exceptions import (
     TransportError,
 )
 from cipherface.gallery import EncryptedGallery
-from cipherface.gallery.integrity import prove_probe
 from cipherface.metrics import BLOCKS_AWAITED, GALLERY_TEMPLATES, PROBE_AGE, instrumented
 from cipherface.replica import claim
 from cipherface.signing import PinnedKey, SigningKey, VerifyKey
@@ -388,17 +386,22 @@ class CloudAgent:
         if gallery is None or keyring is None:
             # Only while a key rotation swaps the gallery: try again shortly.
             raise TransportError("the gallery is being replaced")
+        digest = wire.request_digest(delivery.body)
         age = time.time() - request.submitted_at
         PROBE_AGE.labels(self.role).observe(max(age, 0.0))
         ttl = self.settings.probe_ttl
+        refused = wire.refusal(request)
+        if refused is not None:
+            await self._reject(request, *refused, keyring, digest)
+            return
         if ttl and age > ttl:
             # Queued through an outage: an answer now would come too late to mean much.
             reason = f"waited {age:.0f}s in the queue, longer than its {ttl:.0f}s time-to-live"
-            await self._reject(request, "Expired", reason, keyring)
+            await self._reject(request, "Expired", reason, keyring, digest)
             return
         self._searching[id(gallery)] += 1
         try:
-            await self._search(request, gallery, keyring)
+            await self._search(request, gallery, keyring, digest)
         finally:
             self._searching[id(gallery)] -= 1
             async with self._searched:
@@ -410,12 +413,14 @@ class CloudAgent:
         error: str,
         reason: str,
         keyring: Keyring,
+        digest: str,
     ) -> None:
         rejected = wire.ProbeRejected(
             probe_id=request.probe_id,
             subject=request.subject,
             error=error,
             reason=reason,
+            request=digest,
             submitted_at=request.submitted_at,
         )
         await self._to_onprem(rejected, keyring)
@@ -431,56 +436,43 @@ class CloudAgent:
         request: wire.ProbeRequest | wire.EncryptedProbeRequest,
         gallery: EncryptedGallery,
         keyring: Keyring,
+        digest: str,
     ) -> None:
-        timings: dict[str, float] = {}
-        faces = 1
-        check = None
+        """Score every face of the probe (an edge probe is one face, without a box)."""
         try:
-            if isinstance(request, wire.ProbeRequest):
-                started = time.perf_counter()
-                found = await asyncio.to_thread(
-                    self.embedder.embed, request.image, name=f"probe {request.probe_id}"
-                )
-                faces = len(found)
-                probe: object = np.asarray(largest_face(found).embedding)
-                timings["embed"] = time.perf_counter() - started
-            else:
-                keyring.check(request.probe.fingerprint)
-                probe = request.probe
-                started = time.perf_counter()
-                check = await asyncio.to_thread(
-                    prove_probe, keyring, self._conjugation_key, request.probe
-                )
-                timings["check"] = time.perf_counter() - started
-            started = time.perf_counter()
-            scores = await asyncio.to_thread(gallery.search, probe, subject=request.subject)  # type: ignore[arg-type]
-            timings["search"] = time.perf_counter() - started
+            faces, check, timings = await asyncio.to_thread(
+                score_faces, request, self.embedder, gallery, keyring, self._conjugation_key
+            )
         except (EmbeddingError, KeyMismatchError) as exc:
             # Bad input from a user gets an answer (an error event), not silence.
-            await self._reject(request, type(exc).__name__, str(exc), keyring)
+            await self._reject(request, type(exc).__name__, str(exc), keyring, digest)
             return
         ready = wire.ScoresReady(
             probe_id=request.probe_id,
             subject=request.subject,
-            scores=tuple(scores),
-            faces=faces,
+            faces=tuple(faces),
+            request=digest,
             submitted_at=request.submitted_at,
             timings=timings,
             probe_check=check,
         )
         await self._to_onprem(ready, keyring)
+        blocks = sum(len(face.scores) for face in faces)
         log.info(
-            "probe %s scored on %d block(s)",
+            "probe %s: %d face(s) scored on %d block(s)",
             request.probe_id,
-            len(scores),
+            len(faces),
+            blocks,
             extra={
                 **{"probe_id": request.probe_id, "mode": "1:1" if request.subject else "1:N"},
-                **{"outcome": "scored", "blocks": len(scores), "fingerprint": keyring.fingerprint},
-                **{"seconds": round(sum(timings.values()), 4)},
+                **{"outcome": "scored", "blocks": blocks, "fingerprint": keyring.fingerprint},
+                **{"faces": len(faces), "seconds": round(sum(timings.values()), 4)},
             },
         )
 
-    async def _to_onprem(self, message: wire.Message, keyring: Keyring) -> None:
+    async def _to_onprem(
+        self, message: wire.ScoresReady | wire.ProbeRejected, keyring: Keyring
+    ) -> None:
         body = wire.encode(
             message,
             fingerprint=keyring.fingerprint,
@@ -489,5 +481,10 @@ class CloudAgent:
             signer=self.signer,
             limit=self.settings.max_message_size,
         )
-        await self.transport.send(self.transport.topology.results, body)
+        # Labelled with the probe, so a dead letter of it names the probe.
+        await self.transport.send(
+            self.transport.topology.results,
+            body,
+            message_id=wire.message_id(message.probe_id, message.request),
+        )
         self.probes_served += 1

@@ -19,22 +19,24 @@ scores under whichever the replica used (the envelope's fingerprint).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from agents.onprem.answers import Answer, decide, rank_faces
+from agents.onprem.enrollment import IMAGE_SUFFIXES, EnrollReport, subject_of
 from agents.onprem.keys import KeySet, generate_keys, write_keys
 from cipherface import wire
 from cipherface.config import Settings
 from cipherface.crypto import Keyring
 from cipherface.daemon import finish_in_thread
-from cipherface.embedding import Embedder, largest_face, threshold
+from cipherface.embedding import Embedder, threshold
 from cipherface.exceptions import (
     ConfigError,
     EmbeddingError,
@@ -42,9 +44,8 @@ from cipherface.exceptions import (
     KeyMismatchError,
     SignatureError,
 )
-from cipherface.gallery import EnrollmentBook, Match, accept, rank
-from cipherface.gallery.integrity import flood
-from cipherface.ledger import ProbeLedger
+from cipherface.gallery import EnrollmentBook
+from cipherface.ledger import Claim, ProbeLedger
 from cipherface.metrics import (
     DEAD_LETTERS,
     GALLERY_TEMPLATES,
@@ -59,20 +60,16 @@ from cipherface.signing import SigningKey, TrustStore
 from cipherface.transport.base import Consumer, Delivery, Transport
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "OPS_INTERVAL",
-    "EnrollReport",
     "KeySet",
     "OnPremAgent",
     "generate_keys",
     "read_replica_status",
-    "subject_of",
     "write_keys",
 ]
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 #: Seconds between two rounds of on-prem's housekeeping (gauges, rotation requests).
 OPS_INTERVAL = 2.0
 
@@ -84,23 +81,6 @@ def read_replica_status(path: Path) -> dict[str, wire.ReplicaStatus]:
     except (FileNotFoundError, ValueError):
         return {}
     return {name: wire.ReplicaStatus.from_body(body) for name, body in raw.items()}
-
-
-def subject_of(path: Path, root: Path) -> str:
-    """``root/<subject>/photo.jpg`` -> subject; ``root/photo.jpg`` -> file stem."""
-    relative = path.relative_to(root)
-    return relative.parts[0] if len(relative.parts) > 1 else path.stem
-
-
-@dataclass(slots=True)
-class EnrollReport:
-    """What an enrollment did."""
-
-    enrolled: int = 0
-    blocks_published: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    #: Templates withdrawn (`OnPremAgent.remove`).
-    removed: int = 0
 
 
 class OnPremAgent:
@@ -227,16 +207,28 @@ class OnPremAgent:
         labels: Mapping[str, str] | None = None,
         progress: bool = True,
     ) -> EnrollReport:
-        """Embed every image under ``folder``, add it to the book, publish changed blocks.
+        """Embed every new image under ``folder``, add it to the book, publish changed blocks.
 
         The subject is ``labels[file name]`` when given, else the sub-folder name, else
-        the file stem. Images that fail (not an image, no face) are skipped and reported.
+        the file stem. Incremental and idempotent: a photo whose content is enrolled
+        already (template ids end with ``@`` and its content digest) is skipped, so a
+        folder may be enrolled again after photos were added. Photos that are no image,
+        show no face or more than one face (whose would it be?) are skipped, each with
+        its reason.
         """
+        if not folder.is_dir():
+            raise ConfigError(f"{folder}: no such folder")
         self.rotation.refuse_changes()
+        self.book.refresh()
         report = EnrollReport()
+        held = {tid.rpartition("@")[2] for tid in self.book.template_ids()}
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         for path in tqdm(files, desc="enrolling", unit="img", disable=not progress):
             subject = (labels or {}).get(path.name) or subject_of(path, folder)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            if digest in held:
+                report.unchanged += 1
+                continue
             try:
                 faces = await asyncio.to_thread(self.embedder.embed, path)
             except EmbeddingError as exc:
@@ -244,9 +236,13 @@ class OnPremAgent:
                 log.warning("skipped %s: %s", path, exc)
                 continue
             if len(faces) > 1:
-                log.warning("%s has %d faces; enrolling the largest", path, len(faces))
-            template_id = str(path.relative_to(folder))
-            self.book.add(subject, largest_face(faces).embedding, template_id=template_id)
+                reason = f"{len(faces)} faces: an enrollment photo must show one person"
+                report.skipped.append((str(path), reason))
+                log.warning("skipped %s: %s", path, reason)
+                continue
+            template_id = f"{path.relative_to(folder)}@{digest}"
+            self.book.add(subject, faces[0].embedding, template_id=template_id)
+            held.add(digest)
             report.enrolled += 1
         report.blocks_published = await self.publish_gallery(self.book.pending_blocks())
         return report
@@ -382,12 +378,18 @@ class OnPremAgent:
         age = time.time() - result.submitted_at
         # Older than the ledger remembers, its event may be out and forgotten.
         forgotten = age > self.settings.ledger_window
-        if not self.ledger.claim(result.probe_id):
+        claim = self.ledger.claim(result.probe_id, result.request)
+        if claim is Claim.DUPLICATE:
             log.info("probe %s already has its event; duplicate suppressed", result.probe_id)
             return
         try:
             ttl = self.settings.probe_ttl
-            if isinstance(result, wire.ProbeRejected):
+            if claim is Claim.REUSED:
+                # Another probe had this id: answered, never swallowed nor mixed up.
+                event = self._event(
+                    result, error="DuplicateProbeId: another probe already used this probe id"
+                )
+            elif isinstance(result, wire.ProbeRejected):
                 if forgotten and result.error == "Expired":
                     log.warning("probe %s is %.0fs old: dropped", result.probe_id, age)
                     return
@@ -399,19 +401,12 @@ class OnPremAgent:
                 started = time.perf_counter()
                 keys.book.refresh()  # `cipherface enroll` may have run beside this daemon
                 try:
-                    matches = await self.rotation.using(
-                        keys,
-                        rank,
-                        keys.keyring,
-                        keys.book,
-                        result.scores,
-                        subject=result.subject,
-                        top_k=self.settings.top_k,
-                        probe_check=result.probe_check,
+                    ranked = await self.rotation.using(
+                        keys, rank_faces, keys.keyring, keys.book, result, top_k=self.settings.top_k
                     )
                 except IntegrityError as exc:
                     # Nothing derived from a tampered decryption leaves on-prem: the
-                    # event names the failure and carries no distance.
+                    # event names the failure and carries no distance, for any face.
                     INTEGRITY_FAILURES.labels(self.role, envelope.signer).inc()
                     log.warning(
                         "probe %s from %s refused: %s", result.probe_id, envelope.signer, exc
@@ -426,7 +421,9 @@ class OnPremAgent:
                         expired = f"Expired: scored {age:.0f}s after submission, ttl {ttl:.0f}s"
                         event = self._event(result, error=expired)
                     else:
-                        event = self._decide(result, matches, time.perf_counter() - started)
+                        answer = decide(result, ranked, self.threshold, self.settings.metric)
+                        timings = {**result.timings, "decrypt": time.perf_counter() - started}
+                        event = self._event(result, answer=answer, timings=timings)
             await self.transport.publish(
                 self.transport.topology.events,
                 event.routing_key,
@@ -436,9 +433,9 @@ class OnPremAgent:
                     metric=self.settings.metric.value,
                     signer=self.signer,
                 ),
-                message_id=event.probe_id,
+                message_id=wire.message_id(event.probe_id, event.request),
             )
-            self.ledger.record(result.probe_id, time.time())
+            self.ledger.record(result.probe_id, time.time(), result.request)
             PROBE_AGE.labels(self.role).observe(max(age, 0.0))
             log.info(
                 "probe %s: %s",
@@ -447,54 +444,34 @@ class OnPremAgent:
                 extra={
                     **{k: getattr(event, k) for k in ("probe_id", "mode", "subject", "error")},
                     **{"verified": event.verified, "age": round(age, 3)},
-                    **{"outcome": event.routing_key.rsplit(".", 1)[-1]},
+                    **{"outcome": event.routing_key.rsplit(".", 1)[-1], "faces": len(event.faces)},
                     **{"replica": envelope.signer, "fingerprint": envelope.fingerprint},
                 },
             )
         finally:
-            self.ledger.release(result.probe_id)
-
-    def _decide(
-        self, result: wire.ScoresReady, matches: list[Match], decrypt: float
-    ) -> wire.VerificationEvent:
-        timings = {**result.timings, "decrypt": decrypt}
-        if not matches:
-            reason = (
-                f"UnknownSubject: {result.subject!r} is not enrolled"
-                if result.subject
-                else "EmptyGallery: nothing is enrolled"
-            )
-            return self._event(result, error=reason, timings=timings)
-        best = matches[0]
-        verified = accept(best, self.threshold, self.settings.metric)
-        released = flood(best.distance, self.threshold, verified)
-        return self._event(
-            result,
-            subject=best.subject,
-            verified=verified,
-            distance=round(released, wire.VerificationEvent.DISTANCE_DECIMALS),
-            timings=timings,
-        )
+            self.ledger.release(result.probe_id, result.request)
 
     def _event(
         self,
         result: wire.ScoresReady | wire.ProbeRejected,
         *,
-        subject: str | None = None,
-        verified: bool = False,
-        distance: float | None = None,
+        answer: Answer | None = None,
         error: str | None = None,
         timings: Mapping[str, float] | None = None,
     ) -> wire.VerificationEvent:
+        answer = answer or Answer(error=error)
         return wire.VerificationEvent(
             probe_id=result.probe_id,
-            mode="1:1" if result.subject else "1:N",
-            subject=subject or result.subject,
-            verified=verified,
-            distance=distance,
+            mode="1:1" if result.subject is not None else "1:N",
+            subject=answer.subject or result.subject,
+            verified=answer.verified,
+            distance=answer.distance,
+            faces=answer.faces,
+            face=answer.face,
             threshold=self.threshold,
             model=self.settings.model,
             metric=self.settings.metric.value,
-            error=error,
+            error=answer.error,
             timings={**(timings or {}), "total": time.time() - result.submitted_at},
+            request=result.request,
         )

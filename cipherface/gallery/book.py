@@ -141,19 +141,17 @@ class EnrollmentBook:
             "dimensions": str(self.dimensions),
             "capacity": str(self.capacity),
         }
-        stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-        if "decoy_seed" not in stored:
-            # Secret: it decides the decoys on-prem fits scores against (`decoy_rows`).
-            stored["decoy_seed"] = secrets.token_hex(16)
-            with self._db:
-                self._db.execute(
-                    "INSERT INTO meta VALUES ('decoy_seed', ?)", (stored["decoy_seed"],)
-                )
-        self._decoy_seed = bytes.fromhex(stored.pop("decoy_seed"))
-        if not stored:
-            with self._db:
+        with self._db:
+            # The first statement writes, so processes opening a new book at once (the
+            # daemon and `cipherface enroll`) take turns and all keep the first's values.
+            # The seed is secret: it decides the decoys on-prem fits scores against.
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('decoy_seed', ?)", (secrets.token_hex(16),)
+            )
+            if self._db.execute("SELECT COUNT(*) FROM meta").fetchone()[0] == 1:  # a new book
                 self._db.executemany("INSERT INTO meta VALUES (?, ?)", wanted.items())
-            return
+        stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        self._decoy_seed = bytes.fromhex(stored.pop("decoy_seed"))
         if stored.get("fingerprint") != wanted["fingerprint"]:
             raise KeyMismatchError(wanted["fingerprint"], str(stored.get("fingerprint")))
         if "capacity" not in stored:

@@ -3,7 +3,8 @@
 ==============  ===========================================================
 module          owns
 ==============  ===========================================================
-`payloads`      `EncryptedBlock`, `BlockScores`, `EncryptedProbe`: gallery data
+`payloads`      `EncryptedBlock`, `BlockScores`, `EncryptedProbe`, `FaceScores`,
+                `FaceResult`: gallery data and per-face answers
 `messages`      one frozen dataclass per message kind, and its validation
 `envelope`      `encode` / `decode`, the `Envelope` metadata, size limits
 `chunks`        a block as chunks under the size limit, and their assembly
@@ -22,6 +23,7 @@ from cipherface.wire.envelope import (
     encode,
 )
 from cipherface.wire.messages import (
+    MAX_PROBE_ID_BYTES,
     BlockChunk,
     ContextUpdate,
     EncryptedProbeRequest,
@@ -32,17 +34,24 @@ from cipherface.wire.messages import (
     ScoresReady,
     SyncRequest,
     VerificationEvent,
+    message_id,
     new_id,
+    refusal,
+    request_digest,
 )
+from cipherface.wire.payloads import FaceResult, FaceScores
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "MAX_PROBE_ID_BYTES",
     "SCHEMA_VERSION",
     "BlockAssembler",
     "BlockChunk",
     "ContextUpdate",
     "EncryptedProbeRequest",
     "Envelope",
+    "FaceResult",
+    "FaceScores",
     "Message",
     "ProbeRejected",
     "ProbeRequest",
@@ -52,6 +61,9 @@ __all__ = [
     "VerificationEvent",
     "decode",
     "encode",
+    "message_id",
     "new_id",
+    "refusal",
+    "request_digest",
     "split_block",
 ]

@@ -10,6 +10,7 @@ about 18 MB with them).
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Mapping
@@ -18,10 +19,17 @@ from typing import Any, ClassVar, TypeVar
 
 from cipherface.exceptions import WireFormatError
 from cipherface.fields import of_type
-from cipherface.wire.payloads import BlockLayout, BlockScores, EncryptedProbe, ProbeCheck
+from cipherface.wire.payloads import (
+    BlockLayout,
+    EncryptedProbe,
+    FaceResult,
+    FaceScores,
+    ProbeCheck,
+)
 from cipherface.wire.schema import field_specs
 
 __all__ = [
+    "MAX_PROBE_ID_BYTES",
     "BlockChunk",
     "ContextUpdate",
     "EncryptedProbeRequest",
@@ -33,14 +41,31 @@ __all__ = [
     "SyncRequest",
     "VerificationEvent",
     "new_id",
+    "refusal",
+    "request_digest",
 ]
 
 M = TypeVar("M", bound="Message")
+
+#: AMQP's limit on a message id (a short string), which probes and events carry.
+MAX_PROBE_ID_BYTES = 255
 
 
 def new_id() -> str:
     """A fresh message or probe id."""
     return uuid.uuid4().hex
+
+
+def message_id(probe_id: str, request: str) -> str:
+    """The AMQP message id of a probe and of what answers it: the probe id, or, for one
+    over AMQP's limit, ``sha256:<request digest>`` (the body still names the probe)."""
+    return probe_id if len(probe_id.encode()) <= MAX_PROBE_ID_BYTES else f"sha256:{request}"
+
+
+def request_digest(body: bytes) -> str:
+    """What identifies one probe message (its encoded bytes): a broker's redelivery
+    has the same digest, a new probe reusing a probe id another."""
+    return hashlib.sha256(body).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -163,14 +188,16 @@ class EncryptedProbeRequest(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ScoresReady(Message):
-    """cloud -> on-prem: encrypted distances of one probe against the gallery."""
+    """cloud -> on-prem: encrypted distances of every face of one probe against the gallery."""
 
     kind: ClassVar[str] = "scores"
     probe_id: str
     subject: str | None
-    scores: tuple[BlockScores, ...] = field(repr=False)
-    #: How many faces the cloud found in the probe image (it used the largest).
-    faces: int
+    #: One entry per face the cloud found (an edge probe: one, without a box).
+    faces: tuple[FaceScores, ...] = field(repr=False)
+    #: `request_digest` of the probe message: tells a redelivery of the same probe
+    #: (same digest) from a new probe reusing its id (`DuplicateProbeId`).
+    request: str
     submitted_at: float
     #: Seconds spent per stage on the cloud ("embed", "check", "search").
     timings: Mapping[str, float]
@@ -188,6 +215,8 @@ class ProbeRejected(Message):
     #: The error type, e.g. "NoFaceError".
     error: str
     reason: str
+    #: `request_digest` of the probe message (as in `ScoresReady`).
+    request: str
     submitted_at: float
 
 
@@ -218,11 +247,14 @@ class ReplicaStatus(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VerificationEvent(Message):
-    """on-prem -> subscribers: the decision for one probe.
+    """on-prem -> subscribers: the decision for one probe, with an answer per face.
 
-    Only the decision and a noise-flooded distance rounded to `DISTANCE_DECIMALS`
-    leave on-prem: exact CKKS decryptions would help an observer recover the
-    secret key (`cipherface.gallery.integrity`).
+    ``faces`` holds one `FaceResult` per face the cloud found; the top-level
+    ``subject``, ``verified`` and ``distance`` are those of face ``face``: the best
+    verified face, or the best face when none is verified (1:1: verified when any
+    face matches the claim). Only decisions and noise-flooded distances rounded to
+    `DISTANCE_DECIMALS` leave on-prem: exact CKKS decryptions would help an observer
+    recover the secret key (`cipherface.gallery.integrity`).
     """
 
     kind: ClassVar[str] = "event"
@@ -234,6 +266,10 @@ class VerificationEvent(Message):
     subject: str | None
     verified: bool
     distance: float | None
+    #: Every face's answer (empty on error), in the order the cloud found them.
+    faces: tuple[FaceResult, ...] = ()
+    #: Index in ``faces`` of the face the top-level decision is about (None on error).
+    face: int | None = None
     threshold: float
     model: str
     metric: str
@@ -243,6 +279,9 @@ class VerificationEvent(Message):
     timings: Mapping[str, float] = field(default_factory=dict)
     #: When on-prem issued it (signed): a reader refuses events replayed long after.
     issued_at: float = field(default_factory=time.time)
+    #: `request_digest` of the probe message it answers ('' if unknown): a reader
+    #: tells the answer to a reused probe id (`DuplicateProbeId`) from a duplicate.
+    request: str = ""
 
     @property
     def routing_key(self) -> str:
@@ -253,6 +292,28 @@ class VerificationEvent(Message):
     def to_json(self) -> dict[str, Any]:
         """The event as JSON-ready data (what the CLI prints)."""
         return self.body()
+
+
+def refusal(request: ProbeRequest | EncryptedProbeRequest) -> tuple[str, str] | None:
+    """(error, reason) for a well-formed probe no search can answer: an error event.
+
+    An empty claimed subject is neither a claim nor 1:N (that is nil); a probe id
+    longer than an AMQP message id (255 bytes) could not label its event.
+    """
+    size = len(request.probe_id.encode())
+    if size > MAX_PROBE_ID_BYTES:
+        return (
+            "InvalidProbeId",
+            f"probe id of {size} bytes exceeds AMQP's {MAX_PROBE_ID_BYTES}-byte message-id limit",
+        )
+    if not request.probe_id:
+        return "InvalidProbeId", "the probe id is empty"
+    if request.subject is not None and not request.subject.strip():
+        return (
+            "InvalidSubject",
+            f"claimed subject {request.subject!r} is empty: send nil for 1:N identification",
+        )
+    return None
 
 
 _KINDS: Mapping[str, type[Message]] = {

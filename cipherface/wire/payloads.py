@@ -13,10 +13,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cipherface.exceptions import WireFormatError
-from cipherface.fields import blobs, field, strings
+from cipherface.fields import blobs, field, of_type, strings
 from cipherface.metric import Metric
 
-__all__ = ["BlockLayout", "BlockScores", "EncryptedBlock", "EncryptedProbe", "ProbeCheck"]
+__all__ = [
+    "BlockLayout",
+    "BlockScores",
+    "EncryptedBlock",
+    "EncryptedProbe",
+    "FaceResult",
+    "FaceScores",
+    "ProbeCheck",
+]
 
 
 def _metric(data: Mapping[str, object]) -> str:
@@ -159,6 +167,90 @@ class BlockScores:
             version=field(data, "version", int),
             scores=field(data, "scores", bytes),
             pairs=tuple(pairs),
+        )
+
+
+def _box(data: Mapping[str, object]) -> tuple[int, ...] | None:
+    """A face's ``(x, y, w, h)`` in the probe image's pixels, or None (an edge probe)."""
+    box = field(data, "box", (list, tuple, type(None)))
+    if box is None:
+        return None
+    values = tuple(of_type(v, int, "box[]") for v in box)
+    if len(values) != 4 or min(values[2:]) < 1 or min(values[:2]) < 0:
+        raise WireFormatError("field 'box' must be [x, y, w, h] with x, y >= 0 and w, h >= 1")
+    return values
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FaceScores:
+    """One face of a probe and its encrypted scores, cloud -> on-prem.
+
+    The cloud searches every face it finds in a probe image, so a photo of several
+    people gets an answer for each. An edge-encrypted probe is one face without a
+    box (the cloud never saw the image). ``scores`` covers blocks, so a probe's
+    scores may later be split across several messages by block range.
+    """
+
+    #: ``(x, y, w, h)`` in the probe image's pixels; None for an edge probe.
+    box: tuple[int, ...] | None
+    #: The detector's confidence (1.0 for an edge probe).
+    confidence: float
+    scores: tuple[BlockScores, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        """msgpack-native form."""
+        return {
+            "box": None if self.box is None else list(self.box),
+            "confidence": self.confidence,
+            "scores": [block.to_dict() for block in self.scores],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> FaceScores:
+        """Inverse of `to_dict`; raises `WireFormatError`."""
+        blocks = field(data, "scores", (list, tuple))
+        return cls(
+            box=_box(data),
+            confidence=float(field(data, "confidence", (int, float))),
+            scores=tuple(BlockScores.from_dict(of_type(b, dict, "scores[]")) for b in blocks),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FaceResult:
+    """On-prem's answer for one face of a probe, inside a `VerificationEvent`.
+
+    ``distance`` is noise-flooded and rounded like the event's; None when the face
+    has no candidate (nothing of the claimed subject is enrolled).
+    """
+
+    box: tuple[int, ...] | None
+    confidence: float
+    #: The claimed subject (1:1) or this face's best match (1:N).
+    subject: str | None
+    verified: bool
+    distance: float | None
+
+    def to_dict(self) -> dict[str, object]:
+        """msgpack-native form."""
+        return {
+            "box": None if self.box is None else list(self.box),
+            "confidence": self.confidence,
+            "subject": self.subject,
+            "verified": self.verified,
+            "distance": self.distance,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> FaceResult:
+        """Inverse of `to_dict`; raises `WireFormatError`."""
+        distance = field(data, "distance", (int, float, type(None)))
+        return cls(
+            box=_box(data),
+            confidence=float(field(data, "confidence", (int, float))),
+            subject=field(data, "subject", (str, type(None))),
+            verified=field(data, "verified", bool),
+            distance=None if distance is None else float(distance),
         )
 
 

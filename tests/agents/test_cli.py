@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import os
 import signal
@@ -17,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from agents.cli import build_parser
+from agents.onprem.enrollment import read_labels
+from cipherface.transport import RabbitMQTransport, Topology
 from tests.environment import amqp_url_or_skip, unique_prefix
 
 CLI = [sys.executable, "-m", "agents.cli"]
@@ -59,7 +64,7 @@ def test_keygen_writes_private_0600_and_refuses_to_overwrite(
     info = json.loads(first.stdout)
     assert stat.S_IMODE(Path(info["secret_key"]).stat().st_mode) == 0o600
     again = _run(["keygen"], env)
-    assert again.returncode == 1
+    assert again.returncode == 2
     assert "refusing to replace keys" in again.stderr
 
 
@@ -74,6 +79,8 @@ def test_demo_runs_offline_and_prints_results(
     assert summary["probes"] == 15 and summary["enrolled"] > 30
     assert summary["correct"] >= 12, result.stdout
     assert sum(" OK" in line for line in lines) == summary["correct"]
+    # Each wrong answer is listed with why (the event's error, or the distance).
+    assert len(summary["wrong"]) == summary["probes"] - summary["correct"]
 
 
 def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
@@ -224,3 +231,68 @@ def test_rotate_keys_remove_and_list_through_the_cli(
     gone = json.loads(_run(["probe", str(faces_dir / "img5.jpg"), "--subject", "G01"], env).stdout)
     assert gone["error"] and gone["error"].startswith("UnknownSubject"), gone
     assert json.loads(_run(["list"], env).stdout)["subjects"] == {"G02": 2}
+
+
+def _arguments_without_help(parser: argparse.ArgumentParser, name: str) -> Iterator[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _arguments_without_help(sub, sub_name)
+        elif action.help is None:
+            yield f"{name} {action.dest}"
+
+
+def test_every_argument_has_help() -> None:
+    assert list(_arguments_without_help(build_parser(), "cipherface")) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["probe", "missing.jpg"], "cipherface probe: ConfigError: missing.jpg: no such file"),
+        (["enroll", "nowhere"], "cipherface enroll: ConfigError: nowhere: no such folder"),
+        (
+            ["enroll", ".", "--labels", "none.csv"],
+            "cipherface enroll: ConfigError: none.csv: cannot read the labels: "
+            "No such file or directory",
+        ),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(
+    tmp_path: Path, deepface_home: Path, args: list[str], line: str
+) -> None:
+    env = _env(tmp_path, deepface_home)
+    done = subprocess.run(
+        [*CLI, *args], env=env, cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert (done.returncode, done.stderr.strip().splitlines()) == (2, [line])
+
+
+def test_labels_keep_the_first_row_unless_it_is_a_header(tmp_path: Path) -> None:
+    plain, headed = tmp_path / "plain.csv", tmp_path / "headed.csv"
+    plain.write_text("img1.jpg,alice\nimg3.jpg,bob\n")
+    headed.write_text("file,subject\nimg1.jpg,alice\nimg3.jpg,bob\n")
+    expected = {"img1.jpg": "alice", "img3.jpg": "bob"}
+    assert read_labels(plain) == expected and read_labels(headed) == expected
+
+
+@pytest.mark.rabbitmq
+def test_a_probe_nobody_answers_times_out_in_one_line(
+    tmp_path: Path, deepface_home: Path, faces_dir: Path
+) -> None:
+    url = amqp_url_or_skip()
+    prefix = unique_prefix()
+    env = _env(tmp_path, deepface_home, CIPHERFACE_AMQP_URL=url, CIPHERFACE_PREFIX=prefix)
+    assert _run(["keygen"], env).returncode == 0
+
+    async def declare() -> None:  # the topology, as the daemons would, but none runs
+        async with RabbitMQTransport(url, Topology(prefix=prefix, idle_queue_expiry_ms=60_000)):
+            pass
+
+    asyncio.run(declare())
+    image = faces_dir / "img5.jpg"
+    done = _run(["probe", str(image), "--timeout", "2"], env)
+    assert (done.returncode, done.stderr.strip().splitlines()[-1:]) == (
+        2,
+        [f"cipherface probe: ProbeTimeout: {image}: no event within 2s (are the daemons running?)"],
+    )

@@ -135,7 +135,12 @@ async def test_scores_from_an_untrusted_replica_are_dead_lettered(
     deployment, watch = rig
     honest = _honest_block_scores(deployment)
     message = wire.ScoresReady(
-        probe_id="rogue", subject=None, scores=(honest,), faces=1, submitted_at=0.0, timings={}
+        probe_id="rogue",
+        subject=None,
+        faces=(wire.FaceScores(box=None, confidence=1.0, scores=(honest,)),),
+        request="rogue",
+        submitted_at=0.0,
+        timings={},
     )
     rogue = SigningKey.generate("r1")  # claims the trusted replica's name
     await _result(deployment, wire.encode(message, signer=rogue))
@@ -163,7 +168,12 @@ async def test_in_range_scores_shifted_by_a_trusted_replica_are_refused(
         block_id=honest.block_id, version=honest.version, scores=seal.dump(ciphertext)
     )
     message = wire.ScoresReady(
-        probe_id="shifted", subject="A", scores=(shifted,), faces=1, submitted_at=0.0, timings={}
+        probe_id="shifted",
+        subject="A",
+        faces=(wire.FaceScores(box=None, confidence=1.0, scores=(shifted,)),),
+        request="shifted",
+        submitted_at=0.0,
+        timings={},
     )
     await _result(deployment, _signed_by_replica(deployment, message))
     event = await watch.event("shifted")

@@ -113,8 +113,8 @@ def _scores(deployment: Deployment, probe_id: str, blocks: list[BlockScores]) ->
     message = wire.ScoresReady(
         probe_id=probe_id,
         subject=None,
-        scores=tuple(blocks),
-        faces=1,
+        faces=(wire.FaceScores(box=None, confidence=1.0, scores=tuple(blocks)),),
+        request=wire.request_digest(probe_id.encode()),
         submitted_at=0.0,
         timings={},
     )

@@ -41,8 +41,8 @@ HAND_WRITTEN = {
     "scores": {
         "probe_id": str,
         "subject": (str, _NONE),
-        "scores": list,
-        "faces": int,
+        "faces": list,
+        "request": str,
         "submitted_at": float,
         "timings": dict,
         "probe_check": (dict, _NONE),
@@ -52,6 +52,7 @@ HAND_WRITTEN = {
         "subject": (str, _NONE),
         "error": str,
         "reason": str,
+        "request": str,
         "submitted_at": float,
     },
     "status": {
@@ -70,12 +71,15 @@ HAND_WRITTEN = {
         "subject": (str, _NONE),
         "verified": bool,
         "distance": (float, _NONE),
+        "faces": list,
+        "face": (int, _NONE),
         "threshold": float,
         "model": str,
         "metric": str,
         "error": (str, _NONE),
         "timings": dict,
         "issued_at": float,
+        "request": str,
     },
 }
 
@@ -106,8 +110,8 @@ def _decode(data: bytes) -> wire.Envelope:
 SCORES = {
     "probe_id": "p",
     "subject": None,
-    "scores": [],
-    "faces": 1,
+    "faces": [],
+    "request": "r",
     "submitted_at": 1.0,
     "probe_check": None,
 }
@@ -123,6 +127,9 @@ EVENT = {
     "metric": "cosine",
     "error": None,
     "issued_at": 1.0,
+    "faces": [],
+    "face": None,
+    "request": "",
 }
 
 
@@ -143,8 +150,8 @@ EVENT = {
             "'probe.submitted_at' must be float, got int",
         ),
         (
-            _raw("scores", {**SCORES, "scores": [5], "timings": {}}),
-            "'scores.scores[]' must be dict",
+            _raw("scores", {**SCORES, "faces": [5], "timings": {}}),
+            "'scores.faces[]' must be dict",
         ),
         (
             _raw("scores", {**SCORES, "timings": {b"embed": 1.0}}),
@@ -179,8 +186,8 @@ def test_derived_checks_name_the_field(data: bytes, fragment: str) -> None:
 
 
 def test_top_level_fields_are_checked_before_items() -> None:
-    body = {**SCORES, "scores": [5], "faces": "one", "timings": {}}
-    with pytest.raises(WireFormatError, match=re.escape("'scores.faces' must be int")):
+    body = {**SCORES, "faces": [5], "request": 1, "timings": {}}
+    with pytest.raises(WireFormatError, match=re.escape("'scores.request' must be str")):
         _decode(_raw("scores", body))
 
 
