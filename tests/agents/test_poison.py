@@ -147,9 +147,11 @@ async def test_a_probe_that_kills_its_replica_is_dead_lettered_after_the_limit(
                 poison = await client.publish_probe(POISON)
                 good = [await client.publish_probe(f"subject:{s}".encode()) for s in vectors]
                 answered = {}
+                deadline = time.monotonic() + 300
                 for pid in good:
                     while pid not in answered:
                         replicas.supervise()
+                        assert time.monotonic() < deadline, f"no event; deaths {replicas.deaths}"
                         try:
                             answered[pid] = await stream.wait_for(pid, 1)
                         except asyncio.TimeoutError:
@@ -188,6 +190,9 @@ def _env(settings: Settings) -> dict[str, object]:
         "DELIVERY_LIMIT": settings.delivery_limit,
         "SYNC_INTERVAL": settings.sync_interval,
         "GALLERY_QUEUE_EXPIRY": settings.gallery_queue_expiry,
+        # One probe in flight per replica: a crash also returns (and counts a delivery
+        # of) every other probe the replica held, which the limit would dead-letter too.
+        "PREFETCH": 1,
     }
 
 
