@@ -49,7 +49,7 @@ def score_faces(
         wire.FaceScores(
             box=box,
             confidence=confidence,
-            scores=tuple(gallery.search(probe, subject=request.subject)),  # type: ignore[arg-type]
+            scores=tuple(gallery.search_shared(probe, subject=request.subject)),  # type: ignore[arg-type]
         )
         for box, confidence, probe in probes
     )

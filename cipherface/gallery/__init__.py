@@ -7,6 +7,8 @@ module        runs on     owns
 `book`        on-prem     `EnrollmentBook`: plaintext templates, slot allocation, versions
 `workers`     both        worker processes: the book's encryption pool, the cloud's shards
 `engine`      cloud       `EncryptedGallery`: blocks held and encrypted search
+`kernel`      cloud       exact mod-q matrix product: many plaintext probes in one pass
+`batching`    cloud       `SearchBatcher`: concurrent probes share a pass (a 5 ms window)
 `ranking`     on-prem     `Match`, `accept`, `rank`, `rank_pairs`: decrypt and decide
 ============  ==========  ===============================================================
 

@@ -3,14 +3,18 @@
 The cloud holds only a public keyring. Measured on the 2-core benchmark machine
 (N=8192, 128-d; see `cipherface.gallery.packing` for the layout):
 
-- A plaintext probe costs 128 plaintext multiplications per block of 8192
-  templates: about 8 ms, i.e. ~1,000,000 inner products per second per core.
+- A plaintext probe is scored by `cipherface.gallery.kernel`: the weighted sum
+  of a block's 128 columns as an exact matrix product mod q on float64 BLAS,
+  about 5 ms per block of 8192 templates for one probe (SEAL's 128
+  ``multiply_plain`` took 8 ms) and about 30 ms for 32 probes in one pass, on one
+  idle core. Workers keep each block's coefficients as 16-bit limb planes next to
+  the SEAL ciphertexts (twice the memory: about 2.2 KB per 128-d template).
   An encrypted probe (``d`` ciphertexts, each one probe component in every slot,
   made with the public key at the edge) costs 128 ciphertext products, left
   unrelinearised: about 16 ms per block (~520,000 per second per core). The
   decrypted score then has three components, which decryption handles.
-- A million templates are 123 blocks: 0.48 s of cloud search and 0.18 s of
-  on-prem decryption and top-5 on 2 cores, 25x plaintext numpy. Batched 1:1
+- A million templates are 123 blocks (`benchmarks/bench_search.py` prints the
+  current figures against numpy float32 and faiss). Batched 1:1
   (`verify_pairs`) needs two rounds for a full block and verifies ~56,000
   claims per second, 380x one-ciphertext-per-template verification.
 - TenSEAL's SEAL bindings hold the GIL, so threads do not parallelise; with
@@ -29,6 +33,7 @@ import numpy as np
 
 from cipherface.crypto import Keyring, Metric, prepare_embedding
 from cipherface.exceptions import ConfigError
+from cipherface.gallery.batching import SearchBatcher
 from cipherface.gallery.book import _Shipped
 from cipherface.gallery.packing import _check_norm, _weights
 from cipherface.gallery.workers import _Shard
@@ -57,6 +62,7 @@ class EncryptedGallery:
         self._slots = keyring.slots
         self._lock = threading.Lock()
         self._shards = [_Shard(keyring, workers > 1) for _ in range(max(workers, 1))]
+        self._batcher = SearchBatcher(self)
         if store is not None:
             stored = store.context_fingerprint()
             if stored is None:
@@ -110,17 +116,33 @@ class EncryptedGallery:
         return self._shards[block_id % len(self._shards)]
 
     def _fan_out(self, request: tuple[Any, ...], block_ids: Iterable[int]) -> list[BlockScores]:
+        [results] = self._call_shards("score", (request,), block_ids)
+        return results
+
+    def _call_shards(
+        self, method: str, args: tuple[Any, ...], block_ids: Iterable[int], probes: int = 1
+    ) -> list[list[BlockScores]]:
+        """``method(*args, ids)`` on every shard holding some of ``block_ids``: per-probe scores."""
         by_shard: dict[int, list[int]] = {}
         for block_id in block_ids:
             by_shard.setdefault(block_id % len(self._shards), []).append(block_id)
         with self._lock:
             for index, ids in by_shard.items():
-                self._shards[index].send("score", request, ids)
-            results = [r for index in by_shard for r in self._shards[index].receive()]
-        return sorted(
-            (BlockScores(block_id=b, version=v, scores=s) for b, v, s in results),
-            key=lambda scores: scores.block_id,
-        )
+                self._shards[index].send(method, *args, ids)
+            replies = [self._shards[index].receive() for index in by_shard]
+        if probes == 1 and method == "score":
+            replies = [[reply] for reply in replies]
+        return [
+            sorted(
+                (
+                    BlockScores(block_id=b, version=v, scores=s)
+                    for reply in replies
+                    for b, v, s in reply[p]
+                ),
+                key=lambda scores: scores.block_id,
+            )
+            for p in range(probes)
+        ]
 
     def search(
         self, probe: np.ndarray | Sequence[float] | EncryptedProbe, *, subject: str | None = None
@@ -137,22 +159,56 @@ class EncryptedGallery:
             self.keyring.check(probe.fingerprint)
             if probe.metric != self.metric.value or probe.dimensions != self.dimensions:
                 raise ConfigError("the probe was encrypted for another metric or dimension")
-            request: tuple[Any, ...] = (
+            request = (
                 "encrypted",
                 probe.columns,
                 probe.norm,
                 _weights(self.metric)[1],
             )
-        else:
+            return self._fan_out(request, self._blocks_of(subject))
+        return self._score_plain([probe], self._blocks_of(subject))[0]
+
+    def search_shared(
+        self, probe: np.ndarray | Sequence[float] | EncryptedProbe, *, subject: str | None = None
+    ) -> list[BlockScores]:
+        """`search`, sharing one pass with concurrent plaintext 1:N probes (`SearchBatcher`).
+
+        For daemons that search from several threads; a probe waits up to the
+        batcher's window (5 ms) for company. Edge probes and 1:1 go alone.
+        """
+        if subject is not None or isinstance(probe, EncryptedProbe):
+            return self.search(probe, subject=subject)
+        return self._batcher.search(probe)
+
+    def search_many(
+        self, probes: Sequence[np.ndarray | Sequence[float]]
+    ) -> list[list[BlockScores]]:
+        """Encrypted scores of several plaintext probes in one pass over the gallery.
+
+        Each probe's scores are exactly what `search` gives it alone; the gallery is
+        read once for all of them (`cipherface.gallery.kernel`), so waiting probes
+        are best scored together.
+        """
+        if self.metric is None or not probes:
+            return [[] for _ in probes]
+        return self._score_plain(probes, self._blocks_of(None))
+
+    def _score_plain(
+        self, probes: Sequence[np.ndarray | Sequence[float]], block_ids: list[int]
+    ) -> list[list[BlockScores]]:
+        assert self.metric is not None
+        factor, const = _weights(self.metric)
+        weights, consts = [], []
+        for probe in probes:
             vector = prepare_embedding(probe, self.metric)
             if vector.shape != (self.dimensions,):
                 raise ConfigError(f"expected a {self.dimensions}-d probe, got {vector.shape}")
             _check_norm(vector, self.metric)
-            factor, const = _weights(self.metric)
-            if self.metric is Metric.EUCLIDEAN:
-                const = float(vector @ vector)
-            request = ("plain", (factor * vector).tolist(), const)
-        return self._fan_out(request, self._blocks_of(subject))
+            weights.append(factor * vector)
+            consts.append(float(vector @ vector) if self.metric is Metric.EUCLIDEAN else const)
+        return self._call_shards(
+            "score_many", (np.asarray(weights), consts), block_ids, len(probes)
+        )
 
     def verify_pairs(
         self, pairs: Sequence[tuple[np.ndarray | Sequence[float], str]]

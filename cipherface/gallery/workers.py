@@ -18,9 +18,19 @@ from typing import Any
 
 import numpy as np
 import tenseal.sealapi as sealapi
+from threadpoolctl import threadpool_limits
 
 from cipherface.crypto import Keyring, Metric
 from cipherface.exceptions import CipherFaceError, CiphertextError
+from cipherface.gallery.kernel import (
+    ModularProduct,
+    Writer,
+    coefficients,
+    integer_weights,
+    limb_planes,
+    plain_coefficients,
+    weighted_sums,
+)
 from cipherface.gallery.packing import (
     _BOTH_PARTS,
     _SCORE_SCALE,
@@ -51,25 +61,51 @@ class _Engine:
     def __init__(self, keyring: Keyring) -> None:
         self.seal = _Seal(keyring)
         self.blocks: dict[int, tuple[int, list[Any], Any]] = {}
+        #: Each block's coefficients (columns [+ norms]) as `limb_planes`, for batched probes.
+        self.arrays: dict[int, np.ndarray] = {}
+        prime = self.seal.context.last_context_data().parms().coeff_modulus()[0].value()
+        self.product = ModularProduct(prime)
+        self.writer: Writer | None = None
 
     def put(
         self, block_id: int, version: int, columns: Sequence[bytes], norms: bytes | None
     ) -> None:
-        loaded = [self.seal.load(c) for c in columns]
-        self.blocks[block_id] = (version, loaded, None if norms is None else self.seal.load(norms))
+        loaded = [self._column(c, _VALUE_SCALE) for c in columns]
+        norm = None if norms is None else self._column(norms, _SCORE_SCALE)
+        if not loaded:
+            raise CiphertextError(f"block {block_id} has no columns")
+        self.arrays[block_id] = limb_planes(
+            np.stack(
+                [coefficients(self.seal, c) for c in [*loaded, *([] if norm is None else [norm])]]
+            )
+        )
+        self.blocks[block_id] = (version, loaded, norm)
+        if self.writer is None:
+            score = sealapi.Ciphertext()
+            self.seal.evaluator.multiply_plain(loaded[0], self.seal.plain(1.0, _VALUE_SCALE), score)
+            self.writer = Writer(self.seal, score)
+
+    def _column(self, data: bytes, scale: float) -> Any:
+        """A column as on-prem encrypts it (two components, NTT form, ``scale``), or refused.
+
+        The kernel reads coefficients as two polynomials: any other shape is refused
+        here, as a `CiphertextError`, rather than failing inside a worker.
+        """
+        column = self.seal.load(data)
+        if column.size() != 2 or not column.is_ntt_form() or column.scale != scale:
+            raise CiphertextError("a gallery column must be a fresh two-component ciphertext")
+        return column
 
     def drop(self, block_id: int) -> None:
         self.blocks.pop(block_id, None)
+        self.arrays.pop(block_id, None)
 
     def score(
         self, request: tuple[Any, ...], block_ids: Sequence[int]
     ) -> list[tuple[int, int, bytes]]:
         seal = self.seal
         kind = request[0]
-        if kind == "plain":
-            weights = [seal.plain(float(w), _VALUE_SCALE) for w in request[1]]
-            probe, const = weights, request[2]
-        elif kind == "encrypted":
+        if kind == "encrypted":
             probe = [seal.load(c) for c in request[1]]
             const = request[3]
             extra = None if request[2] is None else seal.load(request[2])
@@ -92,6 +128,33 @@ class _Engine:
             out.append((block_id, version, seal.dump(result)))
         return out
 
+    def score_many(
+        self, weights: np.ndarray, consts: Sequence[float], block_ids: Sequence[int]
+    ) -> list[list[tuple[int, int, bytes]]]:
+        """Scores of P plaintext probes (``weights`` P x d, one constant each) in one pass.
+
+        Bit for bit what `score` gives each probe alone (see `cipherface.gallery.kernel`).
+        """
+        integer = integer_weights(weights, _VALUE_SCALE)
+        constants = np.stack([self._constant(c) for c in consts])
+        out: list[list[tuple[int, int, bytes]]] = [[] for _ in consts]
+        assert self.writer is not None or not block_ids
+        for block_id in block_ids:
+            version, _, norms = self.blocks[block_id]
+            block_weights = integer
+            if norms is not None:  # at scale 2^50 already: weight one
+                block_weights = np.hstack([integer, np.ones((len(consts), 1), dtype=np.int64)])
+            sums = weighted_sums(self.product, self.arrays[block_id], block_weights, constants)
+            for index, row in enumerate(sums):
+                out[index].append((block_id, version, self.writer(row)))
+        return out
+
+    def _constant(self, value: float) -> np.ndarray:
+        """NTT coefficients of the plaintext ``value (1 + i)`` at scale 2^50 (zeros for 0)."""
+        if not value:
+            return np.zeros(self.seal.slots * 2, dtype=np.uint64)
+        return plain_coefficients(self.seal.plain(value * _BOTH_PARTS, _SCORE_SCALE))
+
     def _combine(self, columns: list[Any], probe: list[Any], encrypted: bool) -> Any:
         evaluator = self.seal.evaluator
         acc = None
@@ -102,7 +165,7 @@ class _Engine:
                 # per block and a 0.7 MB key at the cloud, for nothing decryption needs.
                 evaluator.multiply(column, weight, term)
             elif weight.is_zero():
-                continue  # SEAL refuses products that would be transparent
+                continue  # SEAL refuses products that would be transparent (pairs)
             else:
                 evaluator.multiply_plain(column, weight, term)
             if acc is None:
@@ -119,7 +182,11 @@ class _Engine:
 
 
 def _serve(conn: Connection, context: bytes) -> None:
-    """Worker-process loop: one `_Engine`, driven by (method, args) messages."""
+    """Worker-process loop: one `_Engine`, driven by (method, args) messages.
+
+    BLAS runs single-threaded here: the shards already use every core.
+    """
+    threadpool_limits(1)
     engine = _Engine(Keyring.from_bytes(context, expect="public"))
     while True:
         try:

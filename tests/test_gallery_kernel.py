@@ -1,0 +1,177 @@
+"""The batched kernel (`search_many`) against TenSEAL's own arithmetic, bit for bit."""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tenseal.sealapi as sealapi
+
+from cipherface.crypto import Keyring, Metric, prepare_embedding
+from cipherface.exceptions import CiphertextError, ConfigError
+from cipherface.gallery import EncryptedGallery, EnrollmentBook, rank
+from cipherface.gallery.kernel import ModularProduct, Writer, coefficients, limb_planes
+from cipherface.gallery.packing import _Seal, _weights
+from cipherface.wire.payloads import EncryptedBlock
+
+#: SEAL's lowest 60-bit prime at n8192 (2^60 - 98303).
+PRIME = 1152921504606748673
+
+
+@pytest.mark.parametrize("bits", [20, 29, 31, 36])
+def test_modular_product_is_exact_against_python_integers(bits: int) -> None:
+    """Small weights take the paired-limb path, large ones the per-limb path and
+    several column groups; signs both ways."""
+    rng = np.random.default_rng(bits)
+    product = ModularProduct(PRIME)
+    columns = rng.integers(0, PRIME, size=(40, 64), dtype=np.uint64)
+    weights = rng.integers(-(2**bits), 2**bits, size=(5, 40), dtype=np.int64)
+    expected = [
+        [
+            sum(int(w) * int(c) for w, c in zip(row, columns[:, k], strict=True)) % PRIME
+            for k in range(64)
+        ]
+        for row in weights
+    ]
+    assert product(weights, limb_planes(columns[:, None])[0]).tolist() == expected
+
+
+def test_modular_product_refuses_what_it_cannot_keep_exact() -> None:
+    with pytest.raises(ConfigError):
+        ModularProduct(2**61 - 1)
+    with pytest.raises(ConfigError):
+        ModularProduct(PRIME)(np.array([[2**40]]), np.ones((4, 1, 4), dtype=np.uint16))
+
+
+def test_writer_round_trips_through_seal(keys: Keyring) -> None:
+    seal = _Seal(keys)
+    template = seal.load(seal.encrypt_seeded(np.linspace(0, 1, 100), 2.0**25))
+    values = np.random.default_rng(4).integers(0, PRIME, size=(2, seal.slots * 2), dtype=np.uint64)
+    loaded = seal.load(Writer(seal, template)(values))
+    assert np.array_equal(coefficients(seal, loaded), values)
+    assert loaded.scale == template.scale and loaded.is_ntt_form()
+
+
+def _seal_reference(
+    seal: _Seal, block: EncryptedBlock, metric: Metric, probe: np.ndarray
+) -> np.ndarray:
+    """A block's scores for ``probe`` computed by SEAL alone, as the engine once did."""
+    vector = prepare_embedding(probe, metric)
+    factor, const = _weights(metric)
+    total = None
+    for column, weight in zip(block.columns, factor * vector, strict=True):
+        term = sealapi.Ciphertext()
+        seal.evaluator.multiply_plain(seal.load(column), seal.plain(float(weight), 2.0**25), term)
+        if total is None:
+            total = term
+        else:
+            seal.evaluator.add_inplace(total, term)
+    if block.norms is not None:
+        seal.evaluator.add_inplace(total, seal.load(block.norms))
+        const = float(vector @ vector)
+    if const:
+        seal.evaluator.add_plain_inplace(total, seal.plain(const * (1 + 1j), 2.0**50))
+    return coefficients(seal, total)
+
+
+@pytest.mark.parametrize(
+    ("metric", "workers"),
+    [(Metric.EUCLIDEAN, 1), (Metric.COSINE, 2), (Metric.EUCLIDEAN_L2, 2)],
+)
+def test_search_many_equals_seal_bit_for_bit(
+    keys: Keyring, public: Keyring, metric: Metric, workers: int
+) -> None:
+    """Each probe's batched ciphertext is the one SEAL computes, and `search` agrees."""
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((8192 + 300, 32))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    if metric is Metric.EUCLIDEAN:
+        vectors *= 2.5
+    book = EnrollmentBook(keys, metric, 32)
+    book.add_many((f"s{i}", v, f"t{i}") for i, v in enumerate(vectors))
+    probes = [vectors[i] + 0.01 * rng.standard_normal(32) for i in (7, 8200, 40)]
+    seal = _Seal(public)
+    blocks = list(book.encrypt_blocks())
+    with EncryptedGallery(public, workers=workers) as gallery:
+        for block in blocks:
+            gallery.put(block)
+        batched = gallery.search_many(probes)
+        alone = gallery.search(probes[1])
+    assert [len(b) for b in batched] == [2, 2, 2]
+    for probe, scores in zip(probes, batched, strict=True):
+        for block, result in zip(blocks, scores, strict=True):
+            assert (result.block_id, result.version) == (block.block_id, block.version)
+            assert np.array_equal(
+                coefficients(seal, seal.load(result.scores)),
+                _seal_reference(seal, block, metric, probe),
+            )
+    assert [a.scores for a in alone] == [b.scores for b in batched[1]]
+    # And on-prem accepts and ranks them as usual.
+    assert rank(keys, book, batched[1])[0].subject == "s8200"
+
+
+def test_concurrent_searches_share_passes_and_a_bad_probe_fails_alone(
+    keys: Keyring, public: Keyring
+) -> None:
+    rng = np.random.default_rng(6)
+    vectors = rng.standard_normal((500, 16))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    book = EnrollmentBook(keys, Metric.COSINE, 16)
+    book.add_many((f"s{i}", v, f"t{i}") for i, v in enumerate(vectors))
+    probes: list[np.ndarray] = [vectors[i] for i in range(12)]
+    probes[5] = np.ones(7)  # wrong dimension: refused, the others still answered
+    with EncryptedGallery(public, workers=2) as gallery:
+        for block in book.encrypt_blocks():
+            gallery.put(block)
+        sizes: list[int] = []
+        many = gallery.search_many
+
+        def recording(batch: list[np.ndarray]) -> list:
+            sizes.append(len(batch))
+            return many(batch)
+
+        gallery.search_many = recording  # type: ignore[method-assign]
+
+        def one(probe: np.ndarray) -> object:
+            try:
+                return gallery.search_shared(probe)
+            except ConfigError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            answers = list(pool.map(one, probes))
+        alone = [gallery.search(p) for i, p in enumerate(probes) if i != 5]
+    assert isinstance(answers[5], ConfigError)
+    shared = [a for i, a in enumerate(answers) if i != 5]
+    assert [[s.scores for s in a] for a in shared] == [[s.scores for s in a] for a in alone]
+    assert sum(sizes) >= len(probes) and max(sizes) > 1  # passes were shared
+    assert [rank(keys, book, a, top_k=1)[0].subject for a in shared] == [
+        f"s{i}" for i in range(12) if i != 5
+    ]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_block_of_misshapen_columns_is_refused_and_the_gallery_keeps_serving(
+    keys: Keyring, public: Keyring, workers: int
+) -> None:
+    """The kernel reads two-component columns at scale 2^25: anything else is refused at put."""
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((50, 16))
+    book = EnrollmentBook(keys, Metric.COSINE, 16)
+    book.add_many((f"s{i}", v, f"t{i}") for i, v in enumerate(vectors))
+    [block] = book.encrypt_blocks()
+    seal = _Seal(public)
+    fresh = seal.load(seal.encrypt_public(0.5, 2.0**25))
+    three = sealapi.Ciphertext()
+    seal.evaluator.multiply(fresh, fresh, three)
+    bad_columns = (seal.encrypt_public(0.5, 2.0**50), seal.dump(three))
+    with EncryptedGallery(public, workers=workers) as gallery:
+        for bad in bad_columns:
+            forged = dataclasses.replace(block, columns=(bad, *block.columns[1:]))
+            with pytest.raises(CiphertextError, match="two-component"):
+                gallery.put(forged)
+        assert len(gallery) == 0
+        assert gallery.put(block)
+        assert rank(keys, book, gallery.search(vectors[4]))[0].subject == "s4"
