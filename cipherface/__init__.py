@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from cipherface.exceptions import (
+    ChunkError,
     CipherFaceError,
     CiphertextError,
     ConfigError,
@@ -18,6 +19,7 @@ from cipherface.exceptions import (
     EmbeddingError,
     ImageDecodeError,
     KeyMismatchError,
+    MessageTooLargeError,
     MissingResourceError,
     MissingWeightsError,
     NoFaceError,
@@ -51,6 +53,7 @@ __all__ = [
     "DEFAULT_PRESET",
     "MODELS",
     "PRESETS",
+    "ChunkError",
     "CipherFace",
     "CipherFaceError",
     "CiphertextError",
@@ -67,6 +70,7 @@ __all__ = [
     "ImageDecodeError",
     "KeyMismatchError",
     "Keyring",
+    "MessageTooLargeError",
     "Metric",
     "MissingResourceError",
     "MissingWeightsError",

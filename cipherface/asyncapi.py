@@ -29,8 +29,8 @@ from cipherface.exceptions import ConfigError
 from cipherface.transport.base import REASON_HEADER, SOURCE_HEADER, Topology
 from cipherface.wire.messages import _KINDS, Message
 from cipherface.wire.payloads import (
+    BlockLayout,
     BlockScores,
-    EncryptedBlock,
     EncryptedProbe,
     FaceResult,
     FaceScores,
@@ -60,7 +60,7 @@ class _Channel:
     receiver: tuple[str, str] | None = None
 
 
-_GALLERY = (wire.ContextUpdate, wire.BlockUpdate)
+_GALLERY = (wire.ContextUpdate, wire.BlockChunk)
 _PROBES = (wire.ProbeRequest, wire.EncryptedProbeRequest)
 _RESULTS = (wire.ScoresReady, wire.ProbeRejected, wire.ReplicaStatus)
 
@@ -293,7 +293,7 @@ def document(topology: Topology | None = None) -> dict[str, Any]:
         if end is not None
         for service, summary in (end,)
     }
-    payloads = (EncryptedBlock, BlockScores, EncryptedProbe, FaceScores, FaceResult, ProbeCheck)
+    payloads = (BlockLayout, BlockScores, EncryptedProbe, FaceScores, FaceResult, ProbeCheck)
     return {
         "asyncapi": "3.0.0",
         "info": {

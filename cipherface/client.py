@@ -181,7 +181,8 @@ class Client:
         request = wire.ProbeRequest(
             probe_id=probe_id or wire.new_id(), image=data, subject=claimed_subject
         )
-        body = wire.encode(request)
+        # Over the transport's size limit: `MessageTooLargeError` (send a smaller image).
+        body = wire.encode(request, limit=self.transport.max_message_size)
         return request.probe_id, await self._send(request.probe_id, body)
 
     async def _send(self, probe_id: str, body: bytes) -> str:
@@ -208,7 +209,12 @@ class Client:
         request = wire.EncryptedProbeRequest(
             probe_id=probe_id or wire.new_id(), probe=probe, subject=claimed_subject
         )
-        body = wire.encode(request, fingerprint=probe.fingerprint, metric=probe.metric)
+        body = wire.encode(
+            request,
+            fingerprint=probe.fingerprint,
+            metric=probe.metric,
+            limit=self.transport.max_message_size,
+        )
         await self._send(request.probe_id, body)
         return request.probe_id
 

@@ -21,11 +21,17 @@ from cipherface.embedding import (
     model_spec,
 )
 from cipherface.exceptions import ConfigError
+from cipherface.wire.envelope import MAX_MESSAGE_BYTES
 
-__all__ = ["CURRENT_KEY_FILE", "DEFAULT_AMQP_URL", "Settings"]
+__all__ = ["CURRENT_KEY_FILE", "DEFAULT_AMQP_URL", "MESSAGE_SIZE_RANGE", "Settings"]
 
 #: In on-prem's folder: the key folder in use after a key rotation (`Settings.key_dir`).
 CURRENT_KEY_FILE = "current-key"
+
+#: Bounds of `Settings.max_message_size`: a block chunk must hold its layout (up to
+#: 16,384 template ids and subjects at n16384) beside at least one column; RabbitMQ
+#: 3.x allows at most 512 MiB and refuses more than 128 MiB by default.
+MESSAGE_SIZE_RANGE = (1024 * 1024, 128 * 1024 * 1024)
 
 #: The broker the tests and `docker-compose.yml` use.
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -35,7 +41,9 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 class Settings:
     """Everything an agent needs to know that is not a key."""
 
-    #: RabbitMQ URL; None means the in-process broker (single-process runs only).
+    #: RabbitMQ URL, or several separated by commas (a cluster's nodes: a lost
+    #: connection reconnects to the next); None means the in-process broker
+    #: (single-process runs only).
     amqp_url: str | None = None
     #: Prefix of every queue and exchange, so several deployments share a broker.
     prefix: str = "cipherface"
@@ -53,6 +61,14 @@ class Settings:
     #: (`cipherface.replica.claim`), so a restart keeps it and scaled replicas
     #: sharing a volume each take their own.
     replica: str | None = None
+    #: Largest message sent or accepted, envelope included (bytes). Keep it at or
+    #: under the broker's ``max_message_size``; blocks are chunked to fit it.
+    max_message_size: int = MAX_MESSAGE_BYTES
+    #: Redeliveries of a message whose consumer died before the broker dead-letters
+    #: it (``x-delivery-limit`` of the quorum queues; 0: none). The default is
+    #: `cipherface.transport.base.DELIVERY_LIMIT` (not imported: the transports
+    #: import this module).
+    delivery_limit: int = 4
     #: Deliveries in flight per consumer: backpressure on slow embedding.
     prefetch: int = 2
     #: Port of the operations endpoint (``/metrics``, ``/healthz``, ``/readyz``);
@@ -120,10 +136,18 @@ class Settings:
             raise ConfigError("probe_ttl, ledger_window and gallery_queue_expiry are >= 0")
         if self.probe_ttl and self.ledger_window < self.probe_ttl:
             raise ConfigError("ledger_window must be at least probe_ttl")
+        if self.delivery_limit < 0:
+            raise ConfigError("delivery_limit must be >= 0")
         if self.ledger_max < 1:
             raise ConfigError("ledger_max must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key go together: set both or neither")
+        low, high = MESSAGE_SIZE_RANGE
+        if not low <= self.max_message_size <= high:
+            raise ConfigError(
+                f"max_message_size must be between {low} and {high} bytes, "
+                f"got {self.max_message_size}"
+            )
         if self.max_image_side < MIN_IMAGE_SIDE:
             raise ConfigError(
                 f"max_image_side must be at least {MIN_IMAGE_SIDE} px, got {self.max_image_side}"
@@ -144,6 +168,11 @@ class Settings:
     def override(self, **changes: object) -> Settings:
         """A copy with the given fields replaced; None means "keep", as for unset flags."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
+
+    @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The broker URLs `amqp_url` lists, in the order they are tried."""
+        return tuple(u.strip() for u in (self.amqp_url or "").split(",") if u.strip())
 
     @property
     def onprem_dir(self) -> Path:
@@ -237,6 +266,8 @@ _INTS = (
     "ledger_max",
     "max_image_side",
     "max_faces",
+    "max_message_size",
+    "delivery_limit",
 )
 
 

@@ -41,10 +41,17 @@ class DeadLetter:
     @classmethod
     def of(cls, delivery: Delivery) -> DeadLetter:
         """Describe a delivery (its kind read from the envelope, if it is one)."""
+        headers = delivery.headers
+        # Dead-lettered by a consumer (its reason), else by the broker itself: a
+        # quorum queue's delivery limit, after the message's consumers died with it.
+        broker_reason = headers.get("x-first-death-reason")
+        reason = headers.get(REASON_HEADER) or (
+            f"broker: {broker_reason} (its consumer never settled it)" if broker_reason else ""
+        )
         return cls(
             message_id=delivery.message_id or "",
-            source=str(delivery.headers.get(SOURCE_HEADER, "")),
-            reason=str(delivery.headers.get(REASON_HEADER, "")),
+            source=str(headers.get(SOURCE_HEADER) or headers.get("x-first-death-queue", "")),
+            reason=str(reason),
             kind=_kind(delivery.body),
             size=len(delivery.body),
         )

@@ -22,6 +22,8 @@ know which library failed underneath::
     │   ├── UnknownModelError(ValueError)
     │   └── MissingWeightsError       model weights absent and not downloadable
     ├── WireFormatError(ValueError)   a message that does not decode or validate
+    │   ├── MessageTooLargeError      a message over the configured size cap
+    │   └── ChunkError                a block chunk that does not fit its block
     ├── TransportError                the broker could not be reached or used
     │   └── MissingResourceError      a queue/exchange another role declares is absent
     └── StoreError                    the on-disk gallery could not be read/written
@@ -30,6 +32,7 @@ know which library failed underneath::
 from __future__ import annotations
 
 __all__ = [
+    "ChunkError",
     "CipherFaceError",
     "CiphertextError",
     "ConfigError",
@@ -38,6 +41,7 @@ __all__ = [
     "ImageDecodeError",
     "IntegrityError",
     "KeyMismatchError",
+    "MessageTooLargeError",
     "MissingResourceError",
     "MissingWeightsError",
     "NoFaceError",
@@ -157,6 +161,29 @@ class MissingWeightsError(EmbeddingError):
 
 class WireFormatError(CipherFaceError, ValueError):
     """A message could not be decoded or failed validation."""
+
+
+class MessageTooLargeError(WireFormatError):
+    """A message is larger than the configured cap (`Settings.max_message_size`).
+
+    Refused before it is published and before a received one is parsed: the broker
+    would refuse it anyway (its ``max_message_size``), closing the channel, and a
+    large message is the cheapest way to exhaust a consumer's memory.
+    """
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(f"{what} of {size} bytes exceeds the {limit}-byte message limit")
+        self.size = size
+        self.limit = limit
+
+
+class ChunkError(WireFormatError):
+    """A block chunk that does not belong with the others of its block.
+
+    Another layout, version or dimension count than the chunks already held, columns
+    out of range or held already: the chunk is dead-lettered with this reason and the
+    block is installed only from chunks that agree (`cipherface.wire.chunks`).
+    """
 
 
 class TransportError(CipherFaceError):

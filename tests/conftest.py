@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import cipherface
 from cipherface import photos
 from cipherface.crypto import Keyring
 from cipherface.embedding import Embedder, largest_face
-from tests.environment import missing
+from tests.environment import amqp_url_or_skip, missing
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +68,37 @@ def conjugation(keys: Keyring) -> bytes:
     from cipherface.gallery.integrity import conjugation_key
 
     return conjugation_key(keys)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def broker_cap() -> None:
+    """With ``CIPHERFACE_TEST_BROKER_CAP`` set (`.ci/run`), the shared broker must refuse more.
+
+    Otherwise a message kind growing past the cap would pass on a broker that
+    allows 128 MiB and break on one configured as deployments are.
+    """
+    raw = os.environ.get("CIPHERFACE_TEST_BROKER_CAP", "")
+    if not raw:
+        return
+    cap = int(raw)
+    refused = asyncio.run(_refuses(amqp_url_or_skip(), cap))
+    if not refused:
+        pytest.fail(f"the test broker accepts a message of {cap + 1} bytes (cap {cap})")
+
+
+async def _refuses(url: str, cap: int) -> bool:
+    """Whether the broker at ``url`` refuses a message one byte over ``cap``."""
+    import aio_pika
+
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue("", exclusive=True)
+        await channel.default_exchange.publish(aio_pika.Message(b"x" * 1024), queue.name)
+        try:
+            await channel.default_exchange.publish(aio_pika.Message(b"x" * (cap + 1)), queue.name)
+        except aio_pika.exceptions.AMQPError:
+            return True
+        return False
+    finally:
+        await connection.close()

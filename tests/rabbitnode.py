@@ -5,7 +5,9 @@ name, ports, data and log folders, config file, enabled-plugins file and Erlang
 cookie (its own ``HOME``), all under one temporary folder, and is always stopped
 (``rabbitmqctl stop``, then SIGKILL of its process group if that fails).
 
-Starting a node costs seconds, so share one per test module::
+`RabbitCluster` joins several such nodes into one cluster (a shared cookie,
+``rabbitmqctl join_cluster``). Starting a node costs seconds, so share one per
+test module::
 
     @pytest.fixture(scope="module")
     def node(tmp_path_factory):
@@ -26,11 +28,14 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 from urllib.parse import quote
 
 from tests.environment import missing
 
-__all__ = ["RabbitNode", "free_port"]
+S = TypeVar("S", bound="_Started")
+
+__all__ = ["RabbitCluster", "RabbitNode", "free_port"]
 
 #: The real scripts: the /usr/sbin wrappers switch to the rabbitmq user, which
 #: could not write to a test's temporary folder.
@@ -54,7 +59,29 @@ def _script(name: str) -> str:
     return found
 
 
-class RabbitNode:
+class _Started:
+    """``with`` starts it and always stops it."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: S) -> S:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class RabbitNode(_Started):
     """One private RabbitMQ node under ``root``; a context manager that starts and stops it.
 
     ``config`` lines are appended to the node's ``rabbitmq.conf``; ``{port}``-style
@@ -68,9 +95,12 @@ class RabbitNode:
         config: Sequence[str] = (),
         plugins: Sequence[str] = (),
         management: bool = False,
+        cookie: str | None = None,
     ) -> None:
         self.root = root
         self.name = f"cftest-{uuid.uuid4().hex[:8]}@localhost"
+        #: The Erlang cookie (nodes of one cluster share it); None: Erlang makes one.
+        self.cookie = cookie
         self.port = free_port()
         self.dist_port = free_port()
         self.management_port = free_port() if management else None
@@ -107,6 +137,11 @@ class RabbitNode:
     def _write_files(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.cookie is not None:
+            path = self.home / ".erlang.cookie"
+            path.unlink(missing_ok=True)
+            path.write_text(self.cookie)
+            path.chmod(0o400)
         lines = [f"listeners.tcp.default = 127.0.0.1:{self.port}", "log.console = false"]
         if self.management_port is not None:
             lines += [
@@ -155,18 +190,6 @@ class RabbitNode:
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait(10)
 
-    def __enter__(self) -> RabbitNode:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # -- use ------------------------------------------------------------------------------
     def ctl(
         self, *args: str, check: bool = True, timeout: float = 60.0
@@ -201,3 +224,47 @@ class RabbitNode:
         files = sorted(p for p in self.log_dir.glob("*") if p.is_file())
         texts = [p.read_text(errors="replace") for p in files]
         return "\n".join(texts)[-chars:]
+
+
+class RabbitCluster(_Started):
+    """``size`` private nodes joined into one cluster; a context manager that starts and stops it.
+
+    Each node has its own name, ports and folders under ``root/node<i>``; they share
+    an Erlang cookie, and every node after the first joins the first
+    (``stop_app``, ``join_cluster``, ``start_app``).
+    """
+
+    def __init__(self, root: Path, size: int = 3, *, config: Sequence[str] = ()) -> None:
+        cookie = uuid.uuid4().hex.upper()
+        self.nodes = [
+            RabbitNode(root / f"node{i}", config=config, cookie=cookie) for i in range(size)
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        """Every node's AMQP URL, in node order."""
+        return [node.amqp_url() for node in self.nodes]
+
+    def start(self) -> None:
+        """Start every node, then join the others to the first."""
+        try:
+            for node in self.nodes:
+                node.start()
+            first = self.nodes[0]
+            for node in self.nodes[1:]:
+                node.ctl("stop_app")
+                node.ctl("join_cluster", first.name, timeout=120)
+                node.ctl("start_app", timeout=120)
+            first.ctl("await_online_nodes", str(len(self.nodes)), timeout=120)
+        except BaseException:
+            self.stop()
+            raise
+
+    def node_named(self, name: str) -> RabbitNode:
+        """The node of that Erlang node name."""
+        return next(node for node in self.nodes if node.name == name)
+
+    def stop(self) -> None:
+        """Stop every node still running."""
+        for node in reversed(self.nodes):
+            node.stop()

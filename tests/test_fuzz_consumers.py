@@ -54,6 +54,7 @@ from tests.fuzzing import (
     _consumer_settings,
     mutated_envelopes,
 )
+from tests.samples import EDGE_PROBE_LIMIT
 
 T = TypeVar("T")
 
@@ -79,7 +80,12 @@ class Rig:
     def __post_init__(self) -> None:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.settings = Settings(data_dir=self.root / "data", prefix="fuzz", replica="f1")
+        self.settings = Settings(
+            data_dir=self.root / "data",
+            prefix="fuzz",
+            replica="f1",
+            max_message_size=EDGE_PROBE_LIMIT,
+        )
         self.topology = Topology(prefix="fuzz")
         self.keyring = generate_keys(self.settings)
 
@@ -89,7 +95,7 @@ class Rig:
 
     def link(self) -> MemoryTransport:
         """A transport on the rig's broker."""
-        transport = MemoryTransport(self.broker, self.topology)
+        transport = MemoryTransport(self.broker, self.topology, max_message_size=EDGE_PROBE_LIMIT)
         self.transports.append(transport)
         return transport
 
@@ -129,7 +135,8 @@ class Rig:
 
     def feed(self, handler: Any, body: bytes) -> tuple[Outcome, str]:
         """One delivery through a handler, classified as the transports classify it."""
-        outcome, reason = self.call(settle(handler, Delivery(body=body, message_id="fuzz")))
+        delivery = Delivery(body=body, message_id="fuzz")
+        outcome, reason = self.call(settle(handler, delivery, limit=EDGE_PROBE_LIMIT))
         assert outcome is not Outcome.REQUEUE, f"bad input would be retried forever: {reason}"
         if outcome is Outcome.DEAD_LETTER:
             assert reason, "a dead letter must say why"
@@ -157,7 +164,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory, deepface_home: Path) -> Iterat
 
 
 def _probe_body(probe_id: str, image: bytes, subject: str | None) -> bytes:
-    return wire.encode(wire.ProbeRequest(probe_id=probe_id, image=image, subject=subject))
+    request = wire.ProbeRequest(probe_id=probe_id, image=image, subject=subject)
+    return wire.encode(request, limit=EDGE_PROBE_LIMIT)  # an image at the 16 MiB image cap
 
 
 _probe_counter = iter(range(10**9))
@@ -216,7 +224,9 @@ def test_cloud_encrypted_probe_with_garbage_ciphertexts(
     )
     pid = _pid("enc")
     body = wire.encode(
-        wire.EncryptedProbeRequest(probe_id=pid, probe=probe), fingerprint=fingerprint
+        wire.EncryptedProbeRequest(probe_id=pid, probe=probe),
+        fingerprint=fingerprint,
+        limit=EDGE_PROBE_LIMIT,
     )
     outcome, reason = rig.feed(rig.cloud._on_probe, body)
     if outcome is Outcome.ACK:
@@ -272,9 +282,12 @@ def test_cloud_gallery_block_with_garbage_ciphertexts(
         norms=None,
     )
     assert rig.onprem is not None
-    body = wire.encode(wire.BlockUpdate(block=block), fingerprint=fp, signer=rig.onprem.signer)
-    outcome, reason = rig.feed(rig.cloud._on_gallery, body)
-    assert outcome is Outcome.DEAD_LETTER, reason
+    signer = rig.onprem.signer
+    outcomes = [
+        rig.feed(rig.cloud._on_gallery, wire.encode(chunk, fingerprint=fp, signer=signer))
+        for chunk in wire.split_block(block, wire.MAX_MESSAGE_BYTES)
+    ]
+    assert outcomes[-1][0] is Outcome.DEAD_LETTER, outcomes
     assert "mallory" not in rig.cloud.gallery.subjects()  # type: ignore[union-attr]
     # Nor on disk, where it would stop the replica from starting again.
     assert all("mallory" not in b.subjects for b in _stored_blocks(rig))
@@ -419,7 +432,9 @@ def test_agents_keep_serving_after_the_fuzz(rig: Rig, faces_dir: Path) -> None:
     )
     for pid, probe in ((edge_id, edge), (other_id, other)):
         body = wire.encode(
-            wire.EncryptedProbeRequest(probe_id=pid, probe=probe), fingerprint=probe.fingerprint
+            wire.EncryptedProbeRequest(probe_id=pid, probe=probe),
+            fingerprint=probe.fingerprint,
+            limit=EDGE_PROBE_LIMIT,
         )
         rig.call(client.send(client.topology.probes, body))
     rig.wait_events({plain_id, edge_id, other_id})

@@ -50,7 +50,7 @@ PAYLOADS = (
     payloads.BlockScores,
     payloads.ProbeCheck,
     payloads.EncryptedProbe,
-    payloads.EncryptedBlock,
+    payloads.BlockLayout,
 )
 
 

@@ -8,9 +8,8 @@ import msgpack
 import pytest
 
 from cipherface import wire
-from cipherface.exceptions import SignatureError, WireFormatError
+from cipherface.exceptions import MessageTooLargeError, SignatureError, WireFormatError
 from cipherface.signing import PinnedKey, SigningKey
-from cipherface.wire import envelope
 from cipherface.wire.payloads import BlockScores
 from tests.samples import sample_event
 
@@ -144,12 +143,15 @@ def test_unexpected_kind_is_refused() -> None:
         wire.decode(data, expect=(wire.ProbeRequest,))
 
 
-def test_oversized_messages_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(envelope, "MAX_MESSAGE_BYTES", 1000)
-    with pytest.raises(WireFormatError, match="exceeds"):
-        wire.encode(wire.ProbeRequest(probe_id="p", image=b"x" * 2000))
-    with pytest.raises(WireFormatError, match="exceeds"):
-        wire.decode(b"\x00" * 2000)
+def test_oversized_messages_are_refused() -> None:
+    with pytest.raises(MessageTooLargeError, match="exceeds the 1000-byte"):
+        wire.encode(wire.ProbeRequest(probe_id="p", image=b"x" * 2000), limit=1000)
+    with pytest.raises(MessageTooLargeError, match="exceeds"):
+        wire.decode(b"\x00" * 2000, limit=1000)
+    # The default cap is 4 MiB: a 5 MB image probe is refused, typed, before it is sent.
+    with pytest.raises(MessageTooLargeError) as caught:
+        wire.encode(wire.ProbeRequest(probe_id="p", image=b"x" * 5_000_000))
+    assert caught.value.limit == 4 * 1024 * 1024 == wire.MAX_MESSAGE_BYTES
 
 
 EVENT = sample_event()

@@ -18,7 +18,7 @@ begins consuming probes only once it holds every block on-prem announced. Its
 name, key and store come from an identity it holds in the data folder
 (`cipherface.replica`), created on first start. Key rotation: a context under a
 new key (issued after the one held) starts a gallery *beside* the one served
-(`_Staged`, its own SQLite file); probes are searched on the old gallery until every
+(`agents.cloud.staged`, its own SQLite file); probes are searched on the old gallery until every
 announced block of the new one is in, then the replica switches in one step, waits
 for the probes still searching the old one, and drops it. After each change it
 reports what it serves (`wire.ReplicaStatus`, on the results queue).
@@ -31,11 +31,11 @@ import collections
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agents.cloud.probes import score_faces
+from agents.cloud.staged import Staged, stage
 from cipherface import wire
 from cipherface.config import Settings
 from cipherface.crypto import Keyring
@@ -67,18 +67,6 @@ log = logging.getLogger(__name__)
 #: Seconds between sync requests while the replica still waits for announced blocks
 #: (on-prem coalesces and rate-limits them, so a lost answer is asked for again).
 SYNC_RETRY = 15.0
-
-
-@dataclass(slots=True)
-class _Staged:
-    """A gallery under a new key, filling beside the one served until it is whole."""
-
-    keyring: Keyring
-    store: GalleryStore
-    gallery: EncryptedGallery
-    context: bytes
-    conjugation_key: bytes
-    awaiting: set[int] = field(default_factory=set)
 
 
 class CloudAgent:
@@ -113,8 +101,10 @@ class CloudAgent:
         self._conjugation_key = b""
         self.gallery: EncryptedGallery | None = None
         self._awaiting: set[int] = set()
+        #: Blocks arriving in chunks (`wire.BlockAssembler`), until each is whole.
+        self._chunks = wire.BlockAssembler()
         #: A new key's gallery being received beside the served one (key rotation).
-        self._staged: _Staged | None = None
+        self._staged: Staged | None = None
         self.ready = asyncio.Event()
         self._consumers: list[Consumer] = []
         self._probe_task: asyncio.Task[None] | None = None
@@ -293,17 +283,6 @@ class CloudAgent:
             staged.store.close()
             staged.store.path.unlink(missing_ok=True)
 
-    def _stage(self, data: bytes, conjugation_key: bytes, claimed: str) -> _Staged:
-        """A new key's gallery in a store file of its own, beside the one served."""
-        keyring = Keyring.from_bytes(data, expect="public")
-        keyring.check(claimed)
-        path = self.settings.cloud_dir / f"gallery-{keyring.fingerprint[:16]}.sqlite"
-        path.unlink(missing_ok=True)
-        store = GalleryStore(path)
-        store.save_context(data, keyring.fingerprint, conjugation_key)
-        gallery = EncryptedGallery(keyring, store, workers=self.settings.workers)
-        return _Staged(keyring, store, gallery, data, conjugation_key)
-
     async def _switch(self) -> None:
         """Serve the staged gallery, now whole; close the old one after its last probe."""
         staged, self._staged = self._staged, None
@@ -334,7 +313,11 @@ class CloudAgent:
             # A key rotation while serving: fill the new gallery beside this one.
             self._drop_staged()
             self._staged = await finish_in_thread(
-                self._stage, message.context, message.conjugation_key, fingerprint
+                stage,
+                self.settings,
+                message.context,
+                message.conjugation_key,
+                fingerprint,
             )
             self._staged.awaiting = set(message.blocks)
             if not message.blocks:  # an empty gallery is whole at once
@@ -356,26 +339,34 @@ class CloudAgent:
         # Only what on-prem signed: a forged context (a "key rotation") or block,
         # even well-formed, is dead-lettered with the reason and changes nothing.
         envelope = wire.decode(
-            delivery.body, expect=(wire.ContextUpdate, wire.BlockUpdate), verifier=self.onprem
+            delivery.body,
+            expect=(wire.ContextUpdate, wire.BlockChunk),
+            verifier=self.onprem,
+            limit=self.settings.max_message_size,
         )
-        message = envelope.message
+        message, fingerprint = envelope.message, envelope.fingerprint
         was_awaiting = bool(self._awaiting)
         if isinstance(message, wire.ContextUpdate):
-            await self._on_context(message, envelope.fingerprint)
-        elif isinstance(message, wire.BlockUpdate):
+            await self._on_context(message, fingerprint)
+        elif isinstance(message, wire.BlockChunk):
             staged = self._staged
-            if staged is not None and envelope.fingerprint == staged.keyring.fingerprint:
-                await finish_in_thread(staged.gallery.put, message.block)
-                staged.awaiting.discard(message.block.block_id)
+            if staged is None or fingerprint != staged.keyring.fingerprint:
+                if self.gallery is None or self.keyring is None:
+                    raise KeyMismatchError("(none)", fingerprint)
+                self.keyring.check(fingerprint)
+            # Checked against the block's other chunks; installed once whole.
+            if (block := self._chunks.add(message, fingerprint)) is None:
+                return
+            if staged is not None and fingerprint == staged.keyring.fingerprint:
+                await finish_in_thread(staged.gallery.put, block)
+                staged.awaiting.discard(block.block_id)
                 if not staged.awaiting:
                     await self._switch()
                     await self._report()
                 return
-            if self.gallery is None or self.keyring is None:
-                raise KeyMismatchError("(none)", envelope.fingerprint)
-            self.keyring.check(envelope.fingerprint)
-            await finish_in_thread(self.gallery.put, message.block)
-            self._awaiting.discard(message.block.block_id)
+            assert self.gallery is not None
+            await finish_in_thread(self.gallery.put, block)
+            self._awaiting.discard(block.block_id)
         BLOCKS_AWAITED.labels(self.role).set(len(self._awaiting))
         if self.gallery is not None and not self._awaiting:
             first = not self.ready.is_set()
@@ -386,7 +377,9 @@ class CloudAgent:
     # -- probes -----------------------------------------------------------------------
     async def _on_probe(self, delivery: Delivery) -> None:
         envelope = wire.decode(
-            delivery.body, expect=(wire.ProbeRequest, wire.EncryptedProbeRequest)
+            delivery.body,
+            expect=(wire.ProbeRequest, wire.EncryptedProbeRequest),
+            limit=self.settings.max_message_size,
         )
         request = envelope.message
         assert isinstance(request, (wire.ProbeRequest, wire.EncryptedProbeRequest))
@@ -488,6 +481,7 @@ class CloudAgent:
             model=self.settings.model,
             metric=self.settings.metric.value,
             signer=self.signer,
+            limit=self.settings.max_message_size,
         )
         # Labelled with the probe, so a dead letter of it names the probe.
         await self.transport.send(

@@ -278,13 +278,12 @@ class OnPremAgent:
         replica: str | None = None,
         keys: KeySet | None = None,
     ) -> int:
-        """Publish the public context, then the given blocks (all when None).
+        """Publish the public context, then the given blocks (all when None) in chunks.
 
-        The context message announces the block ids that follow, so a replica knows
-        when it holds the whole gallery. To every replica, or to ``replica`` only;
-        under `publishing` (the current keys, or a rotation's new ones) unless
-        ``keys`` says otherwise. Cancelled (shutdown), it stops between two blocks.
-        """
+        The context announces the block ids that follow (a replica knows when it holds
+        the whole gallery). To every replica, or to ``replica`` only; under `publishing`
+        (the current keys, or a rotation's new ones) unless ``keys``. Cancelled, it stops
+        between two chunks (`wire.split_block`: each block under the message size limit)."""
         topology = self.transport.topology
         key = topology.gallery_broadcast_key if replica is None else topology.gallery_key(replica)
         async with self._publishing:
@@ -302,8 +301,9 @@ class OnPremAgent:
             blocks = keys.book.encrypt_blocks(ids, workers=self.settings.workers)
             try:
                 while (block := await finish_in_thread(next, blocks, None)) is not None:
-                    update = self._encode(wire.BlockUpdate(block=block), keys)
-                    await self.transport.publish(topology.gallery, key, update)
+                    for chunk in wire.split_block(block, self.settings.max_message_size):
+                        update = self._encode(chunk, keys)
+                        await self.transport.publish(topology.gallery, key, update)
             finally:
                 blocks.close()  # shuts the worker pool down if publishing failed
             log.info(
@@ -320,6 +320,7 @@ class OnPremAgent:
             model=self.settings.model,
             metric=self.settings.metric.value,
             signer=self.signer,
+            limit=self.settings.max_message_size,
         )
 
     # -- handlers ---------------------------------------------------------------------

@@ -55,18 +55,29 @@ def open_transport(
     guest or the in-process broker can. Use the result as an async context manager.
     """
     expiry = int(settings.gallery_queue_expiry * 1000) or None
-    topology = Topology(prefix=settings.prefix, gallery_queue_expiry_ms=expiry)
-    if settings.amqp_url:
-        url = settings.amqp_url
+    topology = Topology(
+        prefix=settings.prefix,
+        gallery_queue_expiry_ms=expiry,
+        delivery_limit=settings.delivery_limit or None,
+    )
+    if settings.amqp_urls:
+        urls = settings.amqp_urls
         if settings.amqp_password_file is not None:
-            url = with_password(url, read_secret(settings.amqp_password_file))
+            password = read_secret(settings.amqp_password_file)
+            urls = tuple(with_password(url, password) for url in urls)
         context = None
-        if url.startswith("amqps://"):
+        if any(url.startswith("amqps://") for url in urls):
             context = tls_context(settings.tls_ca, settings.tls_cert, settings.tls_key)
-        return RabbitMQTransport(url, topology, role=role, ssl_context=context)
+        return RabbitMQTransport(
+            urls,
+            topology,
+            role=role,
+            ssl_context=context,
+            max_message_size=settings.max_message_size,
+        )
     if broker is None:
         raise ConfigError(
             "no broker URL (--amqp-url or CIPHERFACE_AMQP_URL): the in-process broker only "
             "connects agents running in the same process, as 'cipherface demo' does"
         )
-    return MemoryTransport(broker, topology, role=role)
+    return MemoryTransport(broker, topology, role=role, max_message_size=settings.max_message_size)

@@ -17,9 +17,16 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
-from cipherface.exceptions import CipherFaceError, MissingResourceError, TransportError
+from cipherface.exceptions import (
+    CipherFaceError,
+    MessageTooLargeError,
+    MissingResourceError,
+    TransportError,
+)
+from cipherface.wire.envelope import MAX_MESSAGE_BYTES
 
 __all__ = [
+    "DELIVERY_LIMIT",
     "REASON_HEADER",
     "SOURCE_HEADER",
     "Consumer",
@@ -33,6 +40,7 @@ __all__ = [
     "Topology",
     "Transport",
     "TransportBase",
+    "check_size",
     "declares",
     "drain",
     "missing_resource",
@@ -45,6 +53,9 @@ log = logging.getLogger(__name__)
 REASON_HEADER = "x-cipherface-reason"
 #: Header a dead-lettered message carries: the queue it was taken from.
 SOURCE_HEADER = "x-cipherface-queue"
+#: Default `Topology.delivery_limit`: retries for a consumer killed by accident, few
+#: for a message that kills it.
+DELIVERY_LIMIT = 4
 
 
 class Role(enum.Enum):
@@ -115,6 +126,13 @@ class Topology:
                                   queue     reason in the ``x-cipherface-reason``
     ============================  ========  ======================================
 
+    Every durable queue (gallery ones included) is a **quorum** queue, replicated
+    over a cluster, with ``x-delivery-limit``: a message whose consumers die with it
+    (a native crash: no handler can dead-letter it) is dead-lettered by the broker
+    after ``delivery_limit`` redeliveries, not retried on every replica forever.
+    A subscriber's event queue stays **classic**: exclusive and auto-deleted
+    (quorum queues are neither), one connection's, nothing kept once it leaves.
+
     Every work queue has an exchange of its own, not the default exchange:
     RabbitMQ checks write permission on the exchange a message is published to,
     and everyone may write to the default one, so a user allowed to send probes
@@ -134,6 +152,9 @@ class Topology:
     #: a replica gone for good leaves no queue filling with every block of every
     #: sync, and one that comes back syncs anyway (`Settings.gallery_queue_expiry`).
     gallery_queue_expiry_ms: int | None = None
+    #: Redeliveries of a message before the broker dead-letters it (quorum queues'
+    #: ``x-delivery-limit``; `Settings.delivery_limit`). None: no limit.
+    delivery_limit: int | None = DELIVERY_LIMIT
 
     @property
     def probes(self) -> str:
@@ -256,12 +277,15 @@ class Topology:
         return next((q for q in self.queues if q.name == name), None)
 
     def queue_arguments(self, name: str) -> dict[str, Any]:
-        """RabbitMQ arguments of a durable queue (every declarer must pass the same)."""
-        arguments: dict[str, Any] = {}
+        """RabbitMQ arguments of a durable queue (every declarer must pass the same; a
+        queue declared with others, e.g. classic, is ``PRECONDITION_FAILED``: README)."""
+        arguments: dict[str, Any] = {"x-queue-type": "quorum"}
         if name != self.dead_letters:
-            # Whatever the broker itself rejects (e.g. a nack without requeue) still
-            # lands in the dead-letter queue rather than vanishing.
+            # Whatever the broker itself rejects (a nack without requeue, a message
+            # over the delivery limit) still lands in the dead-letter queue.
             arguments["x-dead-letter-exchange"] = self.dead_letter_exchange
+            if self.delivery_limit is not None:
+                arguments["x-delivery-limit"] = self.delivery_limit
         expiries = [self.idle_queue_expiry_ms]
         if self.is_gallery_queue(name):
             expiries.append(self.gallery_queue_expiry_ms)
@@ -307,9 +331,22 @@ class Outcome(enum.Enum):
     DEAD_LETTER = "dead-letter"
 
 
-async def settle(handler: Handler, delivery: Delivery) -> tuple[Outcome, str]:
+def check_size(body: bytes, limit: int, where: str) -> None:
+    """Refuse a message body over the transport's cap (`MessageTooLargeError`).
+
+    Checked before publishing, so an oversized message is a typed error naming
+    what was sent rather than a channel the broker closes (``max_message_size``).
+    """
+    if len(body) > limit:
+        raise MessageTooLargeError(f"message to {where}", len(body), limit)
+
+
+async def settle(
+    handler: Handler, delivery: Delivery, *, limit: int = MAX_MESSAGE_BYTES
+) -> tuple[Outcome, str]:
     """Run a handler and classify the result, the same way for every transport.
 
+    - larger than ``limit``: never handed to the handler -> DEAD_LETTER.
     - returns normally: the work is done -> ACK.
     - `TransportError` or cancellation: the broker hiccuped or we are shutting
       down, the message is fine -> REQUEUE (another try, maybe on another replica).
@@ -317,6 +354,7 @@ async def settle(handler: Handler, delivery: Delivery) -> tuple[Outcome, str]:
       with the reason, so it is kept for inspection and never retried forever.
     """
     try:
+        check_size(delivery.body, limit, "this consumer")
         await handler(delivery)
     except asyncio.CancelledError:
         return Outcome.REQUEUE, "cancelled"
@@ -367,6 +405,9 @@ class Fetched:
 class TransportBase:
     """What both transports share: ``async with`` opens the transport, leaving closes it."""
 
+    #: Largest body sent or handed to a handler (`Settings.max_message_size`).
+    max_message_size: int = MAX_MESSAGE_BYTES
+
     @property
     def connected(self) -> bool:
         """Whether the broker is reachable now (readiness; `RabbitMQTransport` overrides)."""
@@ -416,6 +457,9 @@ class Transport(Protocol):
     """Durable work queues, fanout/topic exchanges, dead letters, async context manager."""
 
     topology: Topology
+    #: Largest body it sends or hands to a handler: larger ones are refused
+    #: (`MessageTooLargeError`) or dead-lettered unread.
+    max_message_size: int
 
     async def __aenter__(self) -> Transport: ...
 

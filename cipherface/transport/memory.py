@@ -27,11 +27,13 @@ from cipherface.transport.base import (
     Role,
     Topology,
     TransportBase,
+    check_size,
     declares,
     drain,
     missing_resource,
     settle,
 )
+from cipherface.wire.envelope import MAX_MESSAGE_BYTES
 
 __all__ = ["MemoryBroker", "MemoryTransport", "topic_matches"]
 
@@ -140,7 +142,9 @@ class _MemoryConsumer:
 
     async def _handle(self, delivery: Delivery) -> None:
         try:
-            outcome, reason = await settle(self._handler, delivery)
+            outcome, reason = await settle(
+                self._handler, delivery, limit=self._transport.max_message_size
+            )
             if outcome is Outcome.REQUEUE:
                 self._queue.put_nowait(replace(delivery, redelivered=True))
             elif outcome is Outcome.DEAD_LETTER:
@@ -161,11 +165,17 @@ class MemoryTransport(TransportBase):
     """`Transport` on a `MemoryBroker`."""
 
     def __init__(
-        self, broker: MemoryBroker, topology: Topology | None = None, *, role: Role | None = None
+        self,
+        broker: MemoryBroker,
+        topology: Topology | None = None,
+        *,
+        role: Role | None = None,
+        max_message_size: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self.broker = broker
         self.topology = topology or Topology()
         self.role = role
+        self.max_message_size = max_message_size
         self._consumers: list[_MemoryConsumer] = []
         self._declare()
 
@@ -193,6 +203,7 @@ class MemoryTransport(TransportBase):
 
     async def send(self, queue: str, body: bytes, *, message_id: str | None = None) -> None:
         """Route a message to a work queue through its exchange; an error if none takes it."""
+        check_size(body, self.max_message_size, queue)
         delivery = Delivery(body=body, message_id=message_id, routing_key=queue)
         if not self.broker.route(self.topology.work_exchange(queue), delivery):
             raise TransportError(f"cannot send to {queue}: no such queue (unroutable)")
@@ -201,6 +212,7 @@ class MemoryTransport(TransportBase):
         self, exchange: str, routing_key: str, body: bytes, *, message_id: str | None = None
     ) -> None:
         """Route a message through an exchange."""
+        check_size(body, self.max_message_size, exchange)
         self.broker.route(
             exchange, Delivery(body=body, message_id=message_id, routing_key=routing_key)
         )

@@ -16,6 +16,7 @@ import logging
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -25,6 +26,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from yarl import URL
 
 from cipherface.exceptions import ConfigError, TransportError
 from cipherface.transport.base import (
@@ -37,11 +39,13 @@ from cipherface.transport.base import (
     Role,
     Topology,
     TransportBase,
+    check_size,
     declares,
     drain,
     missing_resource,
     settle,
 )
+from cipherface.wire.envelope import MAX_MESSAGE_BYTES
 
 __all__ = ["RabbitMQTransport", "read_secret", "tls_context", "with_password"]
 
@@ -89,7 +93,9 @@ class _RabbitConsumer:
             routing_key=message.routing_key or "",
             redelivered=bool(message.redelivered),
         )
-        outcome, reason = await settle(self._handler, delivery)
+        outcome, reason = await settle(
+            self._handler, delivery, limit=self._transport.max_message_size
+        )
         try:
             if outcome is Outcome.ACK:
                 await message.ack()
@@ -118,22 +124,51 @@ class _RabbitConsumer:
         await drain(self._inflight, timeout)
 
 
+class _FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection over several brokers: a cluster's nodes.
+
+    aio-pika reconnects to the one URL it was given, and a node that is gone stays
+    gone. Here every lost connection and every failed attempt (aio-pika reports
+    both to `_on_connection_close`) moves on to the next URL, so an agent follows
+    the cluster; its channels, queues and consumers are restored on the node it
+    reaches, as on any reconnect.
+    """
+
+    def __init__(self, urls: Sequence[str], first: int, **kwargs: Any) -> None:
+        self._urls = [URL(url) for url in urls]
+        self._turn = first
+        super().__init__(self._urls[first], **kwargs)
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        self._turn = (self._turn + 1) % len(self._urls)
+        self.url = self._urls[self._turn]
+        await super()._on_connection_close(closing)
+
+
 class RabbitMQTransport(TransportBase):
     """`Transport` on RabbitMQ. Use as ``async with RabbitMQTransport(url) as t``.
 
+    ``url`` may be several URLs (a cluster's nodes): it connects to the first that
+    answers and, when that connection is lost, reconnects to the next.
     ``role`` limits what it declares to what that role's broker user may configure
     (see `Role`); ``ssl_context`` is used for ``amqps://`` URLs (CA, client cert).
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         topology: Topology | None = None,
         *,
         role: Role | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        max_message_size: int = MAX_MESSAGE_BYTES,
     ) -> None:
-        self.url = url
+        self.urls = (url,) if isinstance(url, str) else tuple(url)
+        if not self.urls:
+            raise ConfigError("no broker URL")
+        #: The first URL (the one named in errors when none answers).
+        self.url = self.urls[0]
+        self.max_message_size = max_message_size
         self.topology = topology or Topology()
         self.role = role
         self._ssl_context = ssl_context
@@ -144,9 +179,7 @@ class RabbitMQTransport(TransportBase):
     async def open(self) -> None:
         """Connect (robustly) and declare the topology, idempotently."""
         try:
-            self._connection = await aio_pika.connect_robust(
-                self.url, timeout=10, ssl_context=self._ssl_context
-            )
+            self._connection = await self._connect()
         except _CONNECTION_ERRORS as exc:
             hint = (
                 " (TLS: a broker that resets the connection wants a client certificate its CA"
@@ -155,7 +188,7 @@ class RabbitMQTransport(TransportBase):
                 else ""
             )
             raise TransportError(
-                f"cannot connect to RabbitMQ at {_redact(self.url)}: {exc}{hint}"
+                f"cannot connect to RabbitMQ at {', '.join(map(_redact, self.urls))}: {exc}{hint}"
             ) from exc
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         try:
@@ -170,6 +203,26 @@ class RabbitMQTransport(TransportBase):
         except _CONNECTION_ERRORS as exc:
             await self.close()
             raise TransportError(f"cannot declare the topology: {exc}") from exc
+
+    async def _connect(self) -> AbstractRobustConnection:
+        """A robust connection to the first URL that answers (each tried once)."""
+        if len(self.urls) == 1:
+            return await aio_pika.connect_robust(
+                self.url, timeout=10, ssl_context=self._ssl_context
+            )
+        failure: BaseException | None = None
+        for turn, url in enumerate(self.urls):
+            connection = _FailoverConnection(self.urls, turn, ssl_context=self._ssl_context)
+            try:
+                await connection.connect(timeout=10)
+            except _CONNECTION_ERRORS as exc:
+                await connection.close()
+                log.warning("RabbitMQ at %s does not answer: %s", _redact(url), exc)
+                failure = exc
+            else:
+                return connection
+        assert failure is not None
+        raise failure
 
     @property
     def connected(self) -> bool:
@@ -225,7 +278,8 @@ class RabbitMQTransport(TransportBase):
         return taken
 
     def _on_reconnect(self, *_: object) -> None:
-        log.warning("reconnected to RabbitMQ at %s", _redact(self.url))
+        url = str(self._connection.url) if self._connection is not None else self.url
+        log.warning("reconnected to RabbitMQ at %s", _redact(url))
 
     async def _declare_topology(self) -> None:
         """Declare what this role owns; check passively what it uses and others own.
@@ -281,6 +335,7 @@ class RabbitMQTransport(TransportBase):
         ``mandatory``: a queue that does not exist yet is an error, not a lost probe.
         """
         exchange = self.topology.work_exchange(queue)
+        check_size(body, self.max_message_size, queue)
         channel = self._channel()
         try:
             target = await channel.get_exchange(exchange, ensure=False)
@@ -295,6 +350,7 @@ class RabbitMQTransport(TransportBase):
 
         Not ``mandatory``: an event nobody subscribes to is not an error.
         """
+        check_size(body, self.max_message_size, exchange)
         channel = self._channel()
         try:
             target = await channel.get_exchange(exchange, ensure=False)

@@ -7,12 +7,14 @@ module          owns
                 `FaceResult`: gallery data and per-face answers
 `messages`      one frozen dataclass per message kind, and its validation
 `envelope`      `encode` / `decode`, the `Envelope` metadata, size limits
+`chunks`        a block as chunks under the size limit, and their assembly
 ==============  ===========================================================
 
 The wire layer loads no TenSEAL (a test asserts it): decoding an event, or
 dead-lettering a malformed block, never pays for the crypto library.
 """
 
+from cipherface.wire.chunks import BlockAssembler, split_block
 from cipherface.wire.envelope import (
     MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
@@ -22,7 +24,7 @@ from cipherface.wire.envelope import (
 )
 from cipherface.wire.messages import (
     MAX_PROBE_ID_BYTES,
-    BlockUpdate,
+    BlockChunk,
     ContextUpdate,
     EncryptedProbeRequest,
     Message,
@@ -43,7 +45,8 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_PROBE_ID_BYTES",
     "SCHEMA_VERSION",
-    "BlockUpdate",
+    "BlockAssembler",
+    "BlockChunk",
     "ContextUpdate",
     "EncryptedProbeRequest",
     "Envelope",
@@ -62,4 +65,5 @@ __all__ = [
     "new_id",
     "refusal",
     "request_digest",
+    "split_block",
 ]

@@ -17,9 +17,13 @@ Decoding checks the size first, then both layers, then every field's type
 (`cipherface.wire.messages`), and raises `WireFormatError` (or `SignatureError`)
 naming what is wrong. Never pickle: a message is data from another trust zone.
 
-Size: RabbitMQ refuses messages over 128 MiB by default; CipherFace refuses to
-encode or decode anything over `MAX_MESSAGE_BYTES` (64 MiB), which leaves room for
-headers and for a broker configured lower.
+Size: every message is small by design. `encode` and `decode` refuse anything
+over ``limit`` (`MAX_MESSAGE_BYTES`, 4 MiB, unless `Settings.max_message_size`
+says otherwise) with `MessageTooLargeError`, before packing a larger one is sent
+or parsing a larger one received. 4 MiB because RabbitMQ 4.x refuses more than
+16 MiB by default and large messages stall a queue (a quorum queue replicates
+each one whole); the gallery's blocks travel in column chunks under the limit
+(`cipherface.wire.chunks`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,12 @@ from typing import Any
 
 import msgpack
 
-from cipherface.exceptions import ConfigError, SignatureError, WireFormatError
+from cipherface.exceptions import (
+    ConfigError,
+    MessageTooLargeError,
+    SignatureError,
+    WireFormatError,
+)
 from cipherface.fields import of_type
 from cipherface.signing import SigningKey, Verifier
 from cipherface.wire.messages import _KINDS, Message, new_id
@@ -37,7 +46,8 @@ from cipherface.wire.messages import _KINDS, Message, new_id
 __all__ = ["MAX_MESSAGE_BYTES", "SCHEMA_VERSION", "Envelope", "decode", "encode"]
 
 SCHEMA_VERSION = 2
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: The default cap on a message, envelope included (`Settings.max_message_size`).
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,8 +76,9 @@ def encode(
     metric: str = "",
     message_id: str | None = None,
     signer: SigningKey | None = None,
+    limit: int = MAX_MESSAGE_BYTES,
 ) -> bytes:
-    """Serialize (and sign) a message into its envelope; refuses to build an oversized one."""
+    """Serialize (and sign) a message into its envelope; refuses one over ``limit`` bytes."""
     if message.signed and signer is None:
         raise ConfigError(f"a {message.kind} message must be signed")
     inner = _pack(
@@ -87,11 +98,8 @@ def encode(
         "sig": b"" if signer is None else signer.sign(inner),
     }
     data = _pack(outer)
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise WireFormatError(
-            f"{message.kind} message of {len(data)} bytes exceeds the "
-            f"{MAX_MESSAGE_BYTES}-byte limit"
-        )
+    if len(data) > limit:
+        raise MessageTooLargeError(f"{message.kind} message", len(data), limit)
     return data
 
 
@@ -100,17 +108,17 @@ def decode(
     *,
     expect: tuple[type[Message], ...] | None = None,
     verifier: Verifier | None = None,
+    limit: int = MAX_MESSAGE_BYTES,
 ) -> Envelope:
     """Parse and validate an envelope; ``expect`` restricts the accepted kinds.
 
     A kind that must be signed is parsed only after ``verifier`` accepted its
     signature (`SignatureError` otherwise); a signature on any other kind is
-    checked too when a verifier is given.
+    checked too when a verifier is given. A message over ``limit`` bytes is refused
+    (`MessageTooLargeError`) before it is parsed.
     """
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise WireFormatError(
-            f"message of {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit"
-        )
+    if len(data) > limit:
+        raise MessageTooLargeError("message", len(data), limit)
     outer = _unpack(data)
     version = outer.get("v")
     if version != SCHEMA_VERSION:
@@ -164,7 +172,8 @@ def _unpack(data: bytes) -> dict[str, Any]:
             data,
             raw=False,
             strict_map_key=True,
-            max_bin_len=MAX_MESSAGE_BYTES,
+            # No bin can be longer than the (already size-checked) data holding it.
+            max_bin_len=len(data),
             max_str_len=1024 * 1024,
             max_array_len=1_000_000,
             max_map_len=10_000,

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 from cipherface.exceptions import WireFormatError
 from cipherface.fields import of_type
 from cipherface.wire.payloads import (
-    EncryptedBlock,
+    BlockLayout,
     EncryptedProbe,
     FaceResult,
     FaceScores,
@@ -30,7 +30,7 @@ from cipherface.wire.schema import field_specs
 
 __all__ = [
     "MAX_PROBE_ID_BYTES",
-    "BlockUpdate",
+    "BlockChunk",
     "ContextUpdate",
     "EncryptedProbeRequest",
     "Message",
@@ -140,11 +140,28 @@ class ContextUpdate(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class BlockUpdate(Message):
-    """on-prem -> every cloud replica: one encrypted gallery block, whole."""
+class BlockChunk(Message):
+    """on-prem -> cloud replicas: columns ``start ..`` of one encrypted gallery block.
 
-    kind: ClassVar[str] = "block"
-    block: EncryptedBlock
+    A block (``dimensions`` ciphertext columns of about 64 KB each, 8.4 MB at 128-d,
+    269 MB at 4096-d) travels as consecutive chunks under the message size limit;
+    the replica installs it once every column and the layout are in, all from
+    chunks that agree on ``layout`` (`cipherface.wire.chunks`).
+    """
+
+    kind: ClassVar[str] = "chunk"
+    block_id: int
+    #: Bumps on every re-encryption of the block; the cloud keeps the highest.
+    version: int
+    dimensions: int
+    #: SHA-256 of the block's id, version, key fingerprint, dimensions and layout:
+    #: the same in every chunk of one block.
+    layout: bytes
+    #: Index of the first column this chunk carries.
+    start: int
+    columns: tuple[bytes, ...] = field(repr=False)
+    #: Which template is where: in the block's first chunk only.
+    head: BlockLayout | None = field(repr=False, default=None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -319,7 +336,7 @@ _KINDS: Mapping[str, type[Message]] = {
     cls.kind: cls
     for cls in (
         ContextUpdate,
-        BlockUpdate,
+        BlockChunk,
         SyncRequest,
         ProbeRequest,
         EncryptedProbeRequest,

@@ -17,6 +17,7 @@ from cipherface.fields import blobs, field, of_type, strings
 from cipherface.metric import Metric
 
 __all__ = [
+    "BlockLayout",
     "BlockScores",
     "EncryptedBlock",
     "EncryptedProbe",
@@ -93,6 +94,42 @@ class EncryptedBlock:
         if (block.norms is None) == (metric == Metric.EUCLIDEAN.value):
             raise WireFormatError("the euclidean metric, and only it, carries a norm column")
         return block
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockLayout:
+    """What an `EncryptedBlock` holds besides its columns: which template is where.
+
+    It travels once per block, in the first of the block's chunks
+    (`cipherface.wire.chunks`); every chunk names it by digest.
+    """
+
+    metric: str
+    template_ids: tuple[str, ...]
+    subjects: tuple[str, ...]
+    norms: bytes | None
+
+    def to_dict(self) -> dict[str, object]:
+        """msgpack-native form."""
+        return {
+            "metric": self.metric,
+            "template_ids": list(self.template_ids),
+            "subjects": list(self.subjects),
+            "norms": self.norms,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> BlockLayout:
+        """Inverse of `to_dict`; raises `WireFormatError`."""
+        layout = cls(
+            metric=_metric(data),
+            template_ids=strings(data, "template_ids"),
+            subjects=strings(data, "subjects"),
+            norms=field(data, "norms", (bytes, type(None))),
+        )
+        if len(layout.template_ids) != len(layout.subjects):
+            raise WireFormatError("a block needs one subject per template slot")
+        return layout
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

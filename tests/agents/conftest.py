@@ -18,6 +18,7 @@ from cipherface.signing import TrustStore, VerifyKey
 from cipherface.transport import MemoryBroker, MemoryTransport, RabbitMQTransport, Topology
 from cipherface.transport.base import Transport
 from tests.environment import amqp_url_or_skip, unique_prefix
+from tests.samples import EDGE_PROBE_LIMIT
 
 
 class Deployment:
@@ -31,25 +32,26 @@ class Deployment:
         self.stack = AsyncExitStack()
         self.agents: list[OnPremAgent | CloudAgent] = []
 
-    async def link(self) -> Transport:
-        """A new connection."""
+    async def link(self, max_message_size: int = EDGE_PROBE_LIMIT) -> Transport:
+        """A new connection (by default one that may carry edge probes: `EDGE_PROBE_LIMIT`)."""
         transport: Transport = (
-            RabbitMQTransport(self.url, self.topology)
+            RabbitMQTransport(self.url, self.topology, max_message_size=max_message_size)
             if self.url
-            else MemoryTransport(self.broker, self.topology)
+            else MemoryTransport(self.broker, self.topology, max_message_size=max_message_size)
         )
         return await self.stack.enter_async_context(transport)
 
     async def onprem(self) -> OnPremAgent:
         """A started on-prem agent."""
-        agent = OnPremAgent(self.settings, await self.link())
+        agent = OnPremAgent(self.settings, await self.link(self.settings.max_message_size))
         await agent.start()
         self.agents.append(agent)
         return agent
 
     async def cloud(self, replica: str = "r1") -> CloudAgent:
         """A started cloud replica, its key in on-prem's trust store (as an operator adds it)."""
-        agent = CloudAgent(replace(self.settings, replica=replica), await self.link())
+        settings = replace(self.settings, replica=replica, max_message_size=EDGE_PROBE_LIMIT)
+        agent = CloudAgent(settings, await self.link())
         TrustStore(self.settings.trust_store_path).add(replica, agent.signer.verify_key)
         await agent.start()
         self.agents.append(agent)

@@ -239,7 +239,7 @@ async def test_shutdown_in_the_middle_of_a_sync_never_closes_the_book_under_it(
     pinned = PinnedKey(onprem.signer.verify_key)
 
     async def count(delivery: Delivery) -> None:
-        if wire.decode(delivery.body, verifier=pinned).message.kind == "block":
+        if wire.decode(delivery.body, verifier=pinned).message.kind == "chunk":
             state["blocks"] += 1
 
     await replica_link.consume(

@@ -68,7 +68,8 @@ async def test_replayed_block_with_a_higher_version_is_refused(
     [stored] = list(cloud.store.iter_blocks())  # type: ignore[union-attr]
     pinned = EncryptedBlock(**{**_fields(stored), "version": 99})
     forger = SigningKey.generate("onprem")
-    await _gallery(deployment, wire.encode(wire.BlockUpdate(block=pinned), signer=forger))
+    for chunk in wire.split_block(pinned, wire.MAX_MESSAGE_BYTES):
+        await _gallery(deployment, wire.encode(chunk, signer=forger))
     await watch.dead_letter(lambda d: "SignatureError" in str(d.headers[REASON_HEADER]))
     [held] = list(cloud.store.iter_blocks())  # type: ignore[union-attr]
     assert held.version == stored.version
@@ -88,18 +89,53 @@ async def test_block_from_another_publisher_is_not_scored(rig: tuple[Deployment,
     forged = EncryptedBlock(
         **{**_fields(stored), "version": stored.version + 1, "columns": forged_columns}
     )
+    chunks = wire.split_block(forged, wire.MAX_MESSAGE_BYTES)
     for signer in (None, SigningKey.generate("onprem")):
-        body = (
-            wire.encode(wire.BlockUpdate(block=forged), signer=signer)
-            if signer
-            else _unsigned(wire.BlockUpdate(block=forged))
-        )
-        await _gallery(deployment, body)
+        for chunk in chunks:
+            body = wire.encode(chunk, signer=signer) if signer else _unsigned(chunk)
+            await _gallery(deployment, body)
     await asyncio.sleep(1)
     reasons = [str(d.headers[REASON_HEADER]) for d in watch.dead]
-    assert sum("SignatureError" in r for r in reasons) == 2, reasons
+    assert sum("SignatureError" in r for r in reasons) == 2 * len(chunks), reasons
     [held] = list(cloud.store.iter_blocks())  # type: ignore[union-attr]
     assert held.version == stored.version
+
+
+async def test_duplicated_and_mismatched_chunks_are_dead_lettered_with_their_reason(
+    rig: tuple[Deployment, Watch],
+) -> None:
+    """Chunks replayed with on-prem's own signatures: checked one by one, never mixed."""
+    deployment, watch = rig
+    onprem, cloud = deployment.agents[0], deployment.agents[1]
+    [stored] = list(cloud.store.iter_blocks())  # type: ignore[union-attr]
+    chunks = wire.split_block(stored, wire.MAX_MESSAGE_BYTES)
+    other = EncryptedBlock(**{**_fields(stored), "subjects": ("mallory",) * len(stored.subjects)})
+    foreign = wire.split_block(other, wire.MAX_MESSAGE_BYTES)
+
+    def signed(chunk: wire.BlockChunk) -> bytes:
+        return wire.encode(chunk, fingerprint=stored.fingerprint, signer=onprem.signer)
+
+    for chunk in (chunks[0], chunks[0], foreign[1]):  # first, duplicate, another layout
+        await _gallery(deployment, signed(chunk))
+    await watch.dead_letter(lambda d: "duplicate" in str(d.headers[REASON_HEADER]))
+    await watch.dead_letter(lambda d: "another layout" in str(d.headers[REASON_HEADER]))
+    assert all("ChunkError" in str(d.headers[REASON_HEADER]) for d in watch.dead)
+    assert len(cloud._chunks) == 1  # type: ignore[union-attr]  # half a block: nothing installed
+    for chunk in chunks[1:]:
+        await _gallery(deployment, signed(chunk))
+    await _until(lambda: len(cloud._chunks) == 0)  # type: ignore[union-attr]
+    assert "mallory" not in cloud.gallery.subjects()  # type: ignore[union-attr]
+    assert all("mallory" not in b.subjects for b in cloud.store.iter_blocks())  # type: ignore[union-attr]
+    probe = encrypt_probe(_public(deployment), _people()["B"], Metric.COSINE)
+    assert (await watch.event(await _submit(deployment, probe, "B"))).verified
+
+
+async def _until(condition: object, timeout: float = 60) -> None:
+    for _ in range(int(timeout * 10)):
+        if condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("condition not reached")
 
 
 # -- forged events -----------------------------------------------------------------

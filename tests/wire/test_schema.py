@@ -21,7 +21,15 @@ _NONE = type(None)
 #: check): the derived top-level checks must accept exactly these types.
 HAND_WRITTEN = {
     "context": {"context": bytes, "conjugation_key": bytes, "blocks": list, "issued_at": float},
-    "block": {"block": dict},
+    "chunk": {
+        "block_id": int,
+        "version": int,
+        "dimensions": int,
+        "layout": bytes,
+        "start": int,
+        "columns": list,
+        "head": (dict, _NONE),
+    },
     "sync": {"replica": str, "fingerprint": str, "requested_at": float},
     "probe": {"probe_id": str, "image": bytes, "subject": (str, _NONE), "submitted_at": float},
     "encrypted_probe": {
@@ -103,7 +111,7 @@ SCORES = {
     "probe_id": "p",
     "subject": None,
     "faces": [],
-    "request": "r",
+    "request": "0" * 32,
     "submitted_at": 1.0,
     "probe_check": None,
 }
@@ -157,7 +165,16 @@ EVENT = {
             _raw("scores", {**SCORES, "timings": {"embed": False}}),
             "'scores.timings' must be int/float",
         ),
-        (_raw("block", {"block": {}}), "missing field 'metric'"),
+        (
+            _raw(
+                "chunk",
+                {
+                    **{"block_id": 0, "version": 1, "dimensions": 1, "layout": b"", "start": 0},
+                    **{"columns": [], "head": {}},
+                },
+            ),
+            "missing field 'metric'",
+        ),
         (_raw("event", {**EVENT, "verified": 1, "timings": {}}), "'event.verified' must be bool"),
         # The one check the derivation adds: event timings are now checked like scores timings.
         (_raw("event", {**EVENT, "timings": {"total": "x"}}), "'event.timings' must be int/float"),
