@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cipherface.detection import detect_and_embed
 from cipherface.exceptions import (
     ConfigError,
     EmbeddingError,
@@ -431,16 +432,11 @@ class Embedder:
         """
         picture, label = _read_image(image, name, self.max_side)
         self._ensure_weights()
-        from deepface import DeepFace
-        from deepface.modules.exceptions import FaceNotDetected
-
         try:
             with _deepface_lock:
-                results = DeepFace.represent(
-                    picture.pixels, model_name=self.spec.name, detector_backend=self.detector
+                results = detect_and_embed(
+                    picture.pixels, model=self.spec.name, detector=self.detector
                 )
-        except FaceNotDetected as exc:
-            raise NoFaceError(f"{label}: no face detected") from exc
         except ValueError as exc:
             if "download" in str(exc):
                 raise MissingWeightsError(
@@ -449,9 +445,9 @@ class Embedder:
             raise EmbeddingError(f"{label}: DeepFace failed: {exc}") from exc
         found = [
             Face(
-                embedding=np.asarray(r["embedding"], dtype=np.float64),
-                facial_area=_rescale(r["facial_area"], picture.scale),
-                confidence=float(r["face_confidence"]),
+                embedding=r.embedding,
+                facial_area=_rescale(r.facial_area, picture.scale),
+                confidence=r.confidence,
             )
             for r in results
         ]
