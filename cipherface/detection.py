@@ -7,8 +7,10 @@ face on a sub-image of its own, filled with black where it leaves the image
 (``extract_sub_image``). The padding still costs 4x the pixels in detection, and
 dlib's HOG upsamples 2x on top: 4096x4096 scanned for a 1,024 px image instead of
 2048x2048 (benchmarks/bench_images.py: CPU seconds before and after, README
-"Face detection"). So the detector runs on the image as it is, and DeepFace's own
-alignment and embedding run on the faces it found.
+"Face detection"). So dlib runs on the image as it is, and DeepFace's own
+alignment and embedding run on the faces it found. Other detectors keep the
+border (`BORDERS`): the Haar cascade found 2 fewer faces and 1 false one in
+selfie-many-people.jpg without it (benchmarks/bench_detectors.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Detection", "detect_and_embed"]
+__all__ = ["BORDERS", "DEFAULT_BORDER", "Detection", "detect_and_embed"]
+
+#: The black border added on each side before detection, as a fraction of the
+#: image's width and height: DeepFace's, unless measured to be unneeded.
+DEFAULT_BORDER = 0.5
+#: Per detector, by benchmarks/bench_detectors.py: dlib found the same faces on the
+#: shared photos without it (same accuracy on the 520 pairs), at a quarter of the pixels.
+BORDERS = {"dlib": 0.0}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -34,24 +43,32 @@ class Detection:
 def detect_and_embed(pixels: np.ndarray, *, model: str, detector: str) -> list[Detection]:
     """Every face ``detector`` finds in BGR ``pixels``, aligned and embedded by ``model``.
 
-    What ``DeepFace.represent(pixels, model, detector)`` returns, but detected on the
-    unpadded image; no face is an empty list. DeepFace's errors propagate (a weight
+    What ``DeepFace.represent(pixels, model, detector)`` returns, but with the border
+    of `BORDERS`; no face is an empty list. DeepFace's errors propagate (a weight
     file it cannot download is a ``ValueError``): the caller names the input.
     """
+    # cv2 only here: cipherface.embedding sets OpenCV's pixel cap before its first import.
+    import cv2
     from deepface import DeepFace
     from deepface.modules import detection, modeling
 
     height, width = pixels.shape[:2]
-    found = modeling.build_model(task="face_detector", model_name=detector).detect_faces(pixels)
+    border = BORDERS.get(detector, DEFAULT_BORDER)
+    across, down = int(border * width), int(border * height)
+    canvas = cv2.copyMakeBorder(
+        pixels, down, down, across, across, cv2.BORDER_CONSTANT, value=(0, 0, 0)
+    )
+    found = modeling.build_model(task="face_detector", model_name=detector).detect_faces(canvas)
     faces = []
     for region in found:
+        # Boxes and eyes come back in the working image's pixels (the border taken off).
         face = detection.extract_face(
             facial_area=region,
-            img=pixels,
+            img=canvas,
             align=True,
             expand_percentage=0,
-            width_border=0,
-            height_border=0,
+            width_border=across,
+            height_border=down,
             detector_backend=detector,
         )
         if face.img.shape[0] == 0 or face.img.shape[1] == 0:
