@@ -81,6 +81,9 @@ class Settings:
     #: Seconds a probe may wait before it is answered: an older one gets an
     #: ``Expired`` error event instead of a decision (0: no limit).
     probe_ttl: float = 300.0
+    #: Seconds on-prem waits for the rest of a probe's score parts after its first
+    #: (`cipherface.wire.parts`) before answering it with an ``IncompleteScores`` event.
+    gather_timeout: float = 60.0
     #: Seconds on-prem remembers a probe's event (its ledger); results of older
     #: probes are dropped unanswered. At least `probe_ttl`.
     ledger_window: float = 7 * 86400.0
@@ -138,6 +141,8 @@ class Settings:
             raise ConfigError("ledger_window must be at least probe_ttl")
         if self.delivery_limit < 0:
             raise ConfigError("delivery_limit must be >= 0")
+        if self.gather_timeout <= 0:
+            raise ConfigError("gather_timeout must be > 0")
         if self.ledger_max < 1:
             raise ConfigError("ledger_max must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -257,7 +262,14 @@ _PATHS = ("amqp_password_file", "tls_ca", "tls_cert", "tls_key", "onprem_key")
 
 
 #: Fields read as numbers from the environment.
-_FLOATS = ("sync_interval", "probe_ttl", "ledger_window", "gallery_queue_expiry", "rotation_grace")
+_FLOATS = (
+    "sync_interval",
+    "probe_ttl",
+    "gather_timeout",
+    "ledger_window",
+    "gallery_queue_expiry",
+    "rotation_grace",
+)
 _INTS = (
     "prefetch",
     "top_k",

@@ -23,7 +23,8 @@ know which library failed underneath::
     │   └── MissingWeightsError       model weights absent and not downloadable
     ├── WireFormatError(ValueError)   a message that does not decode or validate
     │   ├── MessageTooLargeError      a message over the configured size cap
-    │   └── ChunkError                a block chunk that does not fit its block
+    │   ├── ChunkError                a block chunk that does not fit its block
+    │   └── PartError                 a part of a probe's scores that does not fit its probe
     ├── TransportError                the broker could not be reached or used
     │   └── MissingResourceError      a queue/exchange another role declares is absent
     └── StoreError                    the on-disk gallery could not be read/written
@@ -45,6 +46,7 @@ __all__ = [
     "MissingResourceError",
     "MissingWeightsError",
     "NoFaceError",
+    "PartError",
     "SecretKeyError",
     "SignatureError",
     "StoreError",
@@ -183,6 +185,15 @@ class ChunkError(WireFormatError):
     Another layout, version or dimension count than the chunks already held, columns
     out of range or held already: the chunk is dead-lettered with this reason and the
     block is installed only from chunks that agree (`cipherface.wire.chunks`).
+    """
+
+
+class PartError(WireFormatError):
+    """A part of a probe's scores that does not belong with the others of its probe.
+
+    Another parts count, subject or faces than the parts already held, a part or a
+    block held already: the part is dead-lettered with this reason and the probe is
+    ranked only from parts that agree (`cipherface.wire.parts`).
     """
 
 

@@ -458,7 +458,8 @@ class CloudAgent:
             timings=timings,
             probe_check=check,
         )
-        await self._to_onprem(ready, keyring)
+        for part in wire.split_scores(ready, self.settings.max_message_size):
+            await self._to_onprem(part, keyring)  # each part under the limit, signed
         blocks = sum(len(face.scores) for face in faces)
         log.info(
             "probe %s: %d face(s) scored on %d block(s)",
@@ -489,4 +490,5 @@ class CloudAgent:
             body,
             message_id=wire.message_id(message.probe_id, message.request),
         )
-        self.probes_served += 1
+        if not isinstance(message, wire.ScoresReady) or message.part == 0:
+            self.probes_served += 1  # probes, not parts

@@ -1,11 +1,12 @@
 """The on-prem agent: holds the secret key, enrolls faces, turns encrypted scores into events.
 
-What leaves on-prem: the public context (no secret key; one Galois key, for
-complex conjugation), the encrypted gallery blocks, and verification events
-carrying only the decision and a noise-flooded distance rounded to a few
-decimals, all signed with on-prem's Ed25519 key. Exact decryptions never leave:
-with CKKS they would help an observer recover the secret key, and nothing is
-decrypted that fails the integrity checks of `cipherface.gallery.integrity`.
+What leaves on-prem: the public context (no secret key; one Galois key, for complex
+conjugation), the encrypted gallery blocks, and verification events carrying only the
+decision and a noise-flooded distance rounded to a few decimals, all signed with
+on-prem's Ed25519 key. Exact decryptions never leave: with CKKS they would help an
+observer recover the secret key, and nothing is decrypted that fails the integrity
+checks of `cipherface.gallery.integrity` (nor before a probe's score parts are all in:
+`agents.onprem.gathering`).
 
 Scores, rejections and sync requests are accepted only from replicas in the
 trust store, and a sync is answered to the asking replica alone, at most once
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from agents.onprem.answers import Answer, cloud_timings, decide, rank_faces
 from agents.onprem.enrollment import IMAGE_SUFFIXES, EnrollReport, subject_of
+from agents.onprem.gathering import Gathering
 from agents.onprem.keys import KeySet, generate_keys, write_keys
 from cipherface import wire
 from cipherface.config import Settings
@@ -113,6 +115,8 @@ class OnPremAgent:
             settings.ledger_path, window=settings.ledger_window, max_events=settings.ledger_max
         )
         self._consumers: list[Consumer] = []
+        #: Probes whose scores come in parts, held unacked within the results prefetch.
+        self.gathering = Gathering(settings.prefetch * 4, settings.gather_timeout)
         self._publishing = asyncio.Lock()
         #: Per replica: when its last sync answer started.
         self._synced: dict[str, float] = {}
@@ -150,7 +154,7 @@ class OnPremAgent:
             await self.transport.consume(
                 topology.results,
                 instrumented(self.role, "results", self._on_result),
-                prefetch=self.settings.prefetch * 4,
+                prefetch=self.gathering.window,
             )
         )
         self._consumers.append(
@@ -177,6 +181,7 @@ class OnPremAgent:
             self._ops_task.cancel()
             await asyncio.gather(self._ops_task, return_exceptions=True)
         await self.rotation.stop()
+        self.gathering.stop()
         for consumer in self._consumers:
             await consumer.cancel(timeout=30)
         self._consumers.clear()
@@ -375,6 +380,14 @@ class OnPremAgent:
             self._on_status(envelope.signer, result)
             return
         assert isinstance(result, (wire.ScoresReady, wire.ProbeRejected))
+        if isinstance(result, wire.ScoresReady) and result.parts > 1:
+            return await self.gathering.gather(result, envelope, self._answer)
+        await self._answer(envelope, result)
+
+    async def _answer(
+        self, envelope: wire.Envelope, result: wire.ScoresReady | wire.ProbeRejected
+    ) -> None:
+        """Publish the one event of a probe (whole: its score parts gathered)."""
         age = time.time() - result.submitted_at
         # Older than the ledger remembers, its event may be out and forgotten.
         forgotten = age > self.settings.ledger_window

@@ -8,6 +8,7 @@ module          owns
 `messages`      one frozen dataclass per message kind, and its validation
 `envelope`      `encode` / `decode`, the `Envelope` metadata, size limits
 `chunks`        a block as chunks under the size limit, and their assembly
+`parts`         a probe's scores as parts under the size limit, and their gathering
 ==============  ===========================================================
 
 The wire layer loads no TenSEAL (a test asserts it): decoding an event, or
@@ -39,6 +40,7 @@ from cipherface.wire.messages import (
     refusal,
     request_digest,
 )
+from cipherface.wire.parts import PartGatherer, split_scores
 from cipherface.wire.payloads import FaceResult, FaceScores
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "FaceResult",
     "FaceScores",
     "Message",
+    "PartGatherer",
     "ProbeRejected",
     "ProbeRequest",
     "ReplicaStatus",
@@ -66,4 +69,5 @@ __all__ = [
     "refusal",
     "request_digest",
     "split_block",
+    "split_scores",
 ]

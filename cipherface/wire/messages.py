@@ -218,6 +218,10 @@ class ScoresReady(Message):
     timings: Mapping[str, float]
     #: For an edge-encrypted probe: its encrypted norms, which on-prem checks.
     probe_check: ProbeCheck | None = field(repr=False, default=None)
+    #: Which of the probe's ``parts`` messages this is (`cipherface.wire.parts`): a
+    #: probe's scores over the message size limit travel as block ranges.
+    part: int = 0
+    parts: int = 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,153 @@
+"""A probe's scores as parts under the message size limit, and their gathering.
+
+One face's scores are about 131 KB per gallery block (n8192), so a 1:N probe over
+more than about 31 blocks would not fit one 4 MiB message. The replica sends its
+`ScoresReady` as ``parts`` messages, each carrying, for every face, the scores of
+a consecutive range of blocks (and the whole probe's other fields), each signed on
+its own. On-prem's `PartGatherer` puts them back together before anything is
+decrypted, from parts that agree: same probe id, request digest, replica, key
+fingerprint, parts count, subject and faces; no part and no block twice. A part
+that disagrees raises `PartError` (dead-lettered with that reason) and changes
+nothing held; the probe then completes from its genuine parts or times out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import msgpack
+
+from cipherface.exceptions import MessageTooLargeError, PartError
+from cipherface.wire.chunks import ENVELOPE_ALLOWANCE
+from cipherface.wire.messages import ScoresReady
+from cipherface.wire.payloads import FaceScores
+
+__all__ = ["PartGatherer", "split_scores"]
+
+
+def _size(value: object) -> int:
+    return len(msgpack.packb(value, use_bin_type=True))
+
+
+def split_scores(ready: ScoresReady, limit: int) -> list[ScoresReady]:
+    """``ready`` as parts whose messages each stay within ``limit`` bytes.
+
+    Blocks are packed greedily in the order the faces list them (every face of a
+    probe is scored on the same blocks); one part when everything fits.
+    `MessageTooLargeError` if the probe's own fields and one block cannot fit.
+    """
+    whole = dataclasses.replace(ready, part=0, parts=1)
+    fixed = _size([f.to_dict() | {"scores": []} for f in ready.faces]) + _size(
+        None if ready.probe_check is None else ready.probe_check.to_dict()
+    )
+    budget = limit - ENVELOPE_ALLOWANCE - fixed - _size(dict(ready.timings))
+    blocks = max((len(face.scores) for face in ready.faces), default=0)
+    costs = [
+        sum(_size(face.scores[i].to_dict()) for face in ready.faces if i < len(face.scores))
+        for i in range(blocks)
+    ]
+    if sum(costs) <= budget:
+        return [whole]
+    ranges: list[list[int]] = [[]]
+    used = 0
+    for index, cost in enumerate(costs):
+        if cost > budget:
+            raise MessageTooLargeError(f"scores of probe {ready.probe_id}'s block", cost, budget)
+        if used + cost > budget:
+            ranges.append([])
+            used = 0
+        ranges[-1].append(index)
+        used += cost
+    return [
+        dataclasses.replace(
+            ready,
+            faces=tuple(
+                dataclasses.replace(face, scores=face.scores[run[0] : run[-1] + 1])
+                for face in ready.faces
+            ),
+            part=number,
+            parts=len(ranges),
+        )
+        for number, run in enumerate(ranges)
+    ]
+
+
+@dataclass(slots=True)
+class _Gathering:
+    first: ScoresReady
+    parts: dict[int, ScoresReady] = field(default_factory=dict)
+    #: Per face, the block ids held so far.
+    blocks: list[set[int]] = field(default_factory=list)
+
+
+class PartGatherer:
+    """Collects the parts of each probe until one is whole; checks each against the others.
+
+    Probes are keyed by (probe id, request digest, replica, key fingerprint): a part
+    signed by another replica or under another key never joins a probe's parts.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, str, str, str], _Gathering] = {}
+
+    def __len__(self) -> int:
+        """Probes in gathering."""
+        return len(self._held)
+
+    @staticmethod
+    def key(part: ScoresReady, signer: str, fingerprint: str) -> tuple[str, str, str, str]:
+        """What names one probe's parts."""
+        return (part.probe_id, part.request, signer, fingerprint)
+
+    def add(self, part: ScoresReady, signer: str, fingerprint: str) -> ScoresReady | None:
+        """Keep a part; the whole probe's scores once every part is in.
+
+        Raises `PartError` for a part that contradicts itself or the probe's other
+        parts, leaving what was held unchanged.
+        """
+        name = f"part {part.part} of probe {part.probe_id}"
+        if not 0 <= part.part < part.parts:
+            raise PartError(f"{name}: not within its {part.parts} part(s)")
+        key = self.key(part, signer, fingerprint)
+        held = self._held.get(key) or _Gathering(first=part, blocks=[set() for _ in part.faces])
+        first = held.first
+        if (part.parts, part.subject, part.submitted_at, part.probe_check) != (
+            first.parts,
+            first.subject,
+            first.submitted_at,
+            first.probe_check,
+        ):
+            raise PartError(f"{name}: disagrees with the probe's other parts")
+        if [(f.box, f.confidence) for f in part.faces] != [
+            (f.box, f.confidence) for f in first.faces
+        ]:
+            raise PartError(f"{name}: other faces than the probe's other parts")
+        if part.part in held.parts:
+            raise PartError(f"{name}: held already (duplicate)")
+        ids = [[b.block_id for b in face.scores] for face in part.faces]
+        for face_ids, seen in zip(ids, held.blocks, strict=True):
+            if len(set(face_ids)) != len(face_ids) or seen.intersection(face_ids):
+                raise PartError(f"{name}: scores a block twice")
+        for face_ids, seen in zip(ids, held.blocks, strict=True):
+            seen.update(face_ids)
+        held.parts[part.part] = part
+        if len(held.parts) < first.parts:
+            self._held[key] = held
+            return None
+        self._held.pop(key, None)
+        ordered = [held.parts[i] for i in range(first.parts)]
+        faces = tuple(
+            FaceScores(
+                box=face.box,
+                confidence=face.confidence,
+                scores=tuple(b for p in ordered for b in p.faces[index].scores),
+            )
+            for index, face in enumerate(first.faces)
+        )
+        return dataclasses.replace(first, faces=faces, part=0, parts=1)
+
+    def drop(self, key: tuple[str, str, str, str]) -> tuple[ScoresReady, int] | None:
+        """Forget a probe in gathering: its first part (to answer it) and parts held."""
+        held = self._held.pop(key, None)
+        return None if held is None else (held.first, len(held.parts))
