@@ -64,6 +64,7 @@ class Gathering:
         self.timeout = timeout
         self._parts = wire.PartGatherer()
         self._waiting: dict[tuple[str, str, str, str], _Waiting] = {}
+        self._stopping = False
 
     def __len__(self) -> int:
         """Probes in gathering."""
@@ -74,6 +75,8 @@ class Gathering:
         None once another handler has answered the probe. Raises `PartError` for a
         part that does not fit its probe (nothing held changes), and `TransportError`
         (requeue) when the answer failed or on-prem stops."""
+        if self._stopping:
+            raise TransportError("on-prem is stopping")
         key = wire.PartGatherer.key(part, signer, fingerprint)
         if part.parts >= self.window:
             reason = f"{part.parts} parts, more than the {self.window - 1} on-prem can hold"
@@ -127,5 +130,6 @@ class Gathering:
 
     def stop(self) -> None:
         """On-prem stops: every held part goes back to the queue, to be gathered again."""
+        self._stopping = True
         for key in list(self._waiting):
             self.finish(key, TransportError("on-prem is stopping"))

@@ -160,3 +160,20 @@ async def test_more_parts_than_onprem_can_hold_get_an_error_event_at_once(
     event = await watch.event("too-many")
     assert event.error and event.error.startswith("IncompleteScores"), event
     assert not event.verified and event.distance is None
+
+
+async def test_parts_held_when_onprem_stops_are_answered_by_the_next_onprem(
+    rig: tuple[Deployment, Watch],
+) -> None:
+    """Held parts are unacked: a stop (or a crash) mid-gather sends them back to the queue."""
+    deployment, watch = rig
+    first, second = (_signed_by_replica(deployment, p) for p in _parts(deployment, "restart", 2))
+    await _result(deployment, first)
+    onprem = deployment.agents[0]
+    while not len(onprem.gathering):  # type: ignore[union-attr]
+        await asyncio.sleep(0.05)
+    await deployment.stop(onprem)
+    await deployment.onprem()
+    await _result(deployment, second)
+    event = await watch.event("restart")
+    assert event.error is None and event.subject == "B" and event.verified, event
