@@ -380,7 +380,7 @@ class OnPremAgent:
             self._on_status(envelope.signer, result)
             return
         assert isinstance(result, (wire.ScoresReady, wire.ProbeRejected))
-        if isinstance(result, wire.ScoresReady) and result.parts > 1:
+        if isinstance(result, wire.ScoresReady) and (result.parts, result.part) != (1, 0):
             return await self.gathering.gather(result, envelope, self._answer)
         await self._answer(envelope, result)
 

@@ -46,6 +46,8 @@ HAND_WRITTEN = {
         "submitted_at": float,
         "timings": dict,
         "probe_check": (dict, _NONE),
+        "part": int,
+        "parts": int,
     },
     "rejected": {
         "probe_id": str,
@@ -114,6 +116,8 @@ SCORES = {
     "request": "0" * 32,
     "submitted_at": 1.0,
     "probe_check": None,
+    "part": 0,
+    "parts": 1,
 }
 CONTEXT = {"context": b"c", "conjugation_key": b"g", "issued_at": 1.0}
 EVENT = {
