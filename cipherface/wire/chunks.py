@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import msgpack
@@ -30,7 +31,7 @@ from cipherface.exceptions import ChunkError, MessageTooLargeError
 from cipherface.wire.messages import BlockChunk
 from cipherface.wire.payloads import BlockLayout, EncryptedBlock
 
-__all__ = ["ENVELOPE_ALLOWANCE", "BlockAssembler", "layout_digest", "split_block"]
+__all__ = ["ENVELOPE_ALLOWANCE", "BlockAssembler", "layout_digest", "pack", "split_block"]
 
 log = logging.getLogger(__name__)
 
@@ -68,33 +69,37 @@ def split_block(block: EncryptedBlock, limit: int) -> list[BlockChunk]:
     head_size = len(msgpack.packb(head.to_dict(), use_bin_type=True))
     if head_size >= budget:
         raise MessageTooLargeError(f"layout of block {block.block_id}", head_size, budget)
-    runs: list[list[bytes]] = [[]]
-    used = head_size
-    for column in block.columns:
-        cost = len(column) + _BIN_HEADER
-        if cost > budget:
-            raise MessageTooLargeError(f"a column of block {block.block_id}", cost, budget)
-        if used + cost > budget:
-            runs.append([])
-            used = 0
-        runs[-1].append(column)
-        used += cost
-    chunks = []
-    start = 0
-    for index, run in enumerate(runs):
-        chunks.append(
-            BlockChunk(
-                block_id=block.block_id,
-                version=block.version,
-                dimensions=block.dimensions,
-                layout=digest,
-                start=start,
-                columns=tuple(run),
-                head=head if index == 0 else None,
-            )
+    costs = [len(column) + _BIN_HEADER for column in block.columns]
+    runs = pack(costs, budget, f"a column of block {block.block_id}", used=head_size)
+    return [
+        BlockChunk(
+            block_id=block.block_id,
+            version=block.version,
+            dimensions=block.dimensions,
+            layout=digest,
+            start=run.start,
+            columns=block.columns[run.start : run.stop],
+            head=head if index == 0 else None,
         )
-        start += len(run)
-    return chunks
+        for index, run in enumerate(runs)
+    ]
+
+
+def pack(costs: Sequence[int], budget: int, what: str, *, used: int = 0) -> list[range]:
+    """Consecutive items in runs of at most ``budget`` bytes each, greedily, in order
+    (the first run starts with ``used`` bytes taken). `MessageTooLargeError` names
+    ``what`` when one item alone does not fit."""
+    runs: list[range] = []
+    start = 0
+    for index, cost in enumerate(costs):
+        if cost > budget:
+            raise MessageTooLargeError(what, cost, budget)
+        if used + cost > budget:
+            runs.append(range(start, index))
+            start, used = index, 0
+        used += cost
+    runs.append(range(start, len(costs)))
+    return runs
 
 
 @dataclass(slots=True)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from cipherface.exceptions import MessageTooLargeError, PartError
-from cipherface.wire.chunks import ENVELOPE_ALLOWANCE
+from cipherface.exceptions import PartError
+from cipherface.wire.chunks import ENVELOPE_ALLOWANCE, pack
 from cipherface.wire.messages import ScoresReady
 from cipherface.wire.payloads import FaceScores
 
@@ -49,21 +49,12 @@ def split_scores(ready: ScoresReady, limit: int) -> list[ScoresReady]:
     ]
     if sum(costs) <= budget:
         return [whole]
-    ranges: list[list[int]] = [[]]
-    used = 0
-    for index, cost in enumerate(costs):
-        if cost > budget:
-            raise MessageTooLargeError(f"scores of probe {ready.probe_id}'s block", cost, budget)
-        if used + cost > budget:
-            ranges.append([])
-            used = 0
-        ranges[-1].append(index)
-        used += cost
+    ranges = pack(costs, budget, f"scores of a block of probe {ready.probe_id}")
     return [
         dataclasses.replace(
             ready,
             faces=tuple(
-                dataclasses.replace(face, scores=face.scores[run[0] : run[-1] + 1])
+                dataclasses.replace(face, scores=face.scores[run.start : run.stop])
                 for face in ready.faces
             ),
             part=number,
