@@ -115,7 +115,9 @@ class PartGatherer:
         ]:
             raise PartError(f"{name}: other faces than the probe's other parts")
         if part.part in held.parts:
-            raise PartError(f"{name}: held already (duplicate)")
+            if held.parts[part.part] == part:
+                return None  # the broker's redelivery of a part held: nothing new
+            raise PartError(f"{name}: held already, with other scores")
         ids = [[b.block_id for b in face.scores] for face in part.faces]
         for face_ids, seen in zip(ids, held.blocks, strict=True):
             if len(set(face_ids)) != len(face_ids) or seen.intersection(face_ids):

@@ -51,6 +51,7 @@ def test_parts_of_another_replica_or_key_never_join_a_probe() -> None:
     )
     gatherer = wire.PartGatherer()
     assert gatherer.add(part, "r1", "f") is None
+    assert gatherer.add(part, "r1", "f") is None  # redelivered: no error, nothing new
     other = dataclasses.replace(part, part=1, faces=(dataclasses.replace(face, scores=()),))
     assert gatherer.add(other, "r2", "f") is None  # another replica: another probe
     assert gatherer.add(other, "r1", "g") is None  # another key: another probe
