@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--log-level",
-        default=os.environ.get("CIPHERFACE_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING or ERROR (env CIPHERFACE_LOG_LEVEL, default INFO)",
+        help="DEBUG, INFO, WARNING or ERROR (env CIPHERFACE_LOG_LEVEL; default INFO, "
+        "WARNING for demo)",
     )
 
     parser = argparse.ArgumentParser(
@@ -396,8 +396,11 @@ _COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cipherface`` command."""
     args = build_parser().parse_args(argv)
+    # The demo's output is its table: the daemons' INFO lines would break it up.
+    quiet = "WARNING" if args.command == "demo" else "INFO"
     configure_logging(
-        args.log_level, args.log_format or os.environ.get("CIPHERFACE_LOG_FORMAT") or "text"
+        args.log_level or os.environ.get("CIPHERFACE_LOG_LEVEL") or quiet,
+        args.log_format or os.environ.get("CIPHERFACE_LOG_FORMAT") or "text",
     )
     started = time.perf_counter()
     try:
