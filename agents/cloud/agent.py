@@ -46,6 +46,7 @@ from cipherface.exceptions import (
     ConfigError,
     EmbeddingError,
     KeyMismatchError,
+    MessageTooLargeError,
     SignatureError,
     TransportError,
 )
@@ -445,20 +446,22 @@ class CloudAgent:
             faces, check, timings = await asyncio.to_thread(
                 search, request, self.embedder, gallery, keyring, self._conjugation_key
             )
-        except (EmbeddingError, KeyMismatchError) as exc:
+            ready = wire.ScoresReady(
+                probe_id=request.probe_id,
+                subject=request.subject,
+                faces=tuple(faces),
+                request=digest,
+                submitted_at=request.submitted_at,
+                timings=timings,
+                probe_check=check,
+            )
+            # Parts are cut by blocks: one block's scores of many faces may not fit.
+            parts = wire.split_scores(ready, self.settings.max_message_size)
+        except (EmbeddingError, KeyMismatchError, MessageTooLargeError) as exc:
             # Bad input from a user gets an answer (an error event), not silence.
             await self._reject(request, type(exc).__name__, str(exc), keyring, digest)
             return
-        ready = wire.ScoresReady(
-            probe_id=request.probe_id,
-            subject=request.subject,
-            faces=tuple(faces),
-            request=digest,
-            submitted_at=request.submitted_at,
-            timings=timings,
-            probe_check=check,
-        )
-        for part in wire.split_scores(ready, self.settings.max_message_size):
+        for part in parts:
             await self._to_onprem(part, keyring)  # each part under the limit, signed
         blocks = sum(len(face.scores) for face in faces)
         log.info(

@@ -329,8 +329,14 @@ class OnPremAgent:
         )
 
     # -- handlers ---------------------------------------------------------------------
+    def _decode(self, delivery: Delivery, *kinds: type[wire.Message]) -> wire.Envelope:
+        """A trusted replica's message, under this deployment's size limit (not the default)."""
+        return wire.decode(
+            delivery.body, expect=kinds, verifier=self.trusted, limit=self.settings.max_message_size
+        )
+
     async def _on_sync(self, delivery: Delivery) -> None:
-        envelope = wire.decode(delivery.body, expect=(wire.SyncRequest,), verifier=self.trusted)
+        envelope = self._decode(delivery, wire.SyncRequest)
         request = envelope.message
         assert isinstance(request, wire.SyncRequest)
         replica = request.replica
@@ -370,11 +376,7 @@ class OnPremAgent:
         )
 
     async def _on_result(self, delivery: Delivery) -> None:
-        envelope = wire.decode(
-            delivery.body,
-            expect=(wire.ScoresReady, wire.ProbeRejected, wire.ReplicaStatus),
-            verifier=self.trusted,
-        )
+        envelope = self._decode(delivery, wire.ScoresReady, wire.ProbeRejected, wire.ReplicaStatus)
         result = envelope.message
         if isinstance(result, wire.ReplicaStatus):
             self._on_status(envelope.signer, result)

@@ -177,3 +177,53 @@ async def test_parts_held_when_onprem_stops_are_answered_by_the_next_onprem(
     await _result(deployment, second)
     event = await watch.event("restart")
     assert event.error is None and event.subject == "B" and event.verified, event
+
+
+class ManyFaces(FourFaces):
+    """`FourFaces` with ``count`` faces: the subject's and ``count - 1`` strangers'."""
+
+    def __init__(self, vectors: dict[str, np.ndarray], count: int) -> None:
+        super().__init__(vectors)
+        self.strangers = np.random.default_rng(4).normal(size=(count - 1, 128))
+
+
+async def _many_faces_probe(
+    deployment: Deployment, *, cap: int, faces: int
+) -> wire.VerificationEvent:
+    """One block; a probe of ``faces`` faces (the first, "bob"), every party at ``cap``."""
+    deployment.settings = dataclasses.replace(
+        deployment.settings, max_message_size=cap, max_faces=faces
+    )
+    rng = np.random.default_rng(6)
+    onprem = await deployment.onprem()
+    bob = rng.normal(size=128)
+    onprem.book.add_many((f"s{i}", rng.normal(size=128), f"t{i}") for i in range(16))
+    onprem.book.add("bob", bob, template_id="t-bob")
+    settings = deployment.settings.override(replica="r1")
+    cloud = CloudAgent(settings, await deployment.link(cap))
+    TrustStore(settings.trust_store_path).add("r1", cloud.signer.verify_key)
+    cloud.embedder = ManyFaces({"bob": bob + rng.normal(scale=0.01, size=128)}, faces)  # type: ignore[assignment]
+    await cloud.start()
+    deployment.agents.append(cloud)
+    await asyncio.wait_for(cloud.ready.wait(), 300)
+    client = await deployment.client()
+    async with client.events() as stream:
+        return await stream.wait_for(await client.publish_probe(b"bob"), 300)
+
+
+async def test_one_blocks_scores_of_too_many_faces_for_the_cap_get_an_error_event(
+    deployment: Deployment,
+) -> None:
+    # 9 faces x ~131 KB of one block's scores > 1 MiB: no part can hold them.
+    event = await _many_faces_probe(deployment, cap=CAP, faces=9)
+    assert event.error is not None and event.error.startswith("MessageTooLargeError"), event
+    assert event.distance is None and not event.faces
+
+
+async def test_onprem_reads_scores_up_to_its_configured_cap_not_the_default(
+    deployment: Deployment,
+) -> None:
+    # 40 faces x ~131 KB: one part of ~5.3 MB, over the 4 MiB default, under an 8 MiB cap.
+    event = await _many_faces_probe(deployment, cap=8 * CAP, faces=40)
+    assert event.error is None and event.verified and event.subject == "bob", event
+    assert len(event.faces) == 40 and event.face == 0
