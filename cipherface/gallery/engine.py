@@ -226,7 +226,7 @@ class EncryptedGallery:
             return []
         factor, const = _weights(self.metric)
         positions_of: dict[str, list[tuple[int, int]]] = {}
-        for block_id, layout in self._layouts.items():
+        for block_id, layout in list(self._layouts.items()):
             for position, name in enumerate(layout.subjects):
                 if name:
                     positions_of.setdefault(name, []).append((block_id, position))
@@ -279,18 +279,20 @@ class EncryptedGallery:
         return out
 
     def _blocks_of(self, subject: str | None) -> list[int]:
+        # Readers copy the layouts first (one C-level step under the GIL): `put` may add a
+        # block from another thread mid-iteration, failing a whole batch of probes.
         return sorted(
             block_id
-            for block_id, layout in self._layouts.items()
+            for block_id, layout in list(self._layouts.items())
             if subject is None or subject in layout.subjects
         )
 
     def subjects(self) -> list[str]:
         """Subjects with at least one template, sorted."""
-        return sorted({s for layout in self._layouts.values() for s in layout.subjects if s})
+        return sorted({s for layout in list(self._layouts.values()) for s in layout.subjects if s})
 
     def __len__(self) -> int:
-        return sum(1 for layout in self._layouts.values() for t in layout.template_ids if t)
+        return sum(1 for layout in list(self._layouts.values()) for t in layout.template_ids if t)
 
     def close(self) -> None:
         """Stop worker processes (the store, owned by the caller, stays open)."""
