@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import agents.onprem.agent as onprem_module
+import agents.onprem.answers as answers_module
 from agents.cloud.agent import CloudAgent
 from agents.onprem.agent import OnPremAgent, generate_keys
 from cipherface import photos, wire
@@ -77,7 +77,7 @@ async def test_rotate_keys_with_probes_in_flight(
         await asyncio.wait_for(cloud.ready.wait(), 120)
 
     ranked: list[tuple[str, str | None, tuple[int, ...]]] = []
-    real_rank = onprem_module.rank
+    real_rank = answers_module.rank
 
     def spy(keyring, book, scores, **kwargs):  # type: ignore[no-untyped-def]
         ranked.append(
@@ -85,7 +85,7 @@ async def test_rotate_keys_with_probes_in_flight(
         )
         return real_rank(keyring, book, scores, **kwargs)
 
-    monkeypatch.setattr(onprem_module, "rank", spy)
+    monkeypatch.setattr(answers_module, "rank", spy)
 
     counts: collections.Counter[str] = collections.Counter()
     events: dict[str, wire.VerificationEvent] = {}
