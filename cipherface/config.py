@@ -104,6 +104,10 @@ class Settings:
     max_faces: int = 32
     #: Processes a cloud replica spreads its gallery over (TenSEAL holds the GIL).
     workers: int = 1
+    #: Processes a cloud replica embeds probe images in (`EmbeddingPool`): DeepFace
+    #: runs one image at a time per process, so 2 on a 2-core replica embeds two
+    #: probes at once. 0: in the replica's own process (no extra memory, one core).
+    embed_workers: int = 0
     #: File holding the broker password, put into `amqp_url` at connect time, so the
     #: URL in the environment carries none (`cipherface broker-setup` writes these).
     amqp_password_file: Path | None = None
@@ -129,6 +133,8 @@ class Settings:
             raise ConfigError(f"unknown preset {self.preset!r}; choose {', '.join(PRESETS)}")
         if min(self.prefetch, self.top_k, self.workers, self.max_faces) < 1:
             raise ConfigError("prefetch, top_k, workers and max_faces must be at least 1")
+        if self.embed_workers < 0:
+            raise ConfigError(f"embed_workers must be 0 or more, got {self.embed_workers}")
         for name in _PATHS:
             value = getattr(self, name)
             if value is not None:
@@ -275,6 +281,7 @@ _INTS = (
     "top_k",
     "metrics_port",
     "workers",
+    "embed_workers",
     "ledger_max",
     "max_image_side",
     "max_faces",

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 __all__ = [
     "LOG_FIELDS",
     "JsonFormatter",
+    "cancel_and_wait",
     "configure_logging",
     "finish_in_thread",
     "run_until_signalled",
@@ -79,12 +80,36 @@ async def finish_in_thread(func: Callable[..., T], *args: Any) -> T:
     cleanly between two steps (e.g. two blocks of a sync), never inside one.
     """
     future = asyncio.ensure_future(asyncio.to_thread(func, *args))
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await future
-        raise
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait({future})  # cancelling the wait leaves the future alone
+        except asyncio.CancelledError:
+            # Every cancellation is held, not only the first: `cancel_and_wait`
+            # repeats them, and the thread must still finish before the caller goes.
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return future.result()
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any], every: float = 1.0) -> None:
+    """Cancel ``tasks`` and wait until each is done, cancelling again while it runs.
+
+    One ``cancel()`` is not enough on Python 3.11: ``asyncio.wait_for`` (which
+    aio-pika and aiormq use for every RPC) swallows a cancellation that arrives as
+    its inner call completes (CPython gh-86296, fixed in 3.12). A housekeeping loop
+    whose cancellation was swallowed so sleeps on forever, and a ``stop`` awaiting it
+    hung a daemon's shutdown. Cancelling again every ``every`` seconds ends it.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=every)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("task %s ended with %r", task.get_name(), task.exception())
 
 
 async def run_until_signalled(

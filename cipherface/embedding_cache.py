@@ -8,6 +8,7 @@ import threading
 from collections import OrderedDict
 
 from cipherface.embedding import Embedder, Face
+from cipherface.embedding_pool import EmbeddingPool
 
 __all__ = ["EmbeddingCache"]
 
@@ -19,11 +20,16 @@ class EmbeddingCache:
     of a second DeepFace pass; only successes are remembered.
     """
 
-    def __init__(self, embedder: Embedder, size: int = 256) -> None:
+    def __init__(self, embedder: Embedder | EmbeddingPool, size: int = 256) -> None:
         self.embedder = embedder
         self.size = size
         self._faces: OrderedDict[bytes, list[Face]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop the embedding workers, if the embedder has any."""
+        if isinstance(self.embedder, EmbeddingPool):
+            self.embedder.close()
 
     def embed(self, image: bytes, *, name: str | None = None) -> list[Face]:
         """Like `Embedder.embed` for encoded bytes, from the cache when possible."""

@@ -20,7 +20,8 @@ know which library failed underneath::
     │   ├── NoFaceError               an image in which no face was found
     │   ├── TooManyFacesError         more faces than a probe may have (`max_faces`)
     │   ├── UnknownModelError(ValueError)
-    │   └── MissingWeightsError       model weights absent and not downloadable
+    │   ├── MissingWeightsError       model weights absent and not downloadable
+    │   └── EmbeddingCrashedError     an embedding worker process died on the image
     ├── WireFormatError(ValueError)   a message that does not decode or validate
     │   ├── MessageTooLargeError      a message over the configured size cap
     │   ├── ChunkError                a block chunk that does not fit its block
@@ -38,6 +39,7 @@ __all__ = [
     "CiphertextError",
     "ConfigError",
     "CryptoError",
+    "EmbeddingCrashedError",
     "EmbeddingError",
     "ImageDecodeError",
     "IntegrityError",
@@ -60,6 +62,18 @@ __all__ = [
 
 class CipherFaceError(Exception):
     """Root of every error CipherFace raises on purpose."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickled by message and attributes, not by constructor arguments: an error
+        # whose __init__ takes other arguments (`MissingWeightsError`) still crosses
+        # from a worker process (`cipherface.embedding_pool`) with its type intact.
+        return (_restore, (type(self), str(self)), self.__dict__)
+
+
+def _restore(kind: type[CipherFaceError], message: str) -> CipherFaceError:
+    error = kind.__new__(kind)
+    Exception.__init__(error, message)
+    return error
 
 
 class ConfigError(CipherFaceError, ValueError):
@@ -159,6 +173,14 @@ class MissingWeightsError(EmbeddingError):
         self.model = model
         self.file_name = file_name
         self.folder = folder
+
+
+class EmbeddingCrashedError(EmbeddingError):
+    """The worker process embedding an image died (a native fault, or killed).
+
+    The image may be what crashed it, so the probe is answered with this error
+    rather than retried; the replica itself keeps running.
+    """
 
 
 class WireFormatError(CipherFaceError, ValueError):

@@ -128,9 +128,9 @@ def test_concurrent_searches_share_passes_and_a_bad_probe_fails_alone(
         sizes: list[int] = []
         many = gallery.search_many
 
-        def recording(batch: list[np.ndarray]) -> list:
+        def recording(batch: list[np.ndarray], **kwargs: object) -> list:
             sizes.append(len(batch))
-            return many(batch)
+            return many(batch, **kwargs)
 
         gallery.search_many = recording  # type: ignore[method-assign]
 
@@ -150,6 +150,40 @@ def test_concurrent_searches_share_passes_and_a_bad_probe_fails_alone(
     assert [rank(keys, book, a, top_k=1)[0].subject for a in shared] == [
         f"s{i}" for i in range(12) if i != 5
     ]
+
+
+def test_concurrent_claims_on_the_same_blocks_share_a_pass_on_those_blocks_only(
+    keys: Keyring, public: Keyring
+) -> None:
+    """1:1 claims go through the batcher too: claims of subjects in one block are
+    scored together on that block, each exactly as `search` scores it alone."""
+    rng = np.random.default_rng(8)
+    vectors = rng.standard_normal((8192 + 100, 16))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    book = EnrollmentBook(keys, Metric.COSINE, 16)
+    book.add_many((f"s{i}", v, f"t{i}") for i, v in enumerate(vectors))
+    claims = [(f"s{i}", vectors[i]) for i in (3, 4, 5, 6, 8200, 8201)]
+    with EncryptedGallery(public, workers=2) as gallery:
+        for block in book.encrypt_blocks():
+            gallery.put(block)
+        calls: list[tuple[int, tuple[int, ...] | None]] = []
+        many = gallery.search_many
+
+        def recording(batch: list[np.ndarray], *, blocks: object = None) -> list:
+            calls.append((len(batch), None if blocks is None else tuple(blocks)))  # type: ignore[arg-type]
+            return many(batch, blocks=blocks)  # type: ignore[arg-type]
+
+        gallery.search_many = recording  # type: ignore[method-assign]
+        with ThreadPoolExecutor(max_workers=len(claims)) as pool:
+            answers = list(pool.map(lambda c: gallery.search_shared(c[1], subject=c[0]), claims))
+        alone = [gallery.search(v, subject=s) for s, v in claims]
+        first, second = gallery.blocks_of("s3"), gallery.blocks_of("s8200")
+    assert first != second and len(first) == len(second) == 1
+    assert [[s.scores for s in a] for a in answers] == [[s.scores for s in a] for a in alone]
+    assert all(blocks in (tuple(first), tuple(second)) for _, blocks in calls)
+    assert max(size for size, _ in calls) > 1  # claims shared a pass
+    for (subject, _), scores in zip(claims, answers, strict=True):
+        assert rank(keys, book, scores, subject=subject)[0].subject == subject
 
 
 @pytest.mark.parametrize("workers", [1, 2])

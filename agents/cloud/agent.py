@@ -39,9 +39,9 @@ from agents.cloud.staged import Staged, stage
 from cipherface import wire
 from cipherface.config import Settings
 from cipherface.crypto import Keyring
-from cipherface.daemon import finish_in_thread
-from cipherface.embedding import Embedder
+from cipherface.daemon import cancel_and_wait, finish_in_thread
 from cipherface.embedding_cache import EmbeddingCache
+from cipherface.embedding_pool import probe_embedder
 from cipherface.exceptions import (
     ConfigError,
     EmbeddingError,
@@ -88,7 +88,7 @@ class CloudAgent:
         self.replica = self.identity.name
         self.settings = settings = settings.override(replica=self.replica)
         self.transport = transport
-        self.embedder = EmbeddingCache(Embedder(settings.model, settings.detector))
+        self.embedder = EmbeddingCache(probe_embedder(settings))
         self.onprem = PinnedKey(onprem_key)
         self.signer = SigningKey.load_or_create(settings.replica_key_path, self.replica)
         self._store_path = self._current_store()
@@ -213,15 +213,16 @@ class CloudAgent:
         A block being stored when the drain times out is finished first (its
         thread is never left using a closed store); the delivery is requeued.
         """
-        for task in (self._probe_task, self._sync_task):
-            if task is not None:
-                task.cancel()
+        # Awaited: a consumer still being declared must be in `_consumers` or gone
+        # before they are cancelled, and a sync request not half-sent.
+        await cancel_and_wait(*(t for t in (self._probe_task, self._sync_task) if t is not None))
         for consumer in self._consumers:
             await consumer.cancel(timeout=30)
         self._consumers.clear()
         self._drop_staged()
         self._close_gallery()
         self.store.close()
+        await asyncio.to_thread(self.embedder.close)
         self.identity.release()
 
     async def _report(self) -> None:

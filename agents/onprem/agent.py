@@ -37,7 +37,7 @@ from agents.onprem.keys import KeySet, generate_keys, write_keys
 from cipherface import wire
 from cipherface.config import Settings
 from cipherface.crypto import Keyring
-from cipherface.daemon import finish_in_thread
+from cipherface.daemon import cancel_and_wait, finish_in_thread
 from cipherface.embedding import Embedder, threshold
 from cipherface.exceptions import (
     ConfigError,
@@ -178,8 +178,7 @@ class OnPremAgent:
         then close the stores (never under a worker thread still using them)."""
         self.started = False
         if self._ops_task is not None:
-            self._ops_task.cancel()
-            await asyncio.gather(self._ops_task, return_exceptions=True)
+            await cancel_and_wait(self._ops_task)
         await self.rotation.stop()
         self.gathering.stop()
         for consumer in self._consumers:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from cipherface import wire
 from cipherface.config import CURRENT_KEY_FILE
 from cipherface.crypto import Keyring
-from cipherface.daemon import finish_in_thread
+from cipherface.daemon import cancel_and_wait, finish_in_thread
 from cipherface.exceptions import ConfigError
 from cipherface.gallery.lifecycle import rekey
 from cipherface.private import private_dir, write_private
@@ -166,8 +166,7 @@ class KeyRotation:
     async def stop(self) -> None:
         """Cancel a running rotation; `resume` carries on after a restart."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
 
     async def wait(self) -> None:
         """Until the running rotation (if any) is over; raises what it raised."""

@@ -5,8 +5,10 @@ is given, while concurrent `search` calls each read the whole gallery. A daemon
 that searches from worker threads (``asyncio.to_thread``) calls `SearchBatcher.search`
 instead: the first caller waits `window` seconds, then scores every probe that
 arrived meanwhile in one pass, and keeps serving those that arrive during that
-pass; the others just wait for their answer. A probe the batch refuses (a wrong
-dimension) is retried alone, so one bad probe cannot fail the others.
+pass; the others just wait for their answer. 1:1 claims join too: claims whose
+subjects sit in the same blocks are scored together on those blocks only. A probe
+the batch refuses (a wrong dimension) is retried alone, so one bad probe cannot
+fail the others.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = ["SearchBatcher"]
 @dataclass(slots=True)
 class _Waiting:
     probe: np.ndarray | Sequence[float]
+    subject: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
     scores: list[BlockScores] | None = None
     error: Exception | None = None
@@ -51,9 +54,11 @@ class SearchBatcher:
         self._queue: list[_Waiting] = []
         self._serving = False
 
-    def search(self, probe: np.ndarray | Sequence[float]) -> list[BlockScores]:
+    def search(
+        self, probe: np.ndarray | Sequence[float], *, subject: str | None = None
+    ) -> list[BlockScores]:
         """`EncryptedGallery.search` of one plaintext probe, sharing a pass with others."""
-        waiting = _Waiting(probe)
+        waiting = _Waiting(probe, subject)
         with self._changed:
             self._queue.append(waiting)
             while not waiting.done.is_set() and self._serving:
@@ -75,13 +80,18 @@ class SearchBatcher:
             others = [w for w in self._queue if w is not own]
             batch = [own, *others[: self._limit - 1]]
             self._queue = others[self._limit - 1 :]
+        groups: dict[tuple[int, ...] | None, list[_Waiting]] = {}
         try:
-            try:
-                results = self._gallery.search_many([w.probe for w in batch])
-            except CipherFaceError:
-                results = [self._alone(w) for w in batch]
-            for waiting, scores in zip(batch, results, strict=True):
-                waiting.scores = scores
+            for waiting in batch:
+                key = None if waiting.subject is None else self._gallery.blocks_of(waiting.subject)
+                groups.setdefault(key if key is None else tuple(key), []).append(waiting)
+            for blocks, members in groups.items():
+                try:
+                    results = self._gallery.search_many([w.probe for w in members], blocks=blocks)
+                except CipherFaceError:
+                    results = [self._alone(w) for w in members]
+                for waiting, scores in zip(members, results, strict=True):
+                    waiting.scores = scores
         except Exception as exc:  # handed to every caller of the batch
             for waiting in batch:
                 waiting.error = exc
@@ -94,7 +104,7 @@ class SearchBatcher:
 
     def _alone(self, waiting: _Waiting) -> list[BlockScores] | None:
         try:
-            return self._gallery.search(waiting.probe)
+            return self._gallery.search(waiting.probe, subject=waiting.subject)
         except Exception as exc:  # re-raised in the caller's thread
             waiting.error = exc
             return None

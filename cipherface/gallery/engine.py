@@ -165,8 +165,8 @@ class EncryptedGallery:
                 probe.norm,
                 _weights(self.metric)[1],
             )
-            return self._fan_out(request, self._blocks_of(subject))
-        return self._score_plain([probe], self._blocks_of(subject))[0]
+            return self._fan_out(request, self.blocks_of(subject))
+        return self._score_plain([probe], self.blocks_of(subject))[0]
 
     def search_shared(
         self, probe: np.ndarray | Sequence[float] | EncryptedProbe, *, subject: str | None = None
@@ -174,24 +174,29 @@ class EncryptedGallery:
         """`search`, sharing one pass with concurrent plaintext 1:N probes (`SearchBatcher`).
 
         For daemons that search from several threads; a probe waits up to the
-        batcher's window (5 ms) for company. Edge probes and 1:1 go alone.
+        batcher's window (5 ms) for company. 1:1 claims share a pass with the
+        claims on the same blocks; edge probes go alone.
         """
-        if subject is not None or isinstance(probe, EncryptedProbe):
+        if isinstance(probe, EncryptedProbe):
             return self.search(probe, subject=subject)
-        return self._batcher.search(probe)
+        return self._batcher.search(probe, subject=subject)
 
     def search_many(
-        self, probes: Sequence[np.ndarray | Sequence[float]]
+        self,
+        probes: Sequence[np.ndarray | Sequence[float]],
+        *,
+        blocks: Sequence[int] | None = None,
     ) -> list[list[BlockScores]]:
         """Encrypted scores of several plaintext probes in one pass over the gallery.
 
         Each probe's scores are exactly what `search` gives it alone; the gallery is
         read once for all of them (`cipherface.gallery.kernel`), so waiting probes
-        are best scored together.
+        are best scored together. ``blocks``: only these (1:1 claims whose subjects
+        are in them, `blocks_of`); None: every block.
         """
         if self.metric is None or not probes:
             return [[] for _ in probes]
-        return self._score_plain(probes, self._blocks_of(None))
+        return self._score_plain(probes, self.blocks_of(None) if blocks is None else list(blocks))
 
     def _score_plain(
         self, probes: Sequence[np.ndarray | Sequence[float]], block_ids: list[int]
@@ -278,7 +283,8 @@ class EncryptedGallery:
                 )
         return out
 
-    def _blocks_of(self, subject: str | None) -> list[int]:
+    def blocks_of(self, subject: str | None) -> list[int]:
+        """Ids of the blocks holding ``subject``'s templates (None: every block), sorted."""
         # Readers copy the layouts first (one C-level step under the GIL): `put` may add a
         # block from another thread mid-iteration, failing a whole batch of probes.
         return sorted(

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
+from cipherface.daemon import cancel_and_wait
 from cipherface.exceptions import (
     CipherFaceError,
     MessageTooLargeError,
@@ -384,10 +385,7 @@ async def drain(tasks: set[asyncio.Task[None]], timeout: float) -> None:
     if not tasks:
         return
     _, pending = await asyncio.wait(set(tasks), timeout=timeout)
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.wait(pending)
+    await cancel_and_wait(*pending)
 
 
 T = TypeVar("T", bound="TransportBase")

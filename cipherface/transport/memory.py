@@ -11,11 +11,11 @@ the process".
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from cipherface.daemon import cancel_and_wait
 from cipherface.exceptions import TransportError
 from cipherface.transport.base import (
     REASON_HEADER,
@@ -153,9 +153,7 @@ class _MemoryConsumer:
             self._slots.release()
 
     async def cancel(self, *, timeout: float = 30.0) -> None:
-        self._pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._pump
+        await cancel_and_wait(self._pump)
         await drain(self._inflight, timeout)
         if self._exclusive:
             self._transport.broker.delete_queue(self._queue_name)

@@ -51,6 +51,15 @@ __all__ = ["RabbitMQTransport", "read_secret", "tls_context", "with_password"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds a publisher confirm may take. A robust channel waits for its connection
+#: to come back before it publishes (aio-pika #556, #636), so without a bound a
+#: handler whose broker never returns waits forever and holds its delivery; with
+#: it the handler fails with `TransportError` and the delivery is requeued.
+PUBLISH_TIMEOUT = 60.0
+#: Seconds a consumer cancel or a connection close may take at shutdown: the same
+#: wait on a connection that is gone must not keep a daemon from stopping.
+CLOSE_TIMEOUT = 10.0
+
 _CONNECTION_ERRORS = (
     aio_pika.exceptions.AMQPError,
     aiormq.exceptions.AMQPError,
@@ -117,7 +126,7 @@ class _RabbitConsumer:
     async def cancel(self, *, timeout: float = 30.0) -> None:
         if self._tag is not None:
             try:
-                await self._queue.cancel(self._tag)
+                await asyncio.wait_for(self._queue.cancel(self._tag), CLOSE_TIMEOUT)
             except _CONNECTION_ERRORS as exc:
                 log.warning("cancelling consumer of %s: %s", self._queue.name, exc)
             self._tag = None
@@ -339,7 +348,10 @@ class RabbitMQTransport(TransportBase):
         channel = self._channel()
         try:
             target = await channel.get_exchange(exchange, ensure=False)
-            await target.publish(_message(body, message_id), routing_key=queue, mandatory=True)
+            await asyncio.wait_for(
+                target.publish(_message(body, message_id), routing_key=queue, mandatory=True),
+                PUBLISH_TIMEOUT,
+            )
         except _CONNECTION_ERRORS as exc:
             raise TransportError(f"cannot send to {queue}: {exc}") from exc
 
@@ -354,8 +366,11 @@ class RabbitMQTransport(TransportBase):
         channel = self._channel()
         try:
             target = await channel.get_exchange(exchange, ensure=False)
-            await target.publish(
-                _message(body, message_id), routing_key=routing_key, mandatory=False
+            await asyncio.wait_for(
+                target.publish(
+                    _message(body, message_id), routing_key=routing_key, mandatory=False
+                ),
+                PUBLISH_TIMEOUT,
             )
         except _CONNECTION_ERRORS as exc:
             raise TransportError(f"cannot publish to {exchange}: {exc}") from exc
@@ -366,15 +381,18 @@ class RabbitMQTransport(TransportBase):
         target = await self._channel().get_exchange(
             self.topology.dead_letter_exchange, ensure=False
         )
-        await target.publish(
-            aio_pika.Message(
-                message.body,
-                headers=headers,
-                message_id=message.message_id,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        await asyncio.wait_for(
+            target.publish(
+                aio_pika.Message(
+                    message.body,
+                    headers=headers,
+                    message_id=message.message_id,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key=queue,
+                mandatory=False,
             ),
-            routing_key=queue,
-            mandatory=False,
+            PUBLISH_TIMEOUT,
         )
 
     async def consume(
@@ -414,7 +432,7 @@ class RabbitMQTransport(TransportBase):
             await consumer.cancel(timeout=0)
         if self._connection is not None:
             try:
-                await self._connection.close()
+                await asyncio.wait_for(self._connection.close(), CLOSE_TIMEOUT)
             except _CONNECTION_ERRORS as exc:
                 log.debug("closing connection: %s", exc)
             self._connection = None

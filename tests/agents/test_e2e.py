@@ -6,10 +6,12 @@ Every test runs twice: on the in-process broker and on RabbitMQ.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from agents.cloud.agent import CloudAgent
 from cipherface import wire
 from cipherface.transport import REASON_HEADER, Delivery
 from tests.agents.conftest import Deployment
@@ -86,6 +88,26 @@ async def test_known_stranger_and_identification(
         assert event.distance is not None
         assert round(event.distance, 4) == event.distance  # rounded before leaving on-prem
         assert event.threshold == pytest.approx(0.07)
+
+
+async def test_a_replica_embedding_in_worker_processes_answers_the_same(
+    enrolled: Deployment, faces_dir: Path, identity_groups: dict[str, list[str]]
+) -> None:
+    if enrolled.url:
+        pytest.skip("the embedding pool is inside the replica: the broker plays no part")
+    await enrolled.stop(next(a for a in enrolled.agents if isinstance(a, CloudAgent)))
+    enrolled.settings = replace(enrolled.settings, embed_workers=2)
+    cloud = await enrolled.cloud("r2")
+    await asyncio.wait_for(cloud.ready.wait(), 60)
+    client = await enrolled.client()
+    async with client.events() as stream:
+        p_known = await client.publish_probe(faces_dir / identity_groups["G01"][2], "G01")
+        p_search = await client.publish_probe(faces_dir / identity_groups["G02"][2])
+        p_garbage = await client.publish_probe(b"GIF89a" + bytes(32))
+        events = await _collect(stream, 3)
+    by_id = {e.probe_id: e for e in events}
+    assert by_id[p_known].verified and by_id[p_search].subject == "G02"
+    assert (by_id[p_garbage].error or "").startswith("UnsupportedImageError: ")
 
 
 async def test_bad_probes_get_error_events(

@@ -1,0 +1,113 @@
+"""Embedding in worker processes: a replica's DeepFace work on every core, a native
+crash contained.
+
+DeepFace's detectors and models are process-wide and not thread-safe, so one process
+embeds one image at a time (`cipherface.embedding`): a 2-core replica used one core
+for its most expensive stage. `EmbeddingPool` runs an `Embedder` in each of
+``workers`` spawned processes (spawned, not forked: the replica holds TenSEAL objects
+and threads), so concurrent probes embed in parallel. A worker that dies inside
+native code (OpenCV, dlib or TensorFlow on a hostile image) takes down only itself:
+the probe gets `EmbeddingCrashedError` (an error event, not a dead replica) and the
+pool is rebuilt for the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from cipherface.config import Settings
+from cipherface.embedding import Embedder, Face
+from cipherface.exceptions import EmbeddingCrashedError
+
+__all__ = ["EmbeddingPool", "probe_embedder"]
+
+log = logging.getLogger(__name__)
+
+#: The worker's own embedder: built once per process by `_start`, used by `_embed`.
+_embedder: Embedder | None = None
+
+
+def _start(model: str, detector: str, max_side: int) -> None:
+    global _embedder
+    _embedder = Embedder(model, detector, max_side=max_side)
+
+
+def _embed(image: bytes | str, name: str | None) -> list[Face]:
+    assert _embedder is not None, "worker started without its embedder"
+    return _embedder.embed(image, name=name)
+
+
+class EmbeddingPool:
+    """`Embedder.embed` in ``workers`` processes; a drop-in for `Embedder`.
+
+    ``embed`` blocks its calling thread until a worker answers, so callers that
+    already embed in threads (the replica does, per probe) get parallelism
+    without other changes. Errors come back as the same types (`NoFaceError`,
+    `UnsupportedImageError`, ...).
+    """
+
+    def __init__(self, embedder: Embedder, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"an embedding pool needs at least one worker, got {workers}")
+        self.embedder = embedder
+        self.workers = workers
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+
+    @property
+    def model(self) -> str:
+        """The DeepFace model name."""
+        return self.embedder.model
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_start,
+                    initargs=(self.embedder.model, self.embedder.detector, self.embedder.max_side),
+                )
+            return self._pool
+
+    def embed(
+        self, image: bytes | str | os.PathLike[str], *, name: str | None = None
+    ) -> list[Face]:
+        """Embed every face in ``image`` in a worker process (see `Embedder.embed`)."""
+        pool = self._executor()
+        source = os.fspath(image) if isinstance(image, os.PathLike) else image
+        try:
+            return pool.submit(_embed, source, name).result()
+        except BrokenProcessPool as exc:
+            self._discard(pool)
+            label = name or "image"
+            raise EmbeddingCrashedError(
+                f"{label}: the embedding worker died while embedding it ({exc}); "
+                "the image was not embedded"
+            ) from None
+
+    def _discard(self, pool: ProcessPoolExecutor) -> None:
+        """Forget a broken pool (the next call starts a new one)."""
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
+        log.warning("an embedding worker died; starting a new pool for the next image")
+
+    def close(self) -> None:
+        """Stop the workers (waiting for images being embedded)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def probe_embedder(settings: Settings) -> Embedder | EmbeddingPool:
+    """What a replica embeds probes with: a pool when `Settings.embed_workers` asks."""
+    embedder = Embedder(settings.model, settings.detector, max_side=settings.max_image_side)
+    return EmbeddingPool(embedder, settings.embed_workers) if settings.embed_workers else embedder
