@@ -7,12 +7,15 @@ The cloud holds only a public keyring. Measured on the 2-core benchmark machine
   of a block's 128 columns as an exact matrix product mod q on float64 BLAS,
   about 5 ms per block of 8192 templates for one probe (SEAL's 128
   ``multiply_plain`` took 8 ms) and about 30 ms for 32 probes in one pass, on one
-  idle core. Workers keep each block's coefficients as 16-bit limb planes next to
-  the SEAL ciphertexts (twice the memory: about 2.2 KB per 128-d template).
+  idle core. Workers keep each block once, as 16-bit limb planes (about 2.1 KB
+  per 128-d template in memory: 1.1 GB per million per worker, not 2.6 GB as
+  when SEAL ciphertexts were kept beside them).
   An encrypted probe (``d`` ciphertexts, each one probe component in every slot,
   made with the public key at the edge) costs 128 ciphertext products, left
-  unrelinearised: about 16 ms per block (~520,000 per second per core). The
-  decrypted score then has three components, which decryption handles.
+  unrelinearised, on the block's ciphertexts rebuilt from its planes for the
+  request (as batched 1:1 does): about 16 ms per block for the products, and as
+  much again or more to rebuild. The decrypted score then has three components,
+  which decryption handles.
 - A million templates are 123 blocks (`benchmarks/bench_search.py` prints the
   current figures against numpy float32 and faiss). Batched 1:1
   (`verify_pairs`) needs two rounds for a full block and verifies ~56,000

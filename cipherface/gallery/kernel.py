@@ -17,9 +17,13 @@ exact. Limbs recombine as ``S0 + 2^16 (S1 + 2^16 (S2 + 2^16 S3)) mod q`` with
 the very residue SEAL computes: tests compare it bit for bit.
 
 The cloud keeps each block's coefficients resident as 16-bit limb planes
-(`limb_planes`) next to the SEAL ciphertexts the edge-probe path (ciphertext x ciphertext) uses, so
-no request rebuilds anything; results are written as SEAL serializations
-(`Writer`) that on-prem loads and checks as before.
+(`limb_planes`) and nothing else: the same eight bytes per coefficient as a SEAL
+ciphertext, so holding both doubled a worker's memory (2.6 GB instead of 1.1 GB
+per million 128-d templates). The paths SEAL must still compute (edge probes,
+ciphertext x ciphertext; batched 1:1, slot-wise plaintexts) rebuild a block's
+ciphertexts from its planes for one request (`coefficients_of`, then `Writer`):
+the very ciphertexts received, bit for bit. Results are written as SEAL
+serializations (`Writer`) that on-prem loads and checks as before.
 """
 
 from __future__ import annotations
@@ -198,6 +202,13 @@ def limb_planes(columns: np.ndarray) -> np.ndarray:
     d, size, degree = columns.shape
     words = columns.astype("<u8", copy=False).view(np.uint16).reshape(d, size, degree, _LIMBS)
     return np.ascontiguousarray(words.transpose(1, 3, 0, 2))
+
+
+def coefficients_of(planes: np.ndarray) -> np.ndarray:
+    """Inverse of `limb_planes`: (size, 4, d, N) uint16 planes as (d, size, N) uint64."""
+    size, _, d, degree = planes.shape
+    words = np.ascontiguousarray(planes.transpose(2, 0, 3, 1))
+    return words.view("<u8").reshape(d, size, degree).astype(np.uint64, copy=False)
 
 
 #: Coefficient positions per BLAS call: a block's limbs for them stay in cache.

@@ -26,6 +26,7 @@ from cipherface.gallery.kernel import (
     ModularProduct,
     Writer,
     coefficients,
+    coefficients_of,
     integer_weights,
     limb_planes,
     plain_coefficients,
@@ -56,34 +57,60 @@ def _encrypt_in_worker(matrix: np.ndarray) -> tuple[tuple[bytes, ...], bytes | N
 
 
 class _Engine:
-    """Deserialized blocks of one shard and the arithmetic on them."""
+    """One shard's blocks, held once as limb planes, and the arithmetic on them.
+
+    Plaintext probes (1:N and 1:1 by subject) are scored on the planes by the
+    kernel. Edge probes and batched 1:1 need SEAL's own products: `_ciphertexts`
+    rebuilds one block's ciphertexts for the request and lets them go, so a
+    worker never holds a block twice.
+    """
 
     def __init__(self, keyring: Keyring) -> None:
         self.seal = _Seal(keyring)
-        self.blocks: dict[int, tuple[int, list[Any], Any]] = {}
-        #: Each block's coefficients (columns [+ norms]) as `limb_planes`, for batched probes.
-        self.arrays: dict[int, np.ndarray] = {}
+        #: block id -> (version, coefficients of columns [+ norms] as `limb_planes`, has norms).
+        self.blocks: dict[int, tuple[int, np.ndarray, bool]] = {}
         prime = self.seal.context.last_context_data().parms().coeff_modulus()[0].value()
         self.product = ModularProduct(prime)
+        #: Serializers of a score, a column (scale 2^25) and a norm column (2^50).
         self.writer: Writer | None = None
+        self._column_writer: Writer | None = None
+        self._norm_writer: Writer | None = None
 
     def put(
         self, block_id: int, version: int, columns: Sequence[bytes], norms: bytes | None
     ) -> None:
-        loaded = [self._column(c, _VALUE_SCALE) for c in columns]
-        norm = None if norms is None else self._column(norms, _SCORE_SCALE)
-        if not loaded:
+        if not columns:
             raise CiphertextError(f"block {block_id} has no columns")
-        self.arrays[block_id] = limb_planes(
-            np.stack(
-                [coefficients(self.seal, c) for c in [*loaded, *([] if norm is None else [norm])]]
-            )
-        )
-        self.blocks[block_id] = (version, loaded, norm)
-        if self.writer is None:
-            score = sealapi.Ciphertext()
-            self.seal.evaluator.multiply_plain(loaded[0], self.seal.plain(1.0, _VALUE_SCALE), score)
-            self.writer = Writer(self.seal, score)
+        scaled = [(c, _VALUE_SCALE) for c in columns]
+        if norms is not None:
+            scaled.append((norms, _SCORE_SCALE))
+        words = []
+        # One SEAL ciphertext at a time: only its coefficients are kept.
+        for data, scale in scaled:
+            ciphertext = self._column(data, scale)
+            if self.writer is None:
+                score = sealapi.Ciphertext()
+                one = self.seal.plain(1.0, _VALUE_SCALE)
+                self.seal.evaluator.multiply_plain(ciphertext, one, score)
+                self.writer = Writer(self.seal, score)
+                self._column_writer = Writer(self.seal, ciphertext)
+            elif scale == _SCORE_SCALE and self._norm_writer is None:
+                self._norm_writer = Writer(self.seal, ciphertext)
+            words.append(coefficients(self.seal, ciphertext))
+        planes = limb_planes(np.stack(words))
+        self.blocks[block_id] = (version, planes, norms is not None)
+
+    def _ciphertexts(self, planes: np.ndarray, has_norms: bool) -> tuple[list[Any], Any]:
+        """A block's columns (and norm column) as SEAL ciphertexts, bit for bit those received."""
+        assert self._column_writer is not None
+        words = coefficients_of(planes)
+        columns = words[:-1] if has_norms else words
+        loaded = [self.seal.load(self._column_writer(c)) for c in columns]
+        norm = None
+        if has_norms:
+            assert self._norm_writer is not None
+            norm = self.seal.load(self._norm_writer(words[-1]))
+        return loaded, norm
 
     def _column(self, data: bytes, scale: float) -> Any:
         """A column as on-prem encrypts it (two components, NTT form, ``scale``), or refused.
@@ -98,7 +125,6 @@ class _Engine:
 
     def drop(self, block_id: int) -> None:
         self.blocks.pop(block_id, None)
-        self.arrays.pop(block_id, None)
 
     def score(
         self, request: tuple[Any, ...], block_ids: Sequence[int]
@@ -111,7 +137,8 @@ class _Engine:
             extra = None if request[2] is None else seal.load(request[2])
         out = []
         for block_id in block_ids:
-            version, columns, norms = self.blocks[block_id]
+            version, planes, has_norms = self.blocks[block_id]
+            columns, norms = self._ciphertexts(planes, has_norms)
             if kind == "pairs":
                 matrix, consts = request[1][block_id]
                 probe = [seal.plain(matrix[j].tolist(), _VALUE_SCALE) for j in range(len(matrix))]
@@ -140,11 +167,11 @@ class _Engine:
         out: list[list[tuple[int, int, bytes]]] = [[] for _ in consts]
         assert self.writer is not None or not block_ids
         for block_id in block_ids:
-            version, _, norms = self.blocks[block_id]
+            version, planes, has_norms = self.blocks[block_id]
             block_weights = integer
-            if norms is not None:  # at scale 2^50 already: weight one
+            if has_norms:  # at scale 2^50 already: weight one
                 block_weights = np.hstack([integer, np.ones((len(consts), 1), dtype=np.int64)])
-            sums = weighted_sums(self.product, self.arrays[block_id], block_weights, constants)
+            sums = weighted_sums(self.product, planes, block_weights, constants)
             for index, row in enumerate(sums):
                 out[index].append((block_id, version, self.writer(row)))
         return out

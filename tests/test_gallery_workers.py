@@ -1,0 +1,99 @@
+"""A gallery worker holds each block once (limb planes) and still answers SEAL's paths exactly.
+
+Edge probes (ciphertext x ciphertext) and batched 1:1 (slot-wise plaintexts) are
+computed by SEAL on ciphertexts rebuilt from the planes: their results must be,
+bit for bit, what SEAL computes on the ciphertexts on-prem shipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tenseal.sealapi as sealapi
+
+from cipherface.crypto import Keyring, Metric
+from cipherface.gallery import EnrollmentBook, encrypt_probe
+from cipherface.gallery.kernel import coefficients, coefficients_of, limb_planes
+from cipherface.gallery.packing import _Seal, _weights
+from cipherface.gallery.workers import _Engine
+from cipherface.wire.payloads import EncryptedBlock
+
+_VALUE, _SCORE = 2.0**25, 2.0**50
+
+
+def _block(keys: Keyring, metric: Metric) -> EncryptedBlock:
+    rng = np.random.default_rng(11)
+    vectors = rng.standard_normal((300, 16))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    book = EnrollmentBook(keys, metric, 16)
+    book.add_many((f"s{i}", v, f"t{i}") for i, v in enumerate(vectors))
+    [block] = book.encrypt_blocks()
+    return block
+
+
+def _finish(seal: _Seal, acc: Any, block: EncryptedBlock, const: complex) -> np.ndarray:
+    if const:
+        seal.evaluator.add_plain_inplace(acc, seal.plain(const, _SCORE))
+    if block.norms is not None:
+        seal.evaluator.add_inplace(acc, seal.load(block.norms))
+    return coefficients(seal, acc)
+
+
+def _sum(seal: _Seal, terms: list[Any]) -> Any:
+    acc = terms[0]
+    for term in terms[1:]:
+        seal.evaluator.add_inplace(acc, term)
+    return acc
+
+
+def test_limb_planes_round_trip() -> None:
+    words = np.random.default_rng(3).integers(0, 2**60, size=(5, 2, 64), dtype=np.uint64)
+    assert np.array_equal(coefficients_of(limb_planes(words)), words)
+
+
+def test_a_block_is_held_once_and_edge_and_pair_scores_are_seals(
+    keys: Keyring, public: Keyring
+) -> None:
+    seal = _Seal(public)
+    block = _block(keys, Metric.EUCLIDEAN)
+    engine = _Engine(public)
+    engine.put(block.block_id, block.version, block.columns, block.norms)
+    # One representation: the planes, exactly one copy of the coefficients, no SEAL object.
+    [(version, planes, has_norms)] = engine.blocks.values()
+    assert isinstance(planes, np.ndarray) and has_norms and version == block.version
+    assert planes.nbytes == (len(block.columns) + 1) * 2 * 2 * seal.slots * 8
+    assert not any(isinstance(v, sealapi.Ciphertext) for v in vars(engine).values())
+
+    # Edge probe: ciphertext x ciphertext, the probe's encrypted norm added.
+    probe = encrypt_probe(public, np.full(16, 0.25), Metric.EUCLIDEAN)
+    [(_, _, edge)] = engine.score(
+        ("encrypted", probe.columns, probe.norm, _weights(Metric.EUCLIDEAN)[1]), [block.block_id]
+    )
+    terms = []
+    for column, weight in zip(block.columns, probe.columns, strict=True):
+        term = sealapi.Ciphertext()
+        seal.evaluator.multiply(seal.load(column), seal.load(weight), term)
+        terms.append(term)
+    acc = _sum(seal, terms)
+    seal.evaluator.add_inplace(acc, seal.load(probe.norm))
+    assert np.array_equal(coefficients(seal, seal.load(edge)), _finish(seal, acc, block, 0))
+
+    # Batched 1:1: a plaintext vector per column, some slots unclaimed (zero).
+    matrix = np.zeros((16, 300))
+    matrix[:, :120] = np.random.default_rng(12).standard_normal((16, 120)) / 4
+    consts = np.where(np.arange(300) < 120, 0.75, 0.0)
+    [(_, _, pairs)] = engine.score(("pairs", {block.block_id: (matrix, consts)}), [block.block_id])
+    acc = _products(seal, block, matrix)
+    seal.evaluator.add_plain_inplace(acc, seal.plain((consts * (1 + 1j)).tolist(), _SCORE))
+    assert np.array_equal(coefficients(seal, seal.load(pairs)), _finish(seal, acc, block, 0))
+
+
+def _products(seal: _Seal, block: EncryptedBlock, matrix: np.ndarray) -> Any:
+    """``sum_j C_j * plain(matrix[j])`` computed by SEAL on the columns on-prem shipped."""
+    terms = []
+    for column, row in zip(block.columns, matrix, strict=True):
+        term = sealapi.Ciphertext()
+        seal.evaluator.multiply_plain(seal.load(column), seal.plain(row.tolist(), _VALUE), term)
+        terms.append(term)
+    return _sum(seal, terms)
