@@ -25,14 +25,14 @@ from cipherface.config import Settings
 from cipherface.crypto import PRESETS, Metric
 from cipherface.daemon import configure_logging, run_until_signalled
 from cipherface.embedding import MODELS, install_weights, weights_dir
-from cipherface.exceptions import CipherFaceError, ConfigError
+from cipherface.exceptions import CipherFaceError, ConfigError, ProbeTimeout
 from cipherface.metrics import serve_metrics
 from cipherface.photos import find_faces_dir
 
 if TYPE_CHECKING:
     from cipherface.transport import Role, Transport
 
-__all__ = ["ERROR", "ProbeTimeout", "add_broker_setup_parser", "build_parser", "main"]
+__all__ = ["ERROR", "add_broker_setup_parser", "build_parser", "main"]
 
 #: Exit code of every command that fails (``probe``: 1 means "not verified").
 ERROR = 2
@@ -54,10 +54,6 @@ def _settings(args: argparse.Namespace) -> Settings:
         log_format=args.log_format,
         onprem_key=args.onprem_key,
     )
-
-
-class ProbeTimeout(CipherFaceError):
-    """``probe`` got no event in time: exit 2, like an error event."""
 
 
 def _print_json(data: object) -> None:
@@ -211,7 +207,7 @@ async def _probe(args: argparse.Namespace) -> int:
         client = Client(transport, VerifyKey.load(settings.onprem_verify_key_path))
         try:
             event = await client.verify(args.image, args.subject, timeout=args.timeout)
-        except asyncio.TimeoutError:
+        except ProbeTimeout:  # exit 2, like an error event
             raise ProbeTimeout(
                 f"{args.image}: no event within {args.timeout:g}s (are the daemons running?)"
             ) from None

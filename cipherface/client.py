@@ -16,6 +16,7 @@ from cipherface.embedding import Embedder, largest_face
 from cipherface.exceptions import (
     ConfigError,
     IntegrityError,
+    ProbeTimeout,
     SecretKeyError,
     SignatureError,
     WireFormatError,
@@ -126,7 +127,7 @@ class EventStream:
     ) -> wire.VerificationEvent:
         """The event of one probe (of that request digest, if given; else of the probe
         this stream's client sent under that id, if it did); other events stay queued
-        for iteration. `asyncio.TimeoutError` when none comes in ``timeout``."""
+        for iteration. `ProbeTimeout` when none comes in ``timeout``."""
         held: list[wire.VerificationEvent] = []
         if request is None:
             request = self._published.get(probe_id)
@@ -140,6 +141,8 @@ class EventStream:
 
         try:
             return await asyncio.wait_for(scan(), timeout)
+        except asyncio.TimeoutError:
+            raise ProbeTimeout(f"probe {probe_id}: no event within {timeout:g}s") from None
         finally:
             for event in held:
                 self._queue.put_nowait(event)
@@ -247,7 +250,7 @@ class Client:
         *,
         timeout: float = 120.0,
     ) -> wire.VerificationEvent:
-        """Publish one probe and wait for its event (`asyncio.TimeoutError` after ``timeout``).
+        """Publish one probe and wait for its event (`ProbeTimeout` after ``timeout``).
 
         Raises `IntegrityError` if the event answers another claim than the one sent:
         on-prem learns the claim from the replica that scored the probe, and a replica

@@ -26,6 +26,7 @@ know which library failed underneath::
     │   ├── MessageTooLargeError      a message over the configured size cap
     │   ├── ChunkError                a block chunk that does not fit its block
     │   └── PartError                 a part of a probe's scores that does not fit its probe
+    ├── ProbeTimeout(TimeoutError)    no event for a probe within the time given
     ├── TransportError                the broker could not be reached or used
     │   └── MissingResourceError      a queue/exchange another role declares is absent
     └── StoreError                    the on-disk gallery could not be read/written
@@ -49,6 +50,7 @@ __all__ = [
     "MissingWeightsError",
     "NoFaceError",
     "PartError",
+    "ProbeTimeout",
     "SecretKeyError",
     "SignatureError",
     "StoreError",
@@ -216,6 +218,14 @@ class PartError(WireFormatError):
     Another parts count, subject or faces than the parts already held, a part or a
     block held already: the part is dead-lettered with this reason and the probe is
     ranked only from parts that agree (`cipherface.wire.parts`).
+    """
+
+
+class ProbeTimeout(CipherFaceError, TimeoutError):
+    """No event came for a probe in the time the caller gave.
+
+    A `TimeoutError` too (``asyncio.TimeoutError`` is one), so code that caught
+    the bare timeout still does; its message names the probe.
     """
 
 

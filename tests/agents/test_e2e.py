@@ -13,6 +13,7 @@ import pytest
 
 from agents.cloud.agent import CloudAgent
 from cipherface import wire
+from cipherface.exceptions import ProbeTimeout
 from cipherface.transport import REASON_HEADER, Delivery
 from tests.agents.conftest import Deployment
 
@@ -108,6 +109,15 @@ async def test_a_replica_embedding_in_worker_processes_answers_the_same(
     by_id = {e.probe_id: e for e in events}
     assert by_id[p_known].verified and by_id[p_search].subject == "G02"
     assert (by_id[p_garbage].error or "").startswith("UnsupportedImageError: ")
+
+
+async def test_a_probe_nobody_answers_times_out_with_a_typed_error(
+    deployment: Deployment, faces_dir: Path
+) -> None:
+    client = await deployment.client()  # no daemons: nothing will answer
+    with pytest.raises(ProbeTimeout, match=r"probe .+: no event within 0.5s") as raised:
+        await client.verify(faces_dir / "img1.jpg", "G01", timeout=0.5)
+    assert isinstance(raised.value, TimeoutError)  # callers catching the bare timeout still do
 
 
 async def test_bad_probes_get_error_events(
