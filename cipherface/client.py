@@ -195,11 +195,15 @@ class Client:
         await self.transport.send(
             self.transport.topology.probes, body, message_id=wire.message_id(probe_id, request)
         )
+        self._remember(probe_id, request)
+        return request
+
+    def _remember(self, probe_id: str, request: str) -> None:
+        """The digest of the last probe sent under ``probe_id`` (`EventStream.wait_for`)."""
         self._published.pop(probe_id, None)
         self._published[probe_id] = request
         if len(self._published) > MAX_SEEN:
             del self._published[next(iter(self._published))]
-        return request
 
     async def publish_encrypted_probe(
         self,
@@ -208,17 +212,30 @@ class Client:
         *,
         probe_id: str | None = None,
     ) -> str:
-        """Queue a probe encrypted at the edge (see `EdgeEncryptor`); return its id."""
+        """Queue a probe encrypted at the edge (see `EdgeEncryptor`); return its id.
+
+        It goes in pieces by dimension range, each under the transport's size limit
+        (`cipherface.wire.pieces`: 5 at 128-d under 4 MiB): each piece is a message
+        of its own on the probe queue, named by the whole probe's request digest.
+        """
         request = wire.EncryptedProbeRequest(
             probe_id=probe_id or wire.new_id(), probe=probe, subject=claimed_subject
         )
-        body = wire.encode(
-            request,
-            fingerprint=probe.fingerprint,
-            metric=probe.metric,
-            limit=self.transport.max_message_size,
-        )
-        await self._send(request.probe_id, body)
+        pieces = wire.split_probe(request, self.transport.max_message_size)
+        digest = pieces[0].request
+        for piece in pieces:
+            body = wire.encode(
+                piece,
+                fingerprint=probe.fingerprint,
+                metric=probe.metric,
+                limit=self.transport.max_message_size,
+            )
+            await self.transport.send(
+                self.transport.topology.probes,
+                body,
+                message_id=wire.message_id(request.probe_id, digest),
+            )
+        self._remember(request.probe_id, digest)
         return request.probe_id
 
     @contextlib.asynccontextmanager

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agents.cloud.probes import score_faces
+from agents.cloud.probes import Probe, digest_of, score_faces, scores_of
 from agents.cloud.staged import Staged, stage
 from cipherface import wire
 from cipherface.config import Settings
@@ -49,6 +49,7 @@ from cipherface.exceptions import (
     MessageTooLargeError,
     SignatureError,
     TransportError,
+    WireFormatError,
 )
 from cipherface.gallery import EncryptedGallery
 from cipherface.metrics import BLOCKS_AWAITED, GALLERY_TEMPLATES, PROBE_AGE, instrumented
@@ -380,16 +381,16 @@ class CloudAgent:
     async def _on_probe(self, delivery: Delivery) -> None:
         envelope = wire.decode(
             delivery.body,
-            expect=(wire.ProbeRequest, wire.EncryptedProbeRequest),
+            expect=(wire.ProbeRequest, wire.EncryptedProbeRequest, wire.EncryptedProbePart),
             limit=self.settings.max_message_size,
         )
         request = envelope.message
-        assert isinstance(request, (wire.ProbeRequest, wire.EncryptedProbeRequest))
+        assert isinstance(request, Probe)
         gallery, keyring = self.gallery, self.keyring
         if gallery is None or keyring is None:
             # Only while a key rotation swaps the gallery: try again shortly.
             raise TransportError("the gallery is being replaced")
-        digest = wire.request_digest(delivery.body)
+        digest = digest_of(request, delivery.body)
         age = time.time() - request.submitted_at
         PROBE_AGE.labels(self.role).observe(max(age, 0.0))
         ttl = self.settings.probe_ttl
@@ -412,7 +413,7 @@ class CloudAgent:
 
     async def _reject(
         self,
-        request: wire.ProbeRequest | wire.EncryptedProbeRequest,
+        request: Probe,
         error: str,
         reason: str,
         keyring: Keyring,
@@ -436,7 +437,7 @@ class CloudAgent:
 
     async def _search(
         self,
-        request: wire.ProbeRequest | wire.EncryptedProbeRequest,
+        request: Probe,
         gallery: EncryptedGallery,
         keyring: Keyring,
         digest: str,
@@ -447,18 +448,10 @@ class CloudAgent:
             faces, check, timings = await asyncio.to_thread(
                 search, request, self.embedder, gallery, keyring, self._conjugation_key
             )
-            ready = wire.ScoresReady(
-                probe_id=request.probe_id,
-                subject=request.subject,
-                faces=tuple(faces),
-                request=digest,
-                submitted_at=request.submitted_at,
-                timings=timings,
-                probe_check=check,
-            )
+            ready = scores_of(request, tuple(faces), check, timings, digest)
             # Parts are cut by blocks: one block's scores of many faces may not fit.
             parts = wire.split_scores(ready, self.settings.max_message_size)
-        except (EmbeddingError, KeyMismatchError, MessageTooLargeError) as exc:
+        except (EmbeddingError, KeyMismatchError, MessageTooLargeError, WireFormatError) as exc:
             # Bad input from a user gets an answer (an error event), not silence.
             await self._reject(request, type(exc).__name__, str(exc), keyring, digest)
             return
@@ -494,5 +487,5 @@ class CloudAgent:
             body,
             message_id=wire.message_id(message.probe_id, message.request),
         )
-        if not isinstance(message, wire.ScoresReady) or message.part == 0:
+        if not isinstance(message, wire.ScoresReady) or message.part == message.piece == 0:
             self.probes_served += 1  # probes, not parts

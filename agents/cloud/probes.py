@@ -1,4 +1,9 @@
-"""A replica's work on one probe: embed every face (or take the edge's), score each one."""
+"""A replica's work on one probe: embed every face (or take the edge's), score each one.
+
+An edge probe's piece (`wire.EncryptedProbePart`) is scored like a whole edge
+probe, over its own dimensions: partial scores and partial norm proofs, which
+on-prem adds up with the probe's other pieces (`cipherface.gallery.pieces`).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,53 @@ from cipherface.embedding_cache import EmbeddingCache
 from cipherface.exceptions import TooManyFacesError
 from cipherface.gallery import EncryptedGallery
 from cipherface.gallery.integrity import prove_probe
+from cipherface.wire.payloads import ProbeCheck
 
-__all__ = ["score_faces"]
+__all__ = ["Probe", "digest_of", "score_faces", "scores_of"]
+
+#: What a replica takes from the probe queue.
+Probe = wire.ProbeRequest | wire.EncryptedProbeRequest | wire.EncryptedProbePart
+
+
+def digest_of(request: Probe, body: bytes) -> str:
+    """The request digest naming the probe: of the message, or, for a piece, the whole
+    probe's it carries (on-prem gathers the pieces by it)."""
+    if isinstance(request, wire.EncryptedProbePart):
+        return request.request
+    return wire.request_digest(body)
+
+
+def scores_of(
+    request: Probe,
+    faces: tuple[wire.FaceScores, ...],
+    check: ProbeCheck | None,
+    timings: dict[str, float],
+    digest: str,
+) -> wire.ScoresReady:
+    """The probe's scores for on-prem (a piece's name which dimensions they sum over)."""
+    piece: dict[str, int] = {}
+    if isinstance(request, wire.EncryptedProbePart):
+        piece = {
+            "piece": request.piece,
+            "pieces": request.pieces,
+            "dims_start": request.start,
+            "dims_stop": request.start + len(request.columns),
+            "dimensions": request.dimensions,
+        }
+    return wire.ScoresReady(
+        probe_id=request.probe_id,
+        subject=request.subject,
+        faces=faces,
+        request=digest,
+        submitted_at=request.submitted_at,
+        timings=timings,
+        probe_check=check,
+        **piece,
+    )
 
 
 def score_faces(
-    request: wire.ProbeRequest | wire.EncryptedProbeRequest,
+    request: Probe,
     embedder: EmbeddingCache,
     gallery: EncryptedGallery,
     keyring: Keyring,
@@ -36,6 +82,7 @@ def score_faces(
     """
     timings: dict[str, float] = {}
     check = None
+    start = 0
     started = time.perf_counter()
     if isinstance(request, wire.ProbeRequest):
         found = embedder.embed(request.image, name=f"probe {request.probe_id}")
@@ -48,18 +95,28 @@ def score_faces(
         ]
         timings["embed"] = time.perf_counter() - started
     else:
-        keyring.check(request.probe.fingerprint)
-        probes = [(None, 1.0, request.probe)]
-        check = prove_probe(keyring, conjugation_key, request.probe)
+        probe = (
+            request.probe
+            if isinstance(request, wire.EncryptedProbeRequest)
+            else wire.piece_probe(request)
+        )
+        start = request.start if isinstance(request, wire.EncryptedProbePart) else 0
+        keyring.check(probe.fingerprint)
+        probes = [(None, 1.0, probe)]
+        check = prove_probe(keyring, conjugation_key, probe)
         timings["check"] = time.perf_counter() - started
     started = time.perf_counter()
     faces = tuple(
         wire.FaceScores(
             box=box,
             confidence=confidence,
-            scores=tuple(gallery.search_shared(probe, subject=request.subject)),  # type: ignore[arg-type]
+            scores=tuple(
+                gallery.search(vector, subject=request.subject, start=start)  # type: ignore[arg-type]
+                if start
+                else gallery.search_shared(vector, subject=request.subject)  # type: ignore[arg-type]
+            ),
         )
-        for box, confidence, probe in probes
+        for box, confidence, vector in probes
     )
     timings["search"] = time.perf_counter() - started
     return faces, check, timings

@@ -116,7 +116,7 @@ class OnPremAgent:
         )
         self._consumers: list[Consumer] = []
         #: Probes whose scores come in parts, held unacked within the results prefetch.
-        self.gathering = Gathering(settings.prefetch * 4, settings.gather_timeout)
+        self.gathering = Gathering.for_onprem(settings, self.keys, self.current)
         self._publishing = asyncio.Lock()
         #: Per replica: when its last sync answer started.
         self._synced: dict[str, float] = {}
@@ -381,7 +381,7 @@ class OnPremAgent:
             self._on_status(envelope.signer, result)
             return
         assert isinstance(result, (wire.ScoresReady, wire.ProbeRejected))
-        if isinstance(result, wire.ScoresReady) and (result.parts, result.part) != (1, 0):
+        if isinstance(result, wire.ScoresReady) and Gathering.wanted(result):
             return await self.gathering.gather(result, envelope, self._answer)
         await self._answer(envelope, result)
 

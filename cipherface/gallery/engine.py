@@ -148,13 +148,20 @@ class EncryptedGallery:
         ]
 
     def search(
-        self, probe: np.ndarray | Sequence[float] | EncryptedProbe, *, subject: str | None = None
+        self,
+        probe: np.ndarray | Sequence[float] | EncryptedProbe,
+        *,
+        subject: str | None = None,
+        start: int = 0,
     ) -> list[BlockScores]:
         """Encrypted scores of ``probe`` against every template (or ``subject``'s: 1:1).
 
         A plaintext probe is one the cloud embedded itself; an `EncryptedProbe` was
         made at the edge. Both decrypt to the same values (see
-        `cipherface.gallery.packing` for their precision).
+        `cipherface.gallery.packing` for their precision). An edge probe's piece
+        (`wire.EncryptedProbePart`) holds the columns of dimensions ``start ..``:
+        its scores are the partial sums over them, the constant terms only in the
+        piece starting at 0, so the pieces' scores add up to the whole probe's.
         """
         if self.metric is None:
             return []
@@ -162,11 +169,16 @@ class EncryptedGallery:
             self.keyring.check(probe.fingerprint)
             if probe.metric != self.metric.value or probe.dimensions != self.dimensions:
                 raise ConfigError("the probe was encrypted for another metric or dimension")
+            if start < 0 or not probe.columns or start + len(probe.columns) > self.dimensions:
+                raise ConfigError(f"no dimensions {start}.. of {self.dimensions} to score")
+            if start and probe.norm is not None:
+                raise ConfigError("only the piece starting at dimension 0 carries the norm")
             request = (
                 "encrypted",
                 probe.columns,
                 probe.norm,
-                _weights(self.metric)[1],
+                _weights(self.metric)[1] if start == 0 else 0.0,
+                start,
             )
             return self._fan_out(request, self.blocks_of(subject))
         return self._score_plain([probe], self.blocks_of(subject))[0]

@@ -131,10 +131,14 @@ class _Engine:
     ) -> list[tuple[int, int, bytes]]:
         seal = self.seal
         kind = request[0]
+        start = 0
         if kind == "encrypted":
             probe = [seal.load(c) for c in request[1]]
             const = request[3]
             extra = None if request[2] is None else seal.load(request[2])
+            # A piece of an edge probe scores its own dimensions; the constant parts
+            # of a score come once, with the piece starting at dimension 0.
+            start = request[4]
         out = []
         for block_id in block_ids:
             version, planes, has_norms = self.blocks[block_id]
@@ -145,12 +149,13 @@ class _Engine:
                 result = self._combine(columns, probe, False)
                 self._add(result, seal.plain((consts * _BOTH_PARTS).tolist(), _SCORE_SCALE))
             else:
-                result = self._combine(columns, probe, kind == "encrypted")
+                used = columns[start : start + len(probe)] if kind == "encrypted" else columns
+                result = self._combine(used, probe, kind == "encrypted")
                 if kind == "encrypted" and extra is not None:
                     seal.evaluator.add_inplace(result, extra)
                 if const:
                     self._add(result, seal.plain(const * _BOTH_PARTS, _SCORE_SCALE))
-            if norms is not None:
+            if norms is not None and start == 0:
                 seal.evaluator.add_inplace(result, norms)
             out.append((block_id, version, seal.dump(result)))
         return out

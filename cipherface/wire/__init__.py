@@ -9,6 +9,8 @@ module          owns
 `envelope`      `encode` / `decode`, the `Envelope` metadata, size limits
 `chunks`        a block as chunks under the size limit, and their assembly
 `parts`         a probe's scores as parts under the size limit, and their gathering
+                (an edge probe's pieces too)
+`pieces`        an edge probe as pieces by dimension range under the size limit
 ==============  ===========================================================
 
 The wire layer loads no TenSEAL (a test asserts it): decoding an event, or
@@ -27,6 +29,7 @@ from cipherface.wire.messages import (
     MAX_PROBE_ID_BYTES,
     BlockChunk,
     ContextUpdate,
+    EncryptedProbePart,
     EncryptedProbeRequest,
     Message,
     ProbeRejected,
@@ -40,8 +43,9 @@ from cipherface.wire.messages import (
     refusal,
     request_digest,
 )
-from cipherface.wire.parts import PartGatherer, split_scores
+from cipherface.wire.parts import PartGatherer, PieceGatherer, check_cover, split_scores
 from cipherface.wire.payloads import FaceResult, FaceScores
+from cipherface.wire.pieces import piece_probe, probe_digest, probe_pieces, split_probe
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -50,24 +54,31 @@ __all__ = [
     "BlockAssembler",
     "BlockChunk",
     "ContextUpdate",
+    "EncryptedProbePart",
     "EncryptedProbeRequest",
     "Envelope",
     "FaceResult",
     "FaceScores",
     "Message",
     "PartGatherer",
+    "PieceGatherer",
     "ProbeRejected",
     "ProbeRequest",
     "ReplicaStatus",
     "ScoresReady",
     "SyncRequest",
     "VerificationEvent",
+    "check_cover",
     "decode",
     "encode",
     "message_id",
     "new_id",
+    "piece_probe",
+    "probe_digest",
+    "probe_pieces",
     "refusal",
     "request_digest",
     "split_block",
+    "split_probe",
     "split_scores",
 ]

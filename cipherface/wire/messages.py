@@ -32,6 +32,7 @@ __all__ = [
     "MAX_PROBE_ID_BYTES",
     "BlockChunk",
     "ContextUpdate",
+    "EncryptedProbePart",
     "EncryptedProbeRequest",
     "Message",
     "ProbeRejected",
@@ -201,6 +202,37 @@ class EncryptedProbeRequest(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class EncryptedProbePart(Message):
+    """edge -> cloud: dimensions ``start ..`` of an edge probe, one of its ``pieces``.
+
+    An edge probe is one ciphertext of about 131 KB per dimension (16.8 MB at
+    128-d), over the message size limit; the edge sends it as pieces by dimension
+    range (`cipherface.wire.pieces`), each on the probe queue on its own, so any
+    replica scores any piece. Every piece names the whole probe by ``request``
+    (the `request_digest` of the whole probe), on which on-prem gathers them.
+    """
+
+    kind: ClassVar[str] = "probe_piece"
+    signed: ClassVar[bool] = False
+    digests: ClassVar[tuple[str, ...]] = ("request",)
+    probe_id: str
+    #: `request_digest` of the whole probe (the same in every piece).
+    request: str
+    piece: int
+    pieces: int
+    fingerprint: str
+    metric: str
+    #: The whole probe's dimensions; this piece holds ``start .. start + len(columns)``.
+    dimensions: int
+    start: int
+    columns: tuple[bytes, ...] = field(repr=False)
+    #: The probe's encrypted ``||p||^2`` (euclidean): in the piece starting at 0 only.
+    norm: bytes | None = field(repr=False, default=None)
+    subject: str | None = None
+    submitted_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ScoresReady(Message):
     """cloud -> on-prem: encrypted distances of every face of one probe against the gallery."""
 
@@ -222,6 +254,14 @@ class ScoresReady(Message):
     #: probe's scores over the message size limit travel as block ranges.
     part: int = 0
     parts: int = 1
+    #: For a piece of an edge probe (`EncryptedProbePart`): which of ``pieces``, and
+    #: the dimensions ``dims_start .. dims_stop`` of ``dimensions`` its scores sum
+    #: over; on-prem adds the pieces' ciphertexts up before decrypting anything.
+    piece: int = 0
+    pieces: int = 1
+    dims_start: int = 0
+    dims_stop: int = 0
+    dimensions: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -314,7 +354,9 @@ class VerificationEvent(Message):
         return self.body()
 
 
-def refusal(request: ProbeRequest | EncryptedProbeRequest) -> tuple[str, str] | None:
+def refusal(
+    request: ProbeRequest | EncryptedProbeRequest | EncryptedProbePart,
+) -> tuple[str, str] | None:
     """(error, reason) for a well-formed probe no search can answer: an error event.
 
     An empty claimed subject is neither a claim nor 1:N (that is nil); a probe id
@@ -344,6 +386,7 @@ _KINDS: Mapping[str, type[Message]] = {
         SyncRequest,
         ProbeRequest,
         EncryptedProbeRequest,
+        EncryptedProbePart,
         ScoresReady,
         ProbeRejected,
         ReplicaStatus,

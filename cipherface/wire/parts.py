@@ -9,6 +9,14 @@ decrypted, from parts that agree: same probe id, request digest, replica, key
 fingerprint, parts count, subject and faces; no part and no block twice. A part
 that disagrees raises `PartError` (dead-lettered with that reason) and changes
 nothing held; the probe then completes from its genuine parts or times out.
+
+An edge probe travels as pieces by dimension range (`cipherface.wire.pieces`),
+each scored on its own, possibly by another replica; each piece's scores may
+come in parts as above. `PieceGatherer` then puts the pieces of a probe
+together, from pieces that agree: same probe id, request digest, key
+fingerprint, pieces count, subject, dimensions and blocks scored (ids and
+versions), no piece twice, no dimension twice; `check_cover` asks every
+dimension to be in.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from cipherface.wire.chunks import ENVELOPE_ALLOWANCE, pack
 from cipherface.wire.messages import ScoresReady
 from cipherface.wire.payloads import FaceScores
 
-__all__ = ["PartGatherer", "split_scores"]
+__all__ = ["PartGatherer", "PieceGatherer", "check_cover", "split_scores"]
 
 
 def _size(value: object) -> int:
@@ -80,16 +88,16 @@ class PartGatherer:
     """
 
     def __init__(self) -> None:
-        self._held: dict[tuple[str, str, str, str], _Gathering] = {}
+        self._held: dict[tuple[str, ...], _Gathering] = {}
 
     def __len__(self) -> int:
         """Probes in gathering."""
         return len(self._held)
 
     @staticmethod
-    def key(part: ScoresReady, signer: str, fingerprint: str) -> tuple[str, str, str, str]:
-        """What names one probe's parts."""
-        return (part.probe_id, part.request, signer, fingerprint)
+    def key(part: ScoresReady, signer: str, fingerprint: str) -> tuple[str, ...]:
+        """What names one probe's parts (one piece's, for an edge probe in pieces)."""
+        return (part.probe_id, part.request, signer, fingerprint, str(part.piece))
 
     def add(self, part: ScoresReady, signer: str, fingerprint: str) -> ScoresReady | None:
         """Keep a part; the whole probe's scores once every part is in.
@@ -140,7 +148,115 @@ class PartGatherer:
         )
         return dataclasses.replace(first, faces=faces, part=0, parts=1)
 
-    def drop(self, key: tuple[str, str, str, str]) -> tuple[ScoresReady, int] | None:
+    def drop(self, key: tuple[str, ...]) -> tuple[ScoresReady, int] | None:
         """Forget a probe in gathering: its first part (to answer it) and parts held."""
         held = self._held.pop(key, None)
         return None if held is None else (held.first, len(held.parts))
+
+    def forget(self, probe_id: str, request: str) -> None:
+        """Forget the parts of every piece of a probe (answered, or timed out)."""
+        for key in [k for k in self._held if k[:2] == (probe_id, request)]:
+            del self._held[key]
+
+
+def _blocks(scores: ScoresReady) -> list[list[tuple[int, int]]]:
+    """Per face, the blocks scored and their versions, in block order."""
+    return [sorted((b.block_id, b.version) for b in face.scores) for face in scores.faces]
+
+
+@dataclass(slots=True)
+class _Pieces:
+    first: ScoresReady
+    fingerprint: str
+    pieces: dict[int, ScoresReady] = field(default_factory=dict)
+
+
+class PieceGatherer:
+    """Collects the pieces of each edge probe (each one whole: its parts gathered).
+
+    Pieces are keyed by (probe id, request digest) only: any trusted replica may
+    score any piece, and a piece under another key than the probe's other pieces
+    is refused, not gathered apart.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, str], _Pieces] = {}
+
+    def __len__(self) -> int:
+        """Probes in gathering."""
+        return len(self._held)
+
+    @staticmethod
+    def key(piece: ScoresReady) -> tuple[str, str]:
+        """What names one probe's pieces."""
+        return (piece.probe_id, piece.request)
+
+    def add(self, piece: ScoresReady, fingerprint: str) -> list[ScoresReady] | None:
+        """Keep a piece; every piece of the probe, in dimension order, once all are in.
+
+        Raises `PartError`, naming the probe, for a piece that contradicts itself or
+        the probe's other pieces, leaving what was held unchanged. A piece held
+        already with the same scores (a redelivery, or the same piece scored again
+        by another replica) changes nothing.
+        """
+        name = f"piece {piece.piece} of probe {piece.probe_id}"
+        start, stop = piece.dims_start, piece.dims_stop
+        if not 0 <= piece.piece < piece.pieces:
+            raise PartError(f"{name}: not within its {piece.pieces} piece(s)")
+        if not 0 <= start < stop <= piece.dimensions:
+            raise PartError(f"{name}: dimensions {start}..{stop - 1} of {piece.dimensions}")
+        if piece.probe_check is None or (start and piece.probe_check.norm is not None):
+            raise PartError(f"{name}: no norm proof, or the norm outside the first piece")
+        if len(piece.faces) != 1 or piece.faces[0].box is not None:
+            raise PartError(f"{name}: an edge probe is one face, without a box")
+        key = self.key(piece)
+        held = self._held.get(key) or _Pieces(first=piece, fingerprint=fingerprint)
+        first = held.first
+        if fingerprint != held.fingerprint:
+            raise PartError(
+                f"{name}: scored under key {fingerprint[:16]}, its other pieces under "
+                f"{held.fingerprint[:16]}"
+            )
+        if (piece.pieces, piece.subject, piece.submitted_at, piece.dimensions) != (
+            first.pieces,
+            first.subject,
+            first.submitted_at,
+            first.dimensions,
+        ):
+            raise PartError(f"{name}: disagrees with the probe's other pieces")
+        if _blocks(piece) != _blocks(first):
+            raise PartError(f"{name}: other blocks or block versions than its other pieces")
+        same = held.pieces.get(piece.piece)
+        if same is not None:
+            if dataclasses.replace(same, timings={}) == dataclasses.replace(piece, timings={}):
+                return None  # redelivered, or scored twice: nothing new
+            raise PartError(f"{name}: held already, with other scores (duplicate piece)")
+        for other in held.pieces.values():
+            if start < other.dims_stop and other.dims_start < stop:
+                raise PartError(
+                    f"{name}: dimensions {start}..{stop - 1} overlap those of piece {other.piece}"
+                )
+        held.pieces[piece.piece] = piece
+        if len(held.pieces) < first.pieces:
+            self._held[key] = held
+            return None
+        self._held.pop(key, None)
+        return sorted(held.pieces.values(), key=lambda p: p.dims_start)
+
+    def drop(self, key: tuple[str, str]) -> tuple[ScoresReady, int] | None:
+        """Forget a probe in gathering: its first piece (to answer it) and pieces held."""
+        held = self._held.pop(key, None)
+        return None if held is None else (held.first, len(held.pieces))
+
+
+def check_cover(pieces: list[ScoresReady]) -> None:
+    """`PartError` unless ``pieces`` (in dimension order, none overlapping) cover
+    every dimension of the probe: every piece in, and still a dimension missing is
+    a forged piece set, never summed into a decision."""
+    covered = sum(p.dims_stop - p.dims_start for p in pieces)
+    dimensions = pieces[0].dimensions
+    if covered != dimensions:
+        raise PartError(
+            f"probe {pieces[0].probe_id}: its {len(pieces)} pieces cover {covered} of "
+            f"{dimensions} dimensions"
+        )

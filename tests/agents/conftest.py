@@ -18,7 +18,6 @@ from cipherface.signing import TrustStore, VerifyKey
 from cipherface.transport import MemoryBroker, MemoryTransport, RabbitMQTransport, Topology
 from cipherface.transport.base import Transport
 from tests.environment import amqp_url_or_skip, unique_prefix
-from tests.samples import EDGE_PROBE_LIMIT
 
 
 class Deployment:
@@ -32,8 +31,9 @@ class Deployment:
         self.stack = AsyncExitStack()
         self.agents: list[OnPremAgent | CloudAgent] = []
 
-    async def link(self, max_message_size: int = EDGE_PROBE_LIMIT) -> Transport:
-        """A new connection (by default one that may carry edge probes: `EDGE_PROBE_LIMIT`)."""
+    async def link(self, max_message_size: int | None = None) -> Transport:
+        """A new connection, capped at the deployment's `Settings.max_message_size`."""
+        max_message_size = max_message_size or self.settings.max_message_size
         transport: Transport = (
             RabbitMQTransport(self.url, self.topology, max_message_size=max_message_size)
             if self.url
@@ -43,14 +43,14 @@ class Deployment:
 
     async def onprem(self) -> OnPremAgent:
         """A started on-prem agent."""
-        agent = OnPremAgent(self.settings, await self.link(self.settings.max_message_size))
+        agent = OnPremAgent(self.settings, await self.link())
         await agent.start()
         self.agents.append(agent)
         return agent
 
     async def cloud(self, replica: str = "r1") -> CloudAgent:
         """A started cloud replica, its key in on-prem's trust store (as an operator adds it)."""
-        settings = replace(self.settings, replica=replica, max_message_size=EDGE_PROBE_LIMIT)
+        settings = replace(self.settings, replica=replica)
         agent = CloudAgent(settings, await self.link())
         TrustStore(self.settings.trust_store_path).add(replica, agent.signer.verify_key)
         await agent.start()
