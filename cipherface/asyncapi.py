@@ -61,7 +61,7 @@ class _Channel:
 
 
 _GALLERY = (wire.ContextUpdate, wire.BlockChunk)
-_PROBES = (wire.ProbeRequest, wire.EncryptedProbeRequest)
+_PROBES = (wire.ProbeRequest, wire.EncryptedProbeRequest, wire.EncryptedProbePart)
 _RESULTS = (wire.ScoresReady, wire.ProbeRejected, wire.ReplicaStatus)
 
 

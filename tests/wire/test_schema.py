@@ -48,6 +48,25 @@ HAND_WRITTEN = {
         "probe_check": (dict, _NONE),
         "part": int,
         "parts": int,
+        "piece": int,
+        "pieces": int,
+        "dims_start": int,
+        "dims_stop": int,
+        "dimensions": int,
+    },
+    "probe_piece": {
+        "probe_id": str,
+        "request": str,
+        "piece": int,
+        "pieces": int,
+        "fingerprint": str,
+        "metric": str,
+        "dimensions": int,
+        "start": int,
+        "columns": list,
+        "norm": (bytes, _NONE),
+        "subject": (str, _NONE),
+        "submitted_at": float,
     },
     "rejected": {
         "probe_id": str,
@@ -118,6 +137,7 @@ SCORES = {
     "probe_check": None,
     "part": 0,
     "parts": 1,
+    **{"piece": 0, "pieces": 1, "dims_start": 0, "dims_stop": 0, "dimensions": 0},
 }
 CONTEXT = {"context": b"c", "conjugation_key": b"g", "issued_at": 1.0}
 EVENT = {
