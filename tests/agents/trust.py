@@ -125,11 +125,14 @@ def _scores(deployment: Deployment, probe_id: str, blocks: list[BlockScores]) ->
     )
 
 
-def _signed_by_replica(deployment: Deployment, message: wire.Message) -> bytes:
+def _signed_by_replica(
+    deployment: Deployment, message: wire.Message, fingerprint: str | None = None
+) -> bytes:
+    """``message`` signed by the trusted replica, under its key (or ``fingerprint``)."""
     cloud = deployment.agents[1]
     return wire.encode(
         message,
-        fingerprint=cloud.keyring.fingerprint,  # type: ignore[union-attr]
+        fingerprint=fingerprint or cloud.keyring.fingerprint,  # type: ignore[union-attr]
         signer=cloud.signer,  # type: ignore[union-attr]
     )
 
