@@ -130,4 +130,3 @@ def test_a_piece_that_is_no_product_is_refused_before_anything_is_decrypted(
     pieces[1] = dataclasses.replace(pieces[1], faces=(forged,))
     with pytest.raises(IntegrityError, match="probe p, block 0"):
         sum_pieces(keys, pieces)
-

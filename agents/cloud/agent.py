@@ -36,6 +36,7 @@ from typing import Any
 
 from agents.cloud.probes import Probe, digest_of, score_faces, scores_of
 from agents.cloud.staged import Staged, stage
+from agents.cloud.syncing import held_version, keep_synced
 from cipherface import wire
 from cipherface.config import Settings
 from cipherface.crypto import Keyring
@@ -66,8 +67,8 @@ CURRENT_STORE = "current-store"
 
 log = logging.getLogger(__name__)
 
-#: Seconds between sync requests while the replica still waits for announced blocks
-#: (on-prem coalesces and rate-limits them, so a lost answer is asked for again).
+#: Seconds without a chunk after which a replica missing announced blocks asks for a
+#: sync again (`agents.cloud.syncing`; on-prem coalesces and rate-limits them).
 SYNC_RETRY = 15.0
 
 
@@ -104,7 +105,7 @@ class CloudAgent:
         self.gallery: EncryptedGallery | None = None
         self._awaiting: set[int] = set()
         #: Blocks arriving in chunks (`wire.BlockAssembler`), until each is whole.
-        self._chunks = wire.BlockAssembler()
+        self._chunks = wire.BlockAssembler(installed=self._held_version)
         #: A new key's gallery being received beside the served one (key rotation).
         self._staged: Staged | None = None
         self.ready = asyncio.Event()
@@ -164,7 +165,9 @@ class CloudAgent:
             )
         )
         await self._ask_sync()
-        self._sync_task = asyncio.create_task(self._sync_until_ready())
+        self._sync_task = asyncio.create_task(
+            keep_synced(self._missing, self._chunks, self._ask_sync, SYNC_RETRY)
+        )
         self._probe_task = asyncio.create_task(self._serve_probes_when_ready())
         log.info(
             "cloud replica %s started (model=%s, metric=%s, templates=%d)",
@@ -184,17 +187,17 @@ class CloudAgent:
             self.transport.topology.sync, wire.encode(request, signer=self.signer)
         )
 
-    async def _sync_until_ready(self) -> None:
-        while not self.ready.is_set():
-            try:
-                await asyncio.wait_for(self.ready.wait(), SYNC_RETRY)
-            except asyncio.TimeoutError:
-                log.info(
-                    "replica %s still waits for %d block(s): asking again",
-                    self.replica,
-                    len(self._awaiting),
-                )
-                await self._ask_sync()
+    def _missing(self) -> int:
+        """Announced blocks not held (-1 before the first whole gallery)."""
+        staged = len(self._staged.awaiting) if self._staged is not None else 0
+        return len(self._awaiting) + staged if self.ready.is_set() else -1
+
+    def _held_version(self, fingerprint: str, block_id: int) -> int:
+        staged = self._staged
+        galleries = [(self.gallery, self.keyring.fingerprint if self.keyring else "")]
+        if staged is not None:
+            galleries.append((staged.gallery, staged.keyring.fingerprint))
+        return held_version(galleries, fingerprint, block_id)
 
     async def _serve_probes_when_ready(self) -> None:
         await self.ready.wait()

@@ -93,6 +93,11 @@ class EncryptedGallery:
             self.store.save_block(block)
         return True
 
+    def version(self, block_id: int) -> int:
+        """The version of block ``block_id`` held (0: none)."""
+        held = self._layouts.get(block_id)
+        return 0 if held is None else held.version
+
     def _install(self, block: EncryptedBlock) -> None:
         metric = Metric.parse(block.metric)
         if len(block.template_ids) > 2 * self._slots:

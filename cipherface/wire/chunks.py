@@ -15,6 +15,13 @@ disagrees raises `ChunkError` (the consumer dead-letters it with that reason) an
 changes nothing held. Chunks live in memory only: a replica that restarts
 mid-block has acked chunks it no longer holds, and gets the block again from the
 sync it asks for at every start.
+
+Redeliveries and replays are harmless: a chunk whose columns are all held with
+the same bytes changes nothing (the broker redelivers what a consumer had not
+acked), a chunk of a version older than the one installed or being assembled is
+ignored, and an assembly of a version installed already (a resend) is the first
+dropped beyond the pending bound: a replayed old chunk never pushes a newer
+block's assembly out.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgpack
@@ -121,9 +128,33 @@ class BlockAssembler:
     another will never come (a publish interrupted by on-prem's shutdown).
     """
 
-    def __init__(self, max_pending: int = 2) -> None:
+    def __init__(
+        self, max_pending: int = 2, installed: Callable[[str, int], int] | None = None
+    ) -> None:
         self.max_pending = max_pending
+        #: The version of a block (key fingerprint, block id) installed before this
+        #: assembler ran (0: none): the replica's stored gallery.
+        self.installed = installed or (lambda fingerprint, block_id: 0)
         self._pending: OrderedDict[tuple[str, int, int], _Partial] = OrderedDict()
+        #: The newest version assembled of each (key fingerprint, block id).
+        self._done: dict[tuple[str, int], int] = {}
+        #: Chunks accepted so far: a replica waiting for blocks sees them coming.
+        self.accepted = 0
+
+    def _held(self, fingerprint: str, block_id: int) -> int:
+        """The newest version of a block installed or assembled (0: none)."""
+        return max(
+            self._done.get((fingerprint, block_id), 0), self.installed(fingerprint, block_id)
+        )
+
+    def _evict(self) -> None:
+        """Drop half-assembled blocks beyond the bound: first those of a version held
+        already (a replay or a resend: nothing is lost), then the oldest."""
+        while len(self._pending) > self.max_pending:
+            redundant = [k for k in self._pending if k[2] <= self._held(k[0], k[1])]
+            fp, block_id, version = (redundant or list(self._pending))[0]
+            del self._pending[(fp, block_id, version)]
+            log.warning("dropped half-assembled block %d v%d (%s)", block_id, version, fp)
 
     def __len__(self) -> int:
         """Blocks half-assembled."""
@@ -149,28 +180,47 @@ class BlockAssembler:
             )
             if expected != chunk.layout:
                 raise ChunkError(f"{name}: its layout does not match its layout digest")
+        newest = max(
+            [
+                self._held(fingerprint, chunk.block_id),
+                *(v for fp, b, v in self._pending if (fp, b) == (fingerprint, chunk.block_id)),
+            ]
+        )
+        if chunk.version < newest:
+            # A replayed old chunk: on-prem sends only its newest version of a block.
+            log.info("ignored block %d v%d: v%d is held", chunk.block_id, chunk.version, newest)
+            return None
         key = (fingerprint, chunk.block_id, chunk.version)
         partial = self._pending.get(key)
         if partial is None:
             partial = _Partial(dimensions=chunk.dimensions, layout=chunk.layout)
         elif (partial.dimensions, partial.layout) != (chunk.dimensions, chunk.layout):
             raise ChunkError(f"{name}: another layout or dimension count than its other chunks")
-        if chunk.head is not None and partial.head is not None:
+        if chunk.head is not None and partial.head not in (None, chunk.head):
             raise ChunkError(f"{name}: the block's layout is held already (duplicate chunk)")
-        held = [i for i in range(chunk.start, end) if i in partial.columns]
+        held = [
+            i
+            for i, column in zip(range(chunk.start, end), chunk.columns, strict=True)
+            if partial.columns.get(i, column) != column
+        ]
         if held:
-            raise ChunkError(f"{name}: columns {held[0]}..{held[-1]} held already (duplicate)")
+            raise ChunkError(
+                f"{name}: columns {held[0]}..{held[-1]} held already, other bytes (duplicate)"
+            )
         if chunk.head is not None:
             partial.head = chunk.head
         partial.columns.update(zip(range(chunk.start, end), chunk.columns, strict=True))
+        self.accepted += 1
         if partial.head is None or len(partial.columns) < partial.dimensions:
+            # A newer version makes an older one's assembly pointless: it would be refused.
+            for older in [k for k in self._pending if k[:2] == key[:2] and k[2] < key[2]]:
+                del self._pending[older]
             self._pending[key] = partial
             self._pending.move_to_end(key)
-            while len(self._pending) > self.max_pending:
-                (fp, block_id, version), _ = self._pending.popitem(last=False)
-                log.warning("dropped half-assembled block %d v%d (%s)", block_id, version, fp)
+            self._evict()
             return None
         self._pending.pop(key, None)
+        self._done[key[:2]] = chunk.version
         head = partial.head
         return EncryptedBlock.from_dict(
             {

@@ -79,13 +79,21 @@ def _started(block: EncryptedBlock) -> tuple[wire.BlockAssembler, list[wire.Bloc
     return assembler, chunks
 
 
-def test_a_duplicated_chunk_is_refused_and_changes_nothing() -> None:
+def test_a_redelivered_chunk_is_accepted_and_changes_nothing() -> None:
+    """The broker redelivers a chunk whose ack was lost: the same bytes are no forgery."""
     block = _block(128)
     assembler, chunks = _started(block)
-    with pytest.raises(ChunkError, match="held already"):
-        assembler.add(chunks[0], FP)
+    assert assembler.add(chunks[0], FP) is None  # the same chunk again: idempotent
+    assert [assembler.add(c, FP) for c in chunks[1:]][-1] == block
+    assert assembler.add(chunks[-1], FP) is None  # redelivered after the block was whole
+    assert assembler.add(chunks[-1], FP) is None
+
+
+def test_a_chunk_over_held_columns_with_other_bytes_is_refused_and_changes_nothing() -> None:
+    block = _block(128)
+    assembler, chunks = _started(block)
     later = dataclasses.replace(chunks[1], start=chunks[1].start - 1)
-    with pytest.raises(ChunkError, match="held already"):
+    with pytest.raises(ChunkError, match="held already, other bytes"):
         assembler.add(later, FP)  # overlaps the first chunk's last column
     assert [assembler.add(c, FP) for c in chunks[1:]][-1] == block
 
@@ -97,10 +105,13 @@ def test_a_chunk_of_another_layout_or_version_never_mixes_in() -> None:
     foreign = wire.split_block(other, LIMIT)
     with pytest.raises(ChunkError, match="another layout"):
         assembler.add(foreign[1], FP)
-    # A different version is another block: it never completes this one.
-    newer = wire.split_block(dataclasses.replace(block, version=2), LIMIT)
-    assert assembler.add(newer[1], FP) is None
     assert [assembler.add(c, FP) for c in chunks[1:]][-1] == block
+    # A newer version is another block, and the older one's chunks are stale then.
+    newer_block = dataclasses.replace(block, version=2)
+    newer = wire.split_block(newer_block, LIMIT)
+    assert assembler.add(newer[1], FP) is None
+    assert [assembler.add(c, FP) for c in chunks] == [None] * len(chunks)
+    assert [assembler.add(c, FP) for c in [newer[0], *newer[2:]]][-1] == newer_block
 
 
 def test_a_forged_layout_or_a_bad_range_is_refused() -> None:
@@ -125,6 +136,37 @@ def test_a_forged_layout_or_a_bad_range_is_refused() -> None:
 
 def test_half_assembled_blocks_are_bounded() -> None:
     assembler = wire.BlockAssembler(max_pending=2)
-    for version in (1, 2, 3):
-        assembler.add(wire.split_block(_block(128, version=version), LIMIT)[0], FP)
+    for block_id in (1, 2, 3):
+        block = dataclasses.replace(_block(128), block_id=block_id)
+        assembler.add(wire.split_block(block, LIMIT)[0], FP)
     assert len(assembler) == 2
+
+
+def _two_pending() -> tuple[wire.BlockAssembler, list[list[wire.BlockChunk]], EncryptedBlock]:
+    """Block 3 v2 and block 4 v1 half-assembled; block 5 installed at v3 before."""
+    installed = {(FP, 5): 3}
+    assembler = wire.BlockAssembler(
+        max_pending=2, installed=lambda fp, block_id: installed.get((fp, block_id), 0)
+    )
+    newer = _block(128, version=2)
+    other = dataclasses.replace(_block(128), block_id=4)
+    started = [wire.split_block(newer, LIMIT), wire.split_block(other, LIMIT)]
+    for chunks in started:
+        assert assembler.add(chunks[0], FP) is None
+    return assembler, started, newer
+
+
+def test_a_replayed_old_chunk_never_evicts_a_newer_block_being_assembled() -> None:
+    assembler, (newer, other), whole = _two_pending()
+    # Replays: block 3 v1 (older than the v2 being assembled), block 5 v2 (older
+    # than the v3 installed), block 5 v3 (a resend of what is installed).
+    replays = [
+        wire.split_block(_block(128, version=1), LIMIT)[1],
+        wire.split_block(dataclasses.replace(_block(128, version=2), block_id=5), LIMIT)[0],
+        wire.split_block(dataclasses.replace(_block(128, version=3), block_id=5), LIMIT)[0],
+    ]
+    for chunk in replays:
+        assert assembler.add(chunk, FP) is None
+    assert len(assembler) == 2
+    assert [assembler.add(c, FP) for c in newer[1:]][-1] == whole
+    assert [assembler.add(c, FP) for c in other[1:]][-1] is not None

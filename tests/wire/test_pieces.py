@@ -166,4 +166,3 @@ def test_pieces_that_leave_a_dimension_out_are_no_probe() -> None:
     [whole] = [r for r in (gatherer.add(p, "f") for p in pieces) if r is not None]
     with pytest.raises(PartError, match="probe edge-1: its 4 pieces cover 127 of 128"):
         wire.check_cover(whole)
-
