@@ -117,7 +117,7 @@ def test_pieces_add_up_to_the_whole_probe_exactly(
 def test_a_piece_that_is_no_product_is_refused_before_anything_is_decrypted(
     keys: Keyring, public: Keyring, conjugation: bytes
 ) -> None:
-    book, gallery, vectors = _world(keys, public, Metric.COSINE, 128)
+    _, gallery, vectors = _world(keys, public, Metric.COSINE, 128)
     probe = encrypt_probe(public, vectors[0], Metric.COSINE)
     pieces = piece_scores(gallery, public, conjugation, probe)
     fresh = _Seal(public).encrypt_public(0.5, 2.0**50)  # two components, not a product
