@@ -16,7 +16,6 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,6 @@ from cipherface.embedding import Embedder, install_weights
 from cipherface.photos import default_faces_dir, identities
 from cipherface.signing import TrustStore
 from cipherface.transport import MemoryBroker, open_transport
-
-#: Room for one edge-encrypted 128-d probe (see `run`).
-EDGE_PROBE_BYTES = 32 * 1024 * 1024
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -51,10 +47,6 @@ async def run(broker: str, faces: Path, sizes: dict[str, list[int]]) -> dict[str
             amqp_url=DEFAULT_AMQP_URL if broker == "rabbitmq" else None,
             replica="bench",
         )
-        # The edge-encrypted probe (16.8 MB at 128-d) is not chunked yet: the client and
-        # the replica may carry it (RabbitMQ 3.x accepts up to 128 MiB); on-prem keeps
-        # the default cap, so blocks travel in chunks under it.
-        edge_settings = replace(settings, max_message_size=EDGE_PROBE_BYTES)
         generate_keys(settings)
         photos = root / "photos"
         photos.mkdir()
@@ -63,11 +55,11 @@ async def run(broker: str, faces: Path, sizes: dict[str, list[int]]) -> dict[str
         memory = MemoryBroker()
         async with (
             open_transport(settings, memory) as a,
-            open_transport(edge_settings, memory) as b,
-            open_transport(edge_settings, memory) as c,
+            open_transport(settings, memory) as b,
+            open_transport(settings, memory) as c,
         ):
             onprem = OnPremAgent(settings, Recording(a, sizes))  # type: ignore[arg-type]
-            cloud = CloudAgent(edge_settings, Recording(b, sizes))  # type: ignore[arg-type]
+            cloud = CloudAgent(settings, Recording(b, sizes))  # type: ignore[arg-type]
             TrustStore(settings.trust_store_path).add(cloud.replica, cloud.signer.verify_key)
             client = Client(Recording(c, sizes), onprem.signer.verify_key)  # type: ignore[arg-type]
             await onprem.start()

@@ -6,13 +6,7 @@ from typing import Any
 
 from cipherface import wire
 
-__all__ = ["EDGE_PROBE_LIMIT", "sample_event"]
-
-#: Message cap of the tests that send edge-encrypted probes: at 128-d one is 16.8 MB
-#: (128 public-key ciphertexts), over the 4 MiB default, and it does not travel in
-#: chunks yet (issue 10). Their replicas and clients accept it; on-prem keeps the
-#: default, so blocks still travel in chunks under 4 MiB.
-EDGE_PROBE_LIMIT = 32 * 1024 * 1024
+__all__ = ["sample_event"]
 
 
 def sample_event(**changes: Any) -> wire.VerificationEvent:

@@ -36,6 +36,7 @@ from cipherface import wire
 from cipherface.config import Settings
 from cipherface.crypto import Keyring, Metric
 from cipherface.embedding import MAX_IMAGE_BYTES
+from cipherface.exceptions import MessageTooLargeError
 from cipherface.gallery import BlockScores, EncryptedBlock, EncryptedProbe, encrypt_probe
 from cipherface.signing import PinnedKey, TrustStore
 from cipherface.store import GalleryStore
@@ -54,7 +55,6 @@ from tests.fuzzing import (
     _consumer_settings,
     mutated_envelopes,
 )
-from tests.samples import EDGE_PROBE_LIMIT
 
 T = TypeVar("T")
 
@@ -84,7 +84,6 @@ class Rig:
             data_dir=self.root / "data",
             prefix="fuzz",
             replica="f1",
-            max_message_size=EDGE_PROBE_LIMIT,
         )
         self.topology = Topology(prefix="fuzz")
         self.keyring = generate_keys(self.settings)
@@ -95,7 +94,7 @@ class Rig:
 
     def link(self) -> MemoryTransport:
         """A transport on the rig's broker."""
-        transport = MemoryTransport(self.broker, self.topology, max_message_size=EDGE_PROBE_LIMIT)
+        transport = MemoryTransport(self.broker, self.topology)
         self.transports.append(transport)
         return transport
 
@@ -136,7 +135,7 @@ class Rig:
     def feed(self, handler: Any, body: bytes) -> tuple[Outcome, str]:
         """One delivery through a handler, classified as the transports classify it."""
         delivery = Delivery(body=body, message_id="fuzz")
-        outcome, reason = self.call(settle(handler, delivery, limit=EDGE_PROBE_LIMIT))
+        outcome, reason = self.call(settle(handler, delivery))
         assert outcome is not Outcome.REQUEUE, f"bad input would be retried forever: {reason}"
         if outcome is Outcome.DEAD_LETTER:
             assert reason, "a dead letter must say why"
@@ -165,7 +164,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, deepface_home: Path) -> Iterat
 
 def _probe_body(probe_id: str, image: bytes, subject: str | None) -> bytes:
     request = wire.ProbeRequest(probe_id=probe_id, image=image, subject=subject)
-    return wire.encode(request, limit=EDGE_PROBE_LIMIT)  # an image at the 16 MiB image cap
+    return wire.encode(request)  # under the 4 MiB message cap
 
 
 _probe_counter = iter(range(10**9))
@@ -226,7 +225,6 @@ def test_cloud_encrypted_probe_with_garbage_ciphertexts(
     body = wire.encode(
         wire.EncryptedProbeRequest(probe_id=pid, probe=probe),
         fingerprint=fingerprint,
-        limit=EDGE_PROBE_LIMIT,
     )
     outcome, reason = rig.feed(rig.cloud._on_probe, body)
     if outcome is Outcome.ACK:
@@ -380,13 +378,15 @@ def _blank_png(width: int, height: int) -> bytes:
 
 
 def test_special_images_get_error_events_or_answers(rig: Rig, faces_dir: Path) -> None:
-    """No face, many faces, oversized (pixels and bytes): each answered, none fatal."""
+    """No face, many faces, oversized (pixels and bytes): each answered or refused, none fatal."""
     assert rig.cloud is not None
+    # An image at the 16 MiB image cap is over the 4 MiB message cap: the client refuses it.
+    with pytest.raises(MessageTooLargeError):
+        _probe_body("too-many-bytes", b"\xff\xd8\xff\xe0" + b"\x00" * MAX_IMAGE_BYTES, None)
     cases = {
         "no face": (_blank_png(240, 240), "NoFaceError"),
         "many faces": ((faces_dir / "img8.jpg").read_bytes(), None),
         "too many pixels": (_blank_png(8000, 6000), "ImageDecodeError"),
-        "too many bytes": (b"\xff\xd8\xff\xe0" + b"\x00" * MAX_IMAGE_BYTES, "ImageDecodeError"),
     }
     ids = {}
     for name, (image, _) in cases.items():
@@ -431,12 +431,10 @@ def test_agents_keep_serving_after_the_fuzz(rig: Rig, faces_dir: Path) -> None:
         )
     )
     for pid, probe in ((edge_id, edge), (other_id, other)):
-        body = wire.encode(
-            wire.EncryptedProbeRequest(probe_id=pid, probe=probe),
-            fingerprint=probe.fingerprint,
-            limit=EDGE_PROBE_LIMIT,
-        )
-        rig.call(client.send(client.topology.probes, body))
+        request = wire.EncryptedProbeRequest(probe_id=pid, probe=probe)
+        for piece in wire.split_probe(request, client.max_message_size):  # 5 under 4 MiB
+            body = wire.encode(piece, fingerprint=probe.fingerprint)
+            rig.call(client.send(client.topology.probes, body))
     rig.wait_events({plain_id, edge_id, other_id})
     assert rig.events[plain_id].error is None and rig.events[plain_id].distance is not None
     assert rig.events[edge_id].error is None and "embed" not in rig.events[edge_id].timings

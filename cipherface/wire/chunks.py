@@ -132,26 +132,18 @@ class BlockAssembler:
         self, max_pending: int = 2, installed: Callable[[str, int], int] | None = None
     ) -> None:
         self.max_pending = max_pending
-        #: The version of a block (key fingerprint, block id) installed before this
-        #: assembler ran (0: none): the replica's stored gallery.
+        #: The version of a block (key fingerprint, block id) installed (0: none): the
+        #: replica's gallery, the served one or a key rotation's staged one.
         self.installed = installed or (lambda fingerprint, block_id: 0)
         self._pending: OrderedDict[tuple[str, int, int], _Partial] = OrderedDict()
-        #: The newest version assembled of each (key fingerprint, block id).
-        self._done: dict[tuple[str, int], int] = {}
         #: Chunks accepted so far: a replica waiting for blocks sees them coming.
         self.accepted = 0
-
-    def _held(self, fingerprint: str, block_id: int) -> int:
-        """The newest version of a block installed or assembled (0: none)."""
-        return max(
-            self._done.get((fingerprint, block_id), 0), self.installed(fingerprint, block_id)
-        )
 
     def _evict(self) -> None:
         """Drop half-assembled blocks beyond the bound: first those of a version held
         already (a replay or a resend: nothing is lost), then the oldest."""
         while len(self._pending) > self.max_pending:
-            redundant = [k for k in self._pending if k[2] <= self._held(k[0], k[1])]
+            redundant = [k for k in self._pending if k[2] <= self.installed(k[0], k[1])]
             fp, block_id, version = (redundant or list(self._pending))[0]
             del self._pending[(fp, block_id, version)]
             log.warning("dropped half-assembled block %d v%d (%s)", block_id, version, fp)
@@ -182,7 +174,7 @@ class BlockAssembler:
                 raise ChunkError(f"{name}: its layout does not match its layout digest")
         newest = max(
             [
-                self._held(fingerprint, chunk.block_id),
+                self.installed(fingerprint, chunk.block_id),
                 *(v for fp, b, v in self._pending if (fp, b) == (fingerprint, chunk.block_id)),
             ]
         )
@@ -220,7 +212,6 @@ class BlockAssembler:
             self._evict()
             return None
         self._pending.pop(key, None)
-        self._done[key[:2]] = chunk.version
         head = partial.head
         return EncryptedBlock.from_dict(
             {
