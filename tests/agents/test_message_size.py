@@ -1,10 +1,11 @@
 """Every message under 4 MiB: a private RabbitMQ node that refuses more, and the agents on it.
 
-The node runs with ``max_message_size = 4194304``, as the CI broker will once
-every message kind fits (`.ci/run`). The broker itself refuses a larger message;
-galleries of 128, 512 and 4096 dimensions (synthetic embeddings: the gallery
-does not care where they come from, and only Dlib's weights exist here) go end to
-end through it, 1:1 and 1:N, their blocks in chunks.
+The node runs with ``max_message_size = 4194304``, as the CI broker does
+(`.ci/run`). The broker itself refuses a larger message; galleries of 128, 512
+and 4096 dimensions (synthetic embeddings: the gallery does not care where they
+come from, and only Dlib's weights exist here) go end to end through it, 1:1 and
+1:N, their blocks in chunks; edge-encrypted probes of 128 and 512 dimensions
+(16.8 and 67 MB) go through it in pieces, every message under the cap.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from agents.cloud.agent import CloudAgent
 from agents.onprem.agent import generate_keys
 from cipherface import wire
 from cipherface.config import Settings
+from cipherface.crypto import Keyring
 from cipherface.embedding import Face
 from cipherface.exceptions import MessageTooLargeError, TransportError
+from cipherface.gallery import encrypt_probe
 from cipherface.signing import SigningKey, TrustStore
 from cipherface.transport import RabbitMQTransport, Topology
 from cipherface.wire.payloads import EncryptedBlock
@@ -84,10 +87,11 @@ class SyntheticEmbedder:
         return [Face(embedding=self.vectors[image.decode()], facial_area=area, confidence=1.0)]
 
 
-@pytest.mark.parametrize("dimensions", [128, 512, 4096])
-async def test_a_gallery_goes_end_to_end_under_the_cap(
+async def _deployed(
     node: RabbitNode, tmp_path: Path, dimensions: int
-) -> None:
+) -> tuple[Deployment, dict[str, np.ndarray]]:
+    """On-prem (three subjects enrolled) and a ready replica on the 4 MiB node; the
+    replica "embeds" an image naming a subject as that subject's vector plus noise."""
     settings = Settings(
         data_dir=tmp_path / "data",
         prefix=unique_prefix(),
@@ -100,18 +104,30 @@ async def test_a_gallery_goes_end_to_end_under_the_cap(
     deployment = Deployment(settings, settings.amqp_url)
     rng = np.random.default_rng(dimensions)
     enrolled = {s: rng.normal(size=dimensions) for s in SUBJECTS}
+    probes = {s: v + rng.normal(scale=0.02, size=dimensions) for s, v in enrolled.items()}
     try:
         onprem = await deployment.onprem()
         for subject, vector in enrolled.items():
             onprem.book.add(subject, vector, template_id=f"t-{subject}")
         cloud = CloudAgent(settings.override(replica="r1"), await deployment.link(CAP))
         TrustStore(settings.trust_store_path).add("r1", cloud.signer.verify_key)
-        probes = {s: v + rng.normal(scale=0.02, size=dimensions) for s, v in enrolled.items()}
         cloud.embedder = SyntheticEmbedder(probes)  # type: ignore[assignment]
         await cloud.start()
         deployment.agents.append(cloud)
         await asyncio.wait_for(cloud.ready.wait(), 600)
-        assert len(cloud.gallery or ()) == len(SUBJECTS)
+    except BaseException:
+        await deployment.close()
+        raise
+    assert len(cloud.gallery or ()) == len(SUBJECTS)
+    return deployment, probes
+
+
+@pytest.mark.parametrize("dimensions", [128, 512, 4096])
+async def test_a_gallery_goes_end_to_end_under_the_cap(
+    node: RabbitNode, tmp_path: Path, dimensions: int
+) -> None:
+    deployment, _ = await _deployed(node, tmp_path, dimensions)
+    try:
         client = await deployment.client()
         async with client.events() as stream:
             one_to_n = await client.publish_probe(b"bob")
@@ -123,6 +139,41 @@ async def test_a_gallery_goes_end_to_end_under_the_cap(
     finally:
         await deployment.close()
     assert found.error is None and found.verified and found.subject == "bob", found
+    assert verified.error is None and verified.verified, verified
+    assert refused.error is None and not refused.verified, refused
+
+
+@pytest.mark.parametrize(("dimensions", "pieces"), [(128, 5), (512, 17)])
+async def test_edge_probes_go_end_to_end_under_the_cap_in_pieces(
+    node: RabbitNode, tmp_path: Path, dimensions: int, pieces: int
+) -> None:
+    deployment, probes = await _deployed(node, tmp_path, dimensions)
+    try:
+        public = Keyring.load(deployment.settings.public_key_path, expect="public")
+        metric = deployment.settings.metric
+        encrypted = {s: encrypt_probe(public, v, metric) for s, v in probes.items()}
+        client = await deployment.client()
+        sizes: list[int] = []
+        send = client.transport.send
+
+        async def measured(queue: str, body: bytes, **kwargs: object) -> None:
+            sizes.append(len(body))
+            await send(queue, body, **kwargs)  # type: ignore[arg-type]
+
+        client.transport.send = measured  # type: ignore[method-assign]
+        async with client.events() as stream:
+            one_to_n = await client.publish_encrypted_probe(encrypted["bob"])
+            true_claim = await client.publish_encrypted_probe(encrypted["carol"], "carol")
+            false_claim = await client.publish_encrypted_probe(encrypted["alice"], "bob")
+            found = await stream.wait_for(one_to_n, 600)
+            verified = await stream.wait_for(true_claim, 600)
+            refused = await stream.wait_for(false_claim, 600)
+    finally:
+        await deployment.close()
+    assert len(sizes) == 3 * pieces and max(sizes) <= CAP, sizes
+    assert sum(sizes) > 3 * dimensions * 131_000  # the whole probes' worth went through
+    assert found.error is None and found.verified and found.subject == "bob", found
+    assert "embed" not in found.timings  # the cloud never saw an image
     assert verified.error is None and verified.verified, verified
     assert refused.error is None and not refused.verified, refused
 
