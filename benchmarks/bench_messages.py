@@ -4,10 +4,13 @@ Runs on-prem, one cloud replica and a client in one process (in-process broker),
 for galleries of 128, 512 and 4096 dimensions (synthetic embeddings: only Dlib's
 weights exist offline, and the gallery does not care where embeddings come from),
 records every message each party sends (``context``, ``chunk``, ``sync``,
-``status``, ``probe``, ``scores``, ``event``), and measures an edge-encrypted
-probe, which is not chunked yet. Prints one table and a PASS/FAIL verdict per kind;
-then, from the real scores of one block, the parts one 1:N probe's scores take
-over larger galleries (`wire.split_scores`), before (one message) and after.
+``status``, ``probe``, ``probe_piece``, ``scores``, ``event``), including an
+edge-encrypted probe sent end to end in pieces by dimension range
+(`wire.split_probe`). Prints one table and a PASS/FAIL verdict per kind; then the
+edge probe's pieces against the whole probe as one message, and whether its event
+named the right subject; then, from the real scores of one block, the parts one 1:N
+probe's scores take over larger galleries (`wire.split_scores`), before (one
+message) and after.
 
     python benchmarks/bench_messages.py [--dimensions 128 512 4096] [--templates 1000]
 """
@@ -82,9 +85,21 @@ class Synthetic:
         return [Face(embedding=self.vectors[image.decode()], facial_area=_AREA, confidence=1.0)]
 
 
-async def measure(dimensions: int, templates: int) -> tuple[dict[str, list[int]], wire.ScoresReady]:
+@dataclasses.dataclass(frozen=True)
+class Edge:
+    """One edge-encrypted probe: as one message, and as the pieces that went through."""
+
+    whole: int
+    pieces: list[int]
+    #: The event's subject and decision ("s0", True: right).
+    answer: tuple[str | None, bool, str | None]
+
+
+async def measure(
+    dimensions: int, templates: int
+) -> tuple[dict[str, list[int]], wire.ScoresReady, Edge]:
     """Every message of an enrollment, a replica's sync, three probes (1:N, 1:1 true and
-    false), and an edge-encrypted probe's size; and the last scores the replica sent."""
+    false) and an edge-encrypted 1:N probe; the last image probe's scores."""
     sizes: dict[str, list[int]] = defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(data_dir=Path(tmp), model=MODELS[dimensions], replica="m1")
@@ -111,16 +126,18 @@ async def measure(dimensions: int, templates: int) -> tuple[dict[str, list[int]]
             async with client.events() as events:
                 for image, claim in ((b"s0", None), (b"s1", "s1"), (b"s2", "s0")):
                     await events.wait_for(await client.publish_probe(image, claim), 600)
+            scores = wire.decode(replica.last["scores"], verifier=onprem.trusted).message
             public = Keyring.load(settings.public_key_path, expect="public")
             edge = encrypt_probe(public, vectors["s0"], settings.metric)
             request = wire.EncryptedProbeRequest(probe_id=wire.new_id(), probe=edge)
-            body = wire.encode(request, fingerprint=edge.fingerprint, limit=1 << 31)
-            sizes["encrypted_probe"].append(len(body))
+            whole = len(wire.encode(request, fingerprint=edge.fingerprint, limit=1 << 31))
+            async with client.events() as events:
+                event = await events.wait_for(await client.publish_encrypted_probe(edge), 1800)
             await cloud.stop()
             await onprem.stop()
-            scores = wire.decode(replica.last["scores"], verifier=onprem.trusted).message
     assert isinstance(scores, wire.ScoresReady)
-    return sizes, scores
+    answer = (event.subject, event.verified, event.error)
+    return sizes, scores, Edge(whole=whole, pieces=sizes["probe_piece"], answer=answer)
 
 
 #: Gallery sizes of the scores table (templates), at 8192 templates per block.
@@ -165,8 +182,9 @@ def main() -> None:
     print(f"{'dims':>5} {'kind':<16}{'messages':>9}{'max B':>13}{'total B':>14}  verdict")
     failed: set[str] = set()
     tables: dict[int, list[str]] = {}
+    edges: dict[int, Edge] = {}
     for dimensions in args.dimensions:
-        sizes, scores = asyncio.run(measure(dimensions, args.templates))
+        sizes, scores, edges[dimensions] = asyncio.run(measure(dimensions, args.templates))
         tables[dimensions] = scores_parts(scores, cap)
         for kind in sorted(sizes):
             values = sizes[kind]
@@ -177,6 +195,20 @@ def main() -> None:
                 f"{dimensions:>5} {kind:<16}{len(values):>9}{max(values):>13,}"
                 f"{sum(values):>14,}  {verdict}"
             )
+    print(
+        f"# an edge-encrypted probe in pieces by dimension range (wire.split_probe), cap {cap:,} B"
+    )
+    print(
+        f"{'dims':>5}{'one message B':>15}{'pieces':>7}{'max piece B':>13}{'total B':>14}", end=""
+    )
+    print("  event (subject, verified, error)  verdict")
+    for dimensions, edge in edges.items():
+        right = edge.answer == ("s0", True, None) and max(edge.pieces) <= cap
+        failed.update([] if right else ["edge probe"])
+        print(
+            f"{dimensions:>5}{edge.whole:>15,}{len(edge.pieces):>7}{max(edge.pieces):>13,}"
+            f"{sum(edge.pieces):>14,}  {edge.answer!s:<33} {'PASS' if right else 'FAIL'}"
+        )
     print(f"# one face's 1:N scores in parts (wire.split_scores), cap {cap:,} B")
     print(f"{'dims':>5}{'templates':>11}{'blocks':>7}{'one message B':>14}{'parts':>6}", end="")
     print(f"{'max part B':>13}{'PREFETCH':>9}  verdict")
