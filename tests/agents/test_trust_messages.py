@@ -7,6 +7,7 @@ and pinned whom it trusts (`tests/agents/trust.py` has the rig).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 from cipherface import wire
@@ -104,7 +105,8 @@ async def test_block_from_another_publisher_is_not_scored(rig: tuple[Deployment,
 async def test_duplicated_and_mismatched_chunks_are_dead_lettered_with_their_reason(
     rig: tuple[Deployment, Watch],
 ) -> None:
-    """Chunks replayed with on-prem's own signatures: checked one by one, never mixed."""
+    """Chunks replayed with on-prem's own signatures: checked one by one, never mixed; the
+    same chunk again (a redelivery) is accepted and changes nothing."""
     deployment, watch = rig
     onprem, cloud = deployment.agents[0], deployment.agents[1]
     [stored] = list(cloud.store.iter_blocks())  # type: ignore[union-attr]
@@ -115,7 +117,9 @@ async def test_duplicated_and_mismatched_chunks_are_dead_lettered_with_their_rea
     def signed(chunk: wire.BlockChunk) -> bytes:
         return wire.encode(chunk, fingerprint=stored.fingerprint, signer=onprem.signer)
 
-    for chunk in (chunks[0], chunks[0], foreign[1]):  # first, duplicate, another layout
+    overlapping = dataclasses.replace(chunks[1], start=chunks[1].start - 1)  # other bytes
+    # First, the same again, columns held with other bytes, another layout.
+    for chunk in (chunks[0], chunks[0], overlapping, foreign[1]):
         await _gallery(deployment, signed(chunk))
     await watch.dead_letter(lambda d: "duplicate" in str(d.headers[REASON_HEADER]))
     await watch.dead_letter(lambda d: "another layout" in str(d.headers[REASON_HEADER]))
