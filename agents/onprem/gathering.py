@@ -69,6 +69,8 @@ class _Waiting:
     done: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    #: A handler answers the probe (whole, or an error): the others only wait.
+    claimed: bool = False
 
 
 class Gathering:
@@ -122,12 +124,11 @@ class Gathering:
             return ("pieces", *wire.PieceGatherer.key(part))
         return wire.PartGatherer.key(part, signer, fingerprint)
 
-    async def _piece(self, piece: wire.ScoresReady, fingerprint: str) -> Gathered | None:
-        """Add a whole piece: the probe's summed scores (or why not) once every piece is in."""
-        key = self.key(piece, "", fingerprint)
-        pieces = self._pieces.add(piece, fingerprint)
-        if pieces is None:
-            return None
+    async def _summed(
+        self, pieces: list[wire.ScoresReady], fingerprint: str, key: tuple[str, ...]
+    ) -> Gathered:
+        """Every piece of a probe in: its summed scores, or why there are none."""
+        piece = pieces[0]
         try:
             wire.check_cover(pieces)
             keyring = self.keyring(fingerprint)
@@ -156,21 +157,22 @@ class Gathering:
             return Gathered(scores=_incomplete(part, reason), key=key)
         whole = self._parts.add(part, signer, fingerprint)
         waiting = self._waiting.setdefault(key, _Waiting(time.monotonic() + self.timeout))
-        if whole is not None and part.pieces > 1:
-            gathered = await self._piece(whole, fingerprint)
-        else:
-            gathered = None if whole is None else Gathered(scores=whole, key=key)
-        if gathered is not None:
-            return gathered
+        if whole is not None and part.pieces == 1:
+            waiting.claimed = True
+            return Gathered(scores=whole, key=key)
+        if whole is not None and (pieces := self._pieces.add(whole, fingerprint)) is not None:
+            waiting.claimed = True  # before the sum: a timeout meanwhile only waits
+            return await self._summed(pieces, fingerprint, key)
         try:
             remaining = max(waiting.deadline - time.monotonic(), 0.0)
             await asyncio.wait_for(asyncio.shield(waiting.done), remaining)
         except TimeoutError:
-            dropped = self._drop(key)
-            if dropped is None:  # answered meanwhile: wait for that answer to be out
+            if waiting.claimed:  # answered meanwhile: wait for that answer to be out
                 await waiting.done
                 return None
-            first, held, what = dropped
+            waiting.claimed = True
+            # No piece whole yet (each still missing parts): this handler's part names it.
+            first, held, what = self._drop(key) or (part, 0, "pieces")
             count = first.pieces if what == "pieces" else first.parts
             reason = f"{held} of {count} {what} within {self.timeout:.0f}s"
             return Gathered(scores=_incomplete(first, reason), key=key)

@@ -137,3 +137,15 @@ async def test_pieces_that_leave_dimensions_out_get_an_error_event_at_once(
     event = await watch.event("piece-gap")
     assert event.error and "pieces cover 127 of 128 dimensions" in event.error, event
     assert event.error.startswith("IncompleteScores") and not event.verified
+
+
+async def test_a_piece_missing_parts_gets_an_error_event_at_the_timeout(
+    rig: tuple[Deployment, Watch],
+) -> None:
+    """No piece ever whole (one part of two in): the handler holding it still answers."""
+    deployment, watch = rig
+    deployment.agents[0].gathering.timeout = 3.0  # type: ignore[union-attr]
+    first = _pieces(deployment, "piece-parts-missing")[0]
+    await _send(deployment, [dataclasses.replace(first, part=0, parts=2)])
+    event = await watch.event("piece-parts-missing")
+    assert event.error == "IncompleteScores: 0 of 5 pieces within 3s", event
