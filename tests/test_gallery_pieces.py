@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from agents.cloud.probes import scores_of
 from cipherface import wire
 from cipherface.crypto import Keyring, Metric
 from cipherface.exceptions import IntegrityError
@@ -54,29 +55,10 @@ def piece_scores(
     out = []
     for part in wire.split_probe(request, CAP):
         piece = wire.piece_probe(part)
-        faces = (
-            wire.FaceScores(
-                box=None,
-                confidence=1.0,
-                scores=tuple(gallery.search(piece, subject=subject, start=part.start)),
-            ),
-        )
-        out.append(
-            wire.ScoresReady(
-                probe_id=part.probe_id,
-                subject=subject,
-                faces=faces,
-                request=part.request,
-                submitted_at=part.submitted_at,
-                timings={},
-                probe_check=prove_probe(public, conjugation, piece),
-                piece=part.piece,
-                pieces=part.pieces,
-                dims_start=part.start,
-                dims_stop=part.start + len(part.columns),
-                dimensions=part.dimensions,
-            )
-        )
+        scores = tuple(gallery.search(piece, subject=subject, start=part.start))
+        face = wire.FaceScores(box=None, confidence=1.0, scores=scores)
+        check = prove_probe(public, conjugation, piece)
+        out.append(scores_of(part, (face,), check, {}, part.request))
     return out
 
 

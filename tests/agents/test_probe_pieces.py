@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from agents.cloud.probes import scores_of
 from cipherface import wire
 from cipherface.gallery.integrity import prove_probe
 from cipherface.transport import REASON_HEADER
@@ -34,22 +35,8 @@ def _pieces(deployment: Deployment, probe_id: str) -> list[wire.ScoresReady]:
         piece = wire.piece_probe(part)
         scores = cloud.gallery.search(piece, start=part.start)  # type: ignore[union-attr]
         check = prove_probe(cloud.keyring, cloud._conjugation_key, piece)  # type: ignore[union-attr]
-        out.append(
-            wire.ScoresReady(
-                probe_id=probe_id,
-                subject=None,
-                faces=(wire.FaceScores(box=None, confidence=1.0, scores=tuple(scores)),),
-                request=part.request,
-                submitted_at=part.submitted_at,
-                timings={"search": 0.01},
-                probe_check=check,
-                piece=part.piece,
-                pieces=part.pieces,
-                dims_start=part.start,
-                dims_stop=part.start + len(part.columns),
-                dimensions=part.dimensions,
-            )
-        )
+        face = wire.FaceScores(box=None, confidence=1.0, scores=tuple(scores))
+        out.append(scores_of(part, (face,), check, {"search": 0.01}, part.request))
     return out
 
 

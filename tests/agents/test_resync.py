@@ -3,9 +3,6 @@ asked for again (`agents.cloud.syncing`). On the in-process broker and on Rabbit
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import numpy as np
 import pytest
 
@@ -13,16 +10,8 @@ from agents.cloud.agent import CloudAgent
 from agents.onprem.agent import OnPremAgent
 from cipherface import wire
 from tests.agents.conftest import Deployment
+from tests.agents.test_lifecycle import until
 from tests.agents.trust import DIMENSIONS, gallery_rig
-
-
-async def until(condition: object, timeout: float = 60.0) -> None:
-    """Poll ``condition()`` until true (a deadline, not a timed assertion)."""
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.05)
 
 
 async def test_a_ready_replica_that_misses_a_block_asks_for_a_sync_again(
