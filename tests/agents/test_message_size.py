@@ -86,6 +86,9 @@ class SyntheticEmbedder:
         area = {"x": 0, "y": 0, "w": 100, "h": 100, "left_eye": None, "right_eye": None}
         return [Face(embedding=self.vectors[image.decode()], facial_area=area, confidence=1.0)]
 
+    def close(self) -> None:
+        """Nothing to release (the replica closes its embedder when it stops)."""
+
 
 async def _deployed(
     node: RabbitNode, tmp_path: Path, dimensions: int

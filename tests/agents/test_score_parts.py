@@ -54,6 +54,9 @@ class FourFaces:
             for i, vector in enumerate(faces)
         ]
 
+    def close(self) -> None:
+        """Nothing to release (the replica closes its embedder when it stops)."""
+
 
 async def test_scores_over_the_cap_arrive_in_parts_and_decide_once(
     deployment: Deployment,
