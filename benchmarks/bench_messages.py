@@ -84,6 +84,9 @@ class Synthetic:
     def embed(self, image: bytes, *, name: str | None = None) -> list[Face]:
         return [Face(embedding=self.vectors[image.decode()], facial_area=_AREA, confidence=1.0)]
 
+    def close(self) -> None:
+        """Nothing to release (the replica closes its embedder when it stops)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Edge:
