@@ -68,16 +68,23 @@ def test_a_block_is_held_once_and_edge_and_pair_scores_are_seals(
     # Edge probe: ciphertext x ciphertext, the probe's encrypted norm added.
     probe = encrypt_probe(public, np.full(16, 0.25), Metric.EUCLIDEAN)
     [(_, _, edge)] = engine.score(
-        ("encrypted", probe.columns, probe.norm, _weights(Metric.EUCLIDEAN)[1]), [block.block_id]
+        ("encrypted", probe.columns, probe.norm, _weights(Metric.EUCLIDEAN)[1], 0),
+        [block.block_id],
     )
     terms = []
     for column, weight in zip(block.columns, probe.columns, strict=True):
         term = sealapi.Ciphertext()
         seal.evaluator.multiply(seal.load(column), seal.load(weight), term)
         terms.append(term)
+    piece_sum = _sum(seal, [seal.load(seal.dump(t)) for t in terms[8:]])
     acc = _sum(seal, terms)
     seal.evaluator.add_inplace(acc, seal.load(probe.norm))
     assert np.array_equal(coefficients(seal, seal.load(edge)), _finish(seal, acc, block, 0))
+    # A piece of it (dimensions 8..15): its columns only, no norms, no constant.
+    [(_, _, piece)] = engine.score(
+        ("encrypted", probe.columns[8:], None, 0.0, 8), [block.block_id]
+    )
+    assert np.array_equal(coefficients(seal, seal.load(piece)), coefficients(seal, piece_sum))
 
     # Batched 1:1: a plaintext vector per column, some slots unclaimed (zero).
     matrix = np.zeros((16, 300))

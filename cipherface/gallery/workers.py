@@ -100,16 +100,26 @@ class _Engine:
         planes = limb_planes(np.stack(words))
         self.blocks[block_id] = (version, planes, norms is not None)
 
-    def _ciphertexts(self, planes: np.ndarray, has_norms: bool) -> tuple[list[Any], Any]:
-        """A block's columns (and norm column) as SEAL ciphertexts, bit for bit those received."""
+    def _ciphertexts(
+        self, planes: np.ndarray, has_norms: bool, used: slice, with_norms: bool
+    ) -> tuple[list[Any], Any]:
+        """Columns ``used`` of a block (and its norm column if ``with_norms``) as SEAL
+        ciphertexts, bit for bit those received.
+
+        Only what the request reads is rebuilt: an edge probe's piece covers a range
+        of dimensions, and rebuilding every column for each of its 5-17 pieces cost
+        the whole block that many times over.
+        """
         assert self._column_writer is not None
-        words = coefficients_of(planes)
-        columns = words[:-1] if has_norms else words
-        loaded = [self.seal.load(self._column_writer(c)) for c in columns]
+        dimensions = planes.shape[2] - has_norms
+        loaded = [
+            self.seal.load(self._column_writer(c))
+            for c in coefficients_of(planes[:, :, :dimensions][:, :, used])
+        ]
         norm = None
-        if has_norms:
+        if has_norms and with_norms:
             assert self._norm_writer is not None
-            norm = self.seal.load(self._norm_writer(words[-1]))
+            norm = self.seal.load(self._norm_writer(coefficients_of(planes[:, :, -1:])[0]))
         return loaded, norm
 
     def _column(self, data: bytes, scale: float) -> Any:
@@ -139,23 +149,23 @@ class _Engine:
             # A piece of an edge probe scores its own dimensions; the constant parts
             # of a score come once, with the piece starting at dimension 0.
             start = request[4]
+        used = slice(start, start + len(probe)) if kind == "encrypted" else slice(None)
         out = []
         for block_id in block_ids:
             version, planes, has_norms = self.blocks[block_id]
-            columns, norms = self._ciphertexts(planes, has_norms)
+            columns, norms = self._ciphertexts(planes, has_norms, used, start == 0)
             if kind == "pairs":
                 matrix, consts = request[1][block_id]
                 probe = [seal.plain(matrix[j].tolist(), _VALUE_SCALE) for j in range(len(matrix))]
                 result = self._combine(columns, probe, False)
                 self._add(result, seal.plain((consts * _BOTH_PARTS).tolist(), _SCORE_SCALE))
             else:
-                used = columns[start : start + len(probe)] if kind == "encrypted" else columns
-                result = self._combine(used, probe, kind == "encrypted")
+                result = self._combine(columns, probe, kind == "encrypted")
                 if kind == "encrypted" and extra is not None:
                     seal.evaluator.add_inplace(result, extra)
                 if const:
                     self._add(result, seal.plain(const * _BOTH_PARTS, _SCORE_SCALE))
-            if norms is not None and start == 0:
+            if norms is not None:  # only rebuilt for the piece starting at dimension 0
                 seal.evaluator.add_inplace(result, norms)
             out.append((block_id, version, seal.dump(result)))
         return out
