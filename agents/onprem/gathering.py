@@ -1,22 +1,29 @@
-"""On-prem's wait for every part of a probe's scores, holding the parts unacked.
+"""On-prem's wait for every shard's answer to a probe, in parts, holding them unacked.
 
-A replica sends a large probe's scores in parts (`cipherface.wire.parts`). Each
-part's handler keeps its delivery unacked while the probe gathers: the handler of
-the part that completes it ranks the whole probe and publishes its one event, and
-only then do the other handlers return (so every part is acked after the event is
-out). If on-prem dies mid-gather, the broker redelivers every part.
+A replica sends a large probe's scores in parts (`cipherface.wire.parts`), and a
+sharded gallery answers a 1:N probe once per shard (`cipherface.sharding`). Each
+piece's handler keeps its delivery unacked while the probe gathers: the handler
+of the piece that completes it (every expected shard whole) answers the probe
+with its one event, and only then do the other handlers return (so every piece
+is acked after the event is out). If on-prem dies mid-gather, the broker
+redelivers every piece.
 
-Bounds, so the results consumer's prefetch window (``window`` unacked deliveries)
-cannot deadlock: a probe of more parts than the window could never complete and
-is answered at once with an ``IncompleteScores`` error event; a probe whose parts
-do not all arrive within `Settings.gather_timeout` (another probe's parts filling
-the window, a replica that died mid-send) gets that error event then. Never a
-silent drop, never a decision from part of the gallery.
+Bounds, so the results consumer's prefetch window (``window`` unacked
+deliveries) cannot deadlock: the window is sized from the gallery (`window_for`:
+room for two probes of the most parts a probe can have, every face on every
+block), a probe of more parts than the window could never complete and is
+answered at once with an ``IncompleteScores`` error event, and at
+`Settings.gather_timeout` after its first piece a probe is answered with what it
+has: the shards that answered, as a *partial* answer (the event says so, with
+the fraction of the gallery searched), or, without one whole shard, an
+``IncompleteScores`` error event. Never a decision from part of the gallery
+that does not say so, never silence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,16 +31,34 @@ from dataclasses import dataclass, field
 from cipherface import wire
 from cipherface.exceptions import TransportError
 
-__all__ = ["Gathered", "Gathering"]
+__all__ = ["BLOCKS_PER_PART", "Gathered", "Gathering", "window_for"]
+
+#: Blocks of one face's scores that fit one 4 MiB part (`wire.split_scores`).
+BLOCKS_PER_PART = 31
+
+
+def window_for(prefetch: int, blocks: int, max_faces: int, shards: int = 1) -> int:
+    """Results deliveries on-prem holds: 4 x ``prefetch``, and room for two probes of
+    the most parts one can have (every face on every block, a part per shard at least).
+
+    Sized from the gallery, so a multi-face probe on a large gallery is answered
+    rather than refused or left waiting for parts that cannot be delivered."""
+    parts = max(math.ceil(blocks * max_faces / BLOCKS_PER_PART), shards)
+    return max(4 * prefetch, 2 * parts + 1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Gathered:
-    """What a part's handler answers: the whole probe's scores, or an
-    ``IncompleteScores`` rejection; then `Gathering.finish` releases ``key``'s parts."""
+    """What a piece's handler answers: every answering shard's whole scores
+    (``complete`` False at the deadline, some shard silent; ``error`` when two
+    answers of one shard differ), or an ``IncompleteScores`` rejection; then
+    `Gathering.finish` releases ``key``'s pieces."""
 
-    scores: wire.ScoresReady | wire.ProbeRejected
-    key: tuple[str, str, str, str]
+    answers: dict[int, wire.ScoresReady]
+    rejected: wire.ProbeRejected | None = None
+    complete: bool = True
+    error: str | None = None
+    key: tuple[str, str, str]
 
 
 def _incomplete(part: wire.ScoresReady, reason: str) -> wire.ProbeRejected:
@@ -48,88 +73,118 @@ def _incomplete(part: wire.ScoresReady, reason: str) -> wire.ProbeRejected:
     )
 
 
+def _coverage(answer: wire.ScoresReady) -> list[list[tuple[int, int]]]:
+    return [[(b.block_id, b.version) for b in face.scores] for face in answer.faces]
+
+
 @dataclass(slots=True)
-class _Waiting:
+class _Probe:
     deadline: float
+    expected: frozenset[int]
+    first: wire.ScoresReady
+    shards: dict[int, wire.ScoresReady] = field(default_factory=dict)
+    signers: set[str] = field(default_factory=set)
+    error: str | None = None
+    answering: bool = False
     done: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
 
 class Gathering:
-    """Parts of probes in gathering, and the handlers waiting on them."""
+    """Pieces of probes in gathering, and the handlers waiting on them."""
 
     def __init__(self, window: int, timeout: float) -> None:
         self.window = window
         self.timeout = timeout
         self._parts = wire.PartGatherer()
-        self._waiting: dict[tuple[str, str, str, str], _Waiting] = {}
+        self._probes: dict[tuple[str, str, str], _Probe] = {}
         self._stopping = False
 
     def __len__(self) -> int:
         """Probes in gathering."""
-        return len(self._parts)
+        return len(self._probes)
 
-    async def add(self, part: wire.ScoresReady, signer: str, fingerprint: str) -> Gathered | None:
+    def _answer(self, probe: _Probe, key: tuple[str, str, str], complete: bool) -> Gathered:
+        probe.answering = True
+        return Gathered(answers=dict(probe.shards), complete=complete, error=probe.error, key=key)
+
+    async def add(
+        self, part: wire.ScoresReady, signer: str, fingerprint: str, expected: frozenset[int]
+    ) -> Gathered | None:
         """Hold ``part``; what to answer when this handler is the one to answer, else
         None once another handler has answered the probe. Raises `PartError` for a
-        part that does not fit its probe (nothing held changes), and `TransportError`
-        (requeue) when the answer failed or on-prem stops."""
+        part that does not fit its shard's other parts (nothing held changes), and
+        `TransportError` (requeue) when the answer failed or on-prem stops."""
         if self._stopping:
             raise TransportError("on-prem is stopping")
-        key = wire.PartGatherer.key(part, signer, fingerprint)
+        key = (part.probe_id, part.request, fingerprint)
         if part.parts >= self.window:
             reason = f"{part.parts} parts, more than the {self.window - 1} on-prem can hold"
-            return Gathered(scores=_incomplete(part, reason), key=key)
-        whole = self._parts.add(part, signer, fingerprint)
-        waiting = self._waiting.setdefault(key, _Waiting(time.monotonic() + self.timeout))
-        if whole is not None:
-            return Gathered(scores=whole, key=key)
+            return Gathered(answers={}, rejected=_incomplete(part, reason), key=key)
+        whole = part if part.parts == 1 else self._parts.add(part, signer, fingerprint)
+        probe = self._probes.get(key)
+        if probe is None:
+            probe = self._probes[key] = _Probe(time.monotonic() + self.timeout, expected, part)
+        probe.signers.add(signer)
+        if whole is not None and not probe.answering:
+            held = probe.shards.setdefault(whole.shard, whole)
+            if held is not whole and _coverage(held) != _coverage(whole):
+                probe.error = f"shard {whole.shard} answered twice, on other blocks"
+            if probe.error or probe.expected <= set(probe.shards):
+                return self._answer(probe, key, complete=True)
         try:
-            remaining = max(waiting.deadline - time.monotonic(), 0.0)
-            await asyncio.wait_for(asyncio.shield(waiting.done), remaining)
+            remaining = max(probe.deadline - time.monotonic(), 0.0)
+            await asyncio.wait_for(asyncio.shield(probe.done), remaining)
         except TimeoutError:
-            dropped = self._parts.drop(key)
-            if dropped is None:  # answered meanwhile: wait for that answer to be out
-                await waiting.done
+            if probe.answering:  # answered meanwhile: wait for that answer to be out
+                await probe.done
                 return None
-            first, held = dropped
-            reason = f"{held} of {first.parts} parts within {self.timeout:.0f}s"
-            return Gathered(scores=_incomplete(first, reason), key=key)
+            if probe.shards:
+                return self._answer(probe, key, complete=False)
+            probe.answering = True
+            dropped = [self._parts.drop((*key[:2], s, fingerprint)) for s in probe.signers]
+            held = sum(d[1] for d in dropped if d is not None)
+            reason = f"{held} of {probe.first.parts} parts within {self.timeout:.0f}s"
+            return Gathered(answers={}, rejected=_incomplete(probe.first, reason), key=key)
         return None
 
     async def gather(
         self,
         part: wire.ScoresReady,
         envelope: wire.Envelope,
-        answer: Callable[[wire.Envelope, wire.ScoresReady | wire.ProbeRejected], Awaitable[None]],
+        expected: frozenset[int],
+        answer: Callable[[wire.Envelope, Gathered], Awaitable[None]],
     ) -> None:
-        """Hold ``part`` until its probe is whole, then ``answer`` it once per probe, from
-        the handler of the part that completed it (or timed out)."""
-        gathered = await self.add(part, envelope.signer, envelope.fingerprint)
+        """Hold ``part`` until its probe is whole (or its deadline), then ``answer`` it
+        once per probe, from the handler of the piece that completed it (or timed out)."""
+        gathered = await self.add(part, envelope.signer, envelope.fingerprint, expected)
         if gathered is None:
             return
         try:
-            await answer(envelope, gathered.scores)
+            await answer(envelope, gathered)
         except BaseException as exc:
             self.finish(gathered.key, exc)
             raise
         self.finish(gathered.key)
 
-    def finish(self, key: tuple[str, str, str, str], error: BaseException | None = None) -> None:
+    def finish(self, key: tuple[str, str, str], error: BaseException | None = None) -> None:
         """The probe's event is out (or ``error``: it could not be published); release
-        the handlers waiting on its parts (which then requeue on an error)."""
-        waiting = self._waiting.pop(key, None)
-        self._parts.drop(key)
-        if waiting is not None and not waiting.done.done():
+        the handlers waiting on its pieces (which then requeue on an error)."""
+        probe = self._probes.pop(key, None)
+        if probe is None:
+            return
+        for signer in probe.signers:
+            self._parts.drop((*key[:2], signer, key[2]))
+        if not probe.done.done():
             if error is None:
-                waiting.done.set_result(None)
+                probe.done.set_result(None)
             else:
-                waiting.done.set_exception(TransportError(f"answer not sent: {error}"))
-                waiting.done.exception()  # retrieved here: waiters re-raise their own
+                probe.done.set_exception(TransportError(f"answer not sent: {error}"))
+                probe.done.exception()  # retrieved here: waiters re-raise their own
 
     def stop(self) -> None:
-        """On-prem stops: every held part goes back to the queue, to be gathered again."""
+        """On-prem stops: every held piece goes back to the queue, to be gathered again."""
         self._stopping = True
-        for key in list(self._waiting):
+        for key in list(self._probes):
             self.finish(key, TransportError("on-prem is stopping"))

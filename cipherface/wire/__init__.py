@@ -33,6 +33,7 @@ from cipherface.wire.messages import (
     ProbeRequest,
     ReplicaStatus,
     ScoresReady,
+    ShardSearch,
     SyncRequest,
     VerificationEvent,
     message_id,
@@ -41,7 +42,7 @@ from cipherface.wire.messages import (
     request_digest,
 )
 from cipherface.wire.parts import PartGatherer, split_scores
-from cipherface.wire.payloads import FaceResult, FaceScores
+from cipherface.wire.payloads import FaceProbe, FaceResult, FaceScores, ShardMap
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -52,6 +53,7 @@ __all__ = [
     "ContextUpdate",
     "EncryptedProbeRequest",
     "Envelope",
+    "FaceProbe",
     "FaceResult",
     "FaceScores",
     "Message",
@@ -60,6 +62,8 @@ __all__ = [
     "ProbeRequest",
     "ReplicaStatus",
     "ScoresReady",
+    "ShardMap",
+    "ShardSearch",
     "SyncRequest",
     "VerificationEvent",
     "decode",

@@ -1,0 +1,185 @@
+"""A gallery spread over two shards, end to end (in-process broker and RabbitMQ).
+
+Six synthetic subjects (`SyntheticEmbedder`: what is under test is the routing,
+not DeepFace) are spread by on-prem's book over two shards, one block each.
+A 1:N probe is embedded once and searched by both shards; a 1:1 claim by its
+subject's shard only; a shard that is down gives a partial answer at the
+deadline, saying how much of the gallery was searched; and what a trusted
+replica's key could forge in a shard's answer is an error, never a decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import numpy as np
+
+from agents.cloud.agent import CloudAgent
+from agents.onprem.agent import OnPremAgent
+from cipherface import wire
+from cipherface.wire.payloads import BlockScores
+from tests.agents.conftest import Deployment
+from tests.agents.test_message_size import SyntheticEmbedder
+from tests.agents.trust import Watch, _result
+
+SUBJECTS = ("ann", "ben", "cat", "dan", "eve", "fay")
+DIMENSIONS = 128
+
+
+def _vectors() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Enrolled vectors and probes near them (cosine distance well under Dlib's 0.07)."""
+    rng = np.random.default_rng(10)
+    enrolled = {s: rng.normal(size=DIMENSIONS) for s in SUBJECTS}
+    probes = {s: v + rng.normal(scale=0.02, size=DIMENSIONS) for s, v in enrolled.items()}
+    return enrolled, probes
+
+
+async def _sharded(
+    deployment: Deployment, replicas: dict[str, int], *, gather_timeout: float = 60.0
+) -> tuple[OnPremAgent, dict[str, CloudAgent], Watch]:
+    """On-prem with two shards and the six subjects; replicas by name -> shard."""
+    deployment.settings = dataclasses.replace(
+        deployment.settings, shards=2, gather_timeout=gather_timeout
+    )
+    enrolled, probes = _vectors()
+    onprem = await deployment.onprem()
+    for subject, vector in enrolled.items():
+        onprem.book.add(subject, vector, template_id=f"t-{subject}")
+    await onprem.publish_gallery(onprem.book.pending_blocks())
+    clouds = {
+        name: await deployment.cloud(name, shard=shard, embedder=SyntheticEmbedder(probes))
+        for name, shard in replicas.items()
+    }
+    for cloud in clouds.values():
+        await asyncio.wait_for(cloud.ready.wait(), 120)
+        while not cloud.serving:
+            await asyncio.sleep(0.05)
+    watch = Watch()
+    await watch.start(deployment)
+    return onprem, clouds, watch
+
+
+def _home(onprem: OnPremAgent, subject: str) -> int:
+    return onprem.book.shards.subject_home[subject]
+
+
+async def test_a_probe_is_searched_once_per_shard_and_answered_as_unsharded(
+    deployment: Deployment,
+) -> None:
+    onprem, clouds, watch = await _sharded(deployment, {"r0a": 0, "r0b": 0, "r1a": 1})
+    homes = {s: _home(onprem, s) for s in SUBJECTS}
+    assert set(homes.values()) == {0, 1}  # the book spread the subjects
+    assert {c.gallery and len(c.gallery) for c in clouds.values()} == {3}
+    client = await deployment.client()
+    sent = {await client.publish_probe(s.encode()): s for s in SUBJECTS}
+    for probe_id, subject in sent.items():
+        event = await watch.event(probe_id)
+        assert event.error is None and event.subject == subject and event.verified, event
+        assert not event.partial and event.searched == 1.0
+    # Each probe embedded once, searched once on each shard.
+    assert sum(c.shards.searches for c in clouds.values()) == 2 * len(SUBJECTS)
+    assert clouds["r1a"].shards.searches == len(SUBJECTS)
+
+
+async def test_a_claim_goes_to_its_subjects_shard_only(deployment: Deployment) -> None:
+    onprem, clouds, watch = await _sharded(deployment, {"r0": 0, "r1": 1})
+    subject = next(s for s in SUBJECTS if _home(onprem, s) == 1)
+    client = await deployment.client()
+    true_claim = await client.publish_probe(subject.encode(), subject)
+    false_claim = await client.publish_probe(b"ann" if subject != "ann" else b"ben", subject)
+    verified, refused = await watch.event(true_claim), await watch.event(false_claim)
+    assert verified.error is None and verified.verified and not verified.partial, verified
+    assert refused.error is None and not refused.verified, refused
+    assert clouds["r0"].shards.searches == 0  # the other shard got no work
+    assert clouds["r1"].shards.searches == 2
+
+
+async def test_a_shard_down_gives_a_partial_answer_at_the_deadline(
+    deployment: Deployment,
+) -> None:
+    onprem, clouds, watch = await _sharded(deployment, {"r0": 0, "r1": 1}, gather_timeout=3.0)
+    await deployment.stop(clouds["r1"])
+    subject = next(s for s in SUBJECTS if _home(onprem, s) == 0)
+    client = await deployment.client()
+    event = await watch.event(await client.publish_probe(subject.encode()))
+    assert event.error is None and event.partial, event
+    assert event.subject == subject and event.verified
+    assert event.searched == 0.5  # three of the six templates
+    # A claim whose only shard is down waits in that shard's queue (no decision).
+    missing = next(s for s in SUBJECTS if _home(onprem, s) == 1)
+    claim = await client.publish_probe(missing.encode(), missing)
+    await asyncio.sleep(4)
+    assert claim not in watch.events
+
+
+def _answer(
+    onprem: OnPremAgent,
+    cloud: CloudAgent,
+    probe_id: str,
+    blocks: tuple[BlockScores, ...],
+    **changes: object,
+) -> bytes:
+    """A shard's answer signed by ``cloud``'s key: what a malicious replica can send."""
+    message = wire.ScoresReady(
+        probe_id=probe_id,
+        subject=None,
+        faces=(wire.FaceScores(box=None, confidence=1.0, scores=blocks),),
+        request=wire.request_digest(probe_id.encode()),
+        submitted_at=float(round(time.time())),  # the same in both shards answers
+        timings={},
+        shard=cloud.shards.shard,
+        map_version=onprem.book.shards.version,
+    )
+    return wire.encode(
+        dataclasses.replace(message, **changes),  # type: ignore[arg-type]
+        fingerprint=onprem.keyring.fingerprint,
+        signer=cloud.signer,
+    )
+
+
+async def test_a_forged_shard_answer_is_an_error_never_a_decision(
+    deployment: Deployment,
+) -> None:
+    onprem, clouds, watch = await _sharded(deployment, {"r0": 0, "r1": 1})
+    r0, r1 = clouds["r0"], clouds["r1"]
+    vector = _vectors()[1]["ann"]
+    [own0] = r0.gallery.search(vector)  # type: ignore[union-attr]
+    [own1] = r1.gallery.search(vector)  # type: ignore[union-attr]
+    forged = {
+        # shard 1 scores shard 0's block
+        "other": [_answer(onprem, r0, "other", (own0,)), _answer(onprem, r1, "other", (own0,))],
+        # a block that is nobody's
+        "wrong": [
+            _answer(onprem, r0, "wrong", (own0,)),
+            _answer(onprem, r1, "wrong", (dataclasses.replace(own1, block_id=42),)),
+        ],
+        # shard 0 answers twice, on other blocks
+        "twice": [_answer(onprem, r0, "twice", (own0,)), _answer(onprem, r0, "twice", ())],
+        # a map version on-prem never issued
+        "old": [
+            _answer(onprem, r0, "old", (own0,), map_version=7),
+            _answer(onprem, r1, "old", (own1,), map_version=7),
+        ],
+    }
+    reasons = {
+        "other": "shard 1 scored block",
+        "wrong": "not in the gallery",
+        "twice": "answered twice",
+        "old": "map version 7",
+    }
+    for bodies in forged.values():
+        for body in bodies:
+            await _result(deployment, body)
+    for probe_id, reason in reasons.items():
+        event = await watch.event(probe_id)
+        assert event.error and event.error.startswith("IntegrityError"), event
+        assert reason in event.error, event
+        assert not event.verified and event.distance is None and not event.faces
+    # Past the grace for blocks just shipped, an answer missing one of its blocks.
+    onprem.shards.router.grace = 0.0
+    await _result(deployment, _answer(onprem, r0, "short", (own0,)))
+    await _result(deployment, _answer(onprem, r1, "short", ()))
+    event = await watch.event("short")
+    assert event.error and "misses block" in event.error, event
