@@ -115,8 +115,13 @@ class OnPremAgent:
         self._consumers: list[Consumer] = []
         #: Probes whose scores come in parts or from shards, held unacked within the
         #: results prefetch (sized from the gallery: `window_for`).
+        blocks = len(self.book.all_blocks())
         window = window_for(
-            settings.prefetch, len(self.book.all_blocks()), settings.max_faces, settings.shards
+            settings.prefetch,
+            blocks,
+            settings.max_faces,
+            settings.shards,
+            settings.max_message_size,
         )
         self.gathering = Gathering(window, settings.gather_timeout)
         self._publishing = asyncio.Lock()

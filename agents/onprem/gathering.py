@@ -31,20 +31,28 @@ from dataclasses import dataclass, field
 from cipherface import wire
 from cipherface.exceptions import TransportError
 
-__all__ = ["BLOCKS_PER_PART", "Gathered", "Gathering", "window_for"]
+__all__ = ["FACE_BLOCK_BYTES", "MAX_WINDOW", "Gathered", "Gathering", "window_for"]
 
-#: Blocks of one face's scores that fit one 4 MiB part (`wire.split_scores`).
-BLOCKS_PER_PART = 31
+#: Bytes of one face's scores of one block in a part (131.6 KB at n8192, with room
+#: for msgpack): 31 fit a 4 MiB part (`wire.split_scores`).
+FACE_BLOCK_BYTES = 135_000
+#: Most results deliveries on-prem holds (each up to `Settings.max_message_size`).
+MAX_WINDOW = 256
 
 
-def window_for(prefetch: int, blocks: int, max_faces: int, shards: int = 1) -> int:
+def window_for(
+    prefetch: int, blocks: int, max_faces: int, shards: int = 1, limit: int = 4 * 1024 * 1024
+) -> int:
     """Results deliveries on-prem holds: 4 x ``prefetch``, and room for two probes of
-    the most parts one can have (every face on every block, a part per shard at least).
+    the most parts one can have (every face on every block, at least a part per
+    shard), at most `MAX_WINDOW`.
 
-    Sized from the gallery, so a multi-face probe on a large gallery is answered
-    rather than refused or left waiting for parts that cannot be delivered."""
-    parts = max(math.ceil(blocks * max_faces / BLOCKS_PER_PART), shards)
-    return max(4 * prefetch, 2 * parts + 1)
+    Sized from the gallery at start, so a multi-face probe on a large gallery is
+    answered rather than refused or left waiting for parts that cannot be delivered.
+    """
+    per_part = max(1, limit // FACE_BLOCK_BYTES // max_faces)  # blocks of every face
+    parts = max(math.ceil(blocks / per_part), shards)
+    return min(max(4 * prefetch, 2 * parts + 1), max(MAX_WINDOW, 4 * prefetch))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
