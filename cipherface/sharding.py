@@ -89,8 +89,8 @@ class ShardRouter:
     pending: ShardView | None = None
     #: The map before the last move, and until when its answers are accepted.
     previous: tuple[ShardView, float] | None = None
-    #: (key fingerprint, block) -> when on-prem last shipped a new version of it.
-    shipped_at: dict[tuple[str, int], float] = field(default_factory=dict)
+    #: (key fingerprint, block, shard) -> when on-prem last shipped it to that shard.
+    shipped_at: dict[tuple[str, int, int], float] = field(default_factory=dict)
 
     def update(self, active: ShardView, pending: ShardView | None) -> None:
         """The book's maps now; a new active version keeps the old one for `grace`."""
@@ -98,9 +98,9 @@ class ShardRouter:
             self.previous = (self.active, time.time() + self.grace)
         self.active, self.pending = active, pending
 
-    def shipped(self, fingerprint: str, block: int) -> None:
-        """On-prem publishes a new version of ``block``: its shard may lack it for a while."""
-        self.shipped_at[(fingerprint, block)] = time.time()
+    def shipped(self, fingerprint: str, block: int, shard: int) -> None:
+        """On-prem publishes ``block`` to ``shard``: that shard (only) may lack it a while."""
+        self.shipped_at[(fingerprint, block, shard)] = time.time()
 
     def views(self) -> list[ShardView]:
         """Every map on-prem accepts answers under now."""
@@ -123,8 +123,8 @@ class ShardRouter:
         """The shards whose answers make ``result``'s probe whole (at least its own)."""
         return self.view(result.map_version).expected(result.subject) or frozenset({result.shard})
 
-    def _fresh(self, fingerprint: str, block: int, now: float) -> bool:
-        return now < self.shipped_at.get((fingerprint, block), 0.0) + self.grace
+    def _fresh(self, fingerprint: str, block: int, shard: int, now: float) -> bool:
+        return now < self.shipped_at.get((fingerprint, block, shard), 0.0) + self.grace
 
     def merge(
         self,
@@ -166,7 +166,7 @@ class ShardRouter:
                         + (f"shard {home}'s" if home is not None else "not in the gallery")
                     )
                 held = shipped(block.block_id)
-                fresh = self._fresh(fingerprint, block.block_id, now)
+                fresh = self._fresh(fingerprint, block.block_id, shard, now)
                 if held is not None and held[0] != block.version and not fresh:
                     raise IntegrityError(
                         f"shard {shard} scored block {block.block_id} version {block.version}, "
@@ -180,7 +180,7 @@ class ShardRouter:
         covered = frozenset(chosen)
         for block in wanted - covered:
             home = view.homes.get(block, 0)
-            if home in answers and not self._fresh(fingerprint, block, now):
+            if home in answers and not self._fresh(fingerprint, block, home, now):
                 raise IntegrityError(f"shard {home}'s answer misses block {block}")
         total = sum(shipped(b)[1] for b in wanted)  # type: ignore[index]
         searched_templates = sum(shipped(b)[1] for b in wanted & covered)  # type: ignore[index]

@@ -61,7 +61,7 @@ class ShardKeeper:
                 layout.version
             ):
                 self._versions[key] = layout.version
-                self.router.shipped(*key)
+                self.router.shipped(*key, book.shards.home.get(block, 0))
         index = book.shards
         subjects = dict(index.subject_home)
         active = ShardView.of(index.shard_map(), subjects)
@@ -80,7 +80,11 @@ class ShardKeeper:
     async def start(self) -> None:
         """Spread the gallery over `Settings.shards` if raised: ship the moving blocks."""
         book = self.agent.book
-        moves = book.shards.resize(self.agent.settings.shards, book._layout, book._subject)
+        wanted = self.agent.settings.shards
+        if wanted < book.shards.count:
+            log.warning("the gallery has %d shards: --shards %d ignored", book.shards.count, wanted)
+            return
+        moves = book.shards.resize(wanted, book._layout, book._subject)
         if moves:
             log.warning(
                 "adding shards: %d block(s) move (%s)",
@@ -144,7 +148,7 @@ class ShardKeeper:
                     shard_map=index.shard_map(pending=moving_in),
                 )
                 await agent.transport.publish(topology.gallery, key, agent._encode(context, keys))
-                await self._ship(blocks, key, keys, fresh=replica is None)
+                await self._ship(blocks, key, keys, None if replica else number)
             log.info(
                 "published context and %d block(s)",
                 len(ids),
@@ -152,16 +156,16 @@ class ShardKeeper:
             )
             return len(ids)
 
-    async def _ship(self, ids: list[int], key: str, keys: KeySet, *, fresh: bool) -> None:
+    async def _ship(self, ids: list[int], key: str, keys: KeySet, shard: int | None) -> None:
         """Blocks are encrypted (by `workers` processes) while earlier ones are sent;
-        ``fresh`` (not a sync): their shard may answer without them for a while."""
+        ``shard`` (not a sync) may answer without them for a while."""
         agent = self.agent
         topology = agent.transport.topology
         blocks = keys.book.encrypt_blocks(ids, workers=agent.settings.workers)
         try:
             while (block := await finish_in_thread(next, blocks, None)) is not None:
-                if fresh:
-                    self.router.shipped(keys.fingerprint, block.block_id)
+                if shard is not None:
+                    self.router.shipped(keys.fingerprint, block.block_id, shard)
                 for chunk in wire.split_block(block, agent.settings.max_message_size):
                     update = agent._encode(chunk, keys)
                     await agent.transport.publish(topology.gallery, key, update)

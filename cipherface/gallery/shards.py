@@ -151,8 +151,8 @@ class ShardIndex:
     ) -> dict[int, int]:
         """Spread the blocks over ``shards`` (more than now): pending moves to the new shards.
 
-        Blocks linked by a subject form a group that moves whole; groups are taken
-        from the most loaded shards, largest first, while that evens the load.
+        Blocks linked by a subject form a group that moves whole; groups go, largest
+        first, to the least loaded new shard while that lowers the larger load.
         Returns the blocks that move. Fewer shards is refused (merging is not a move).
         """
         if not 1 <= shards <= MAX_SHARDS:
@@ -165,11 +165,14 @@ class ShardIndex:
             raise ConfigError("blocks are still moving to new shards: try again once done")
         groups = _groups(layout, subject_of)
         load = Counter({s: self.load_of[s] for s in range(shards)})
+        new = range(self.count, shards)
         moves: dict[int, int] = {}
         for size, blocks in sorted(groups, key=lambda g: (-g[0], min(g[1]))):
+            # Only into the new shards, and only while it lowers the larger load: no
+            # block moves between the shards that were there.
             source = self.home[min(blocks)]
-            dest = min(range(shards), key=lambda s: (load[s], s))
-            if load[source] - size >= load[dest] + size - 1 and load[source] > load[dest] + size:
+            dest = min(new, key=lambda s: (load[s], s))
+            if size and load[dest] + size < load[source]:
                 for block in blocks:
                     moves[block] = dest
                 load[source] -= size

@@ -15,6 +15,7 @@ import dataclasses
 import time
 
 import numpy as np
+import pytest
 
 from agents.cloud.agent import CloudAgent
 from agents.onprem.agent import OnPremAgent
@@ -183,3 +184,71 @@ async def test_a_forged_shard_answer_is_an_error_never_a_decision(
     await _result(deployment, _answer(onprem, r1, "short", ()))
     event = await watch.event("short")
     assert event.error and "misses block" in event.error, event
+
+
+async def test_adding_a_shard_moves_blocks_while_probes_keep_being_answered(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two shards of two blocks each (one full); a third shard takes the full block of
+    shard 0 while a stream of probes is answered, right and whole, throughout."""
+    monkeypatch.setattr("agents.cloud.shards.SHIP_GRACE", 3.0)  # the old shard's drop
+    deployment.settings = dataclasses.replace(deployment.settings, shards=2)
+    enrolled, probes = _vectors()
+    onprem = await deployment.onprem()
+    for subject, vector in enrolled.items():
+        onprem.book.add(subject, vector, template_id=f"t-{subject}")
+    rng = np.random.default_rng(11)
+    filler = 2 * onprem.book.capacity
+    onprem.book.add_many((f"x{i}", rng.normal(size=DIMENSIONS), f"x{i}") for i in range(filler))
+    await onprem.publish_gallery(onprem.book.pending_blocks())
+    clouds = [
+        await deployment.cloud(name, shard=shard, embedder=SyntheticEmbedder(probes))
+        for name, shard in (("r0", 0), ("r1", 1))
+    ]
+    for cloud in clouds:
+        await asyncio.wait_for(cloud.ready.wait(), 120)
+    watch = Watch()
+    await watch.start(deployment)
+    client = await deployment.client()
+    sent: dict[str, str] = {}
+    streaming = True
+
+    async def stream() -> None:
+        index = 0
+        while streaming:
+            subject = SUBJECTS[index % len(SUBJECTS)]
+            sent[await client.publish_probe(subject.encode())] = subject
+            index += 1
+            await asyncio.sleep(1.0)  # within what two shared cores answer
+
+    task = asyncio.create_task(stream())
+    try:
+        await asyncio.sleep(2)
+        # Add a shard: on-prem restarts with --shards 3; the replicas keep serving.
+        await deployment.stop(onprem)
+        deployment.settings = dataclasses.replace(deployment.settings, shards=3)
+        onprem = await deployment.onprem()
+        moved = dict(onprem.book.shards.target)
+        assert moved and set(moved.values()) == {2}, moved
+        clouds.append(await deployment.cloud("r2", shard=2, embedder=SyntheticEmbedder(probes)))
+        for _ in range(1200):  # the move commits once the new shard serves its blocks
+            gallery = clouds[0].gallery
+            if not onprem.book.shards.target and gallery and not set(moved) & set(gallery._layouts):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the move did not complete")
+        await asyncio.sleep(2)
+    finally:
+        streaming = False
+        await task
+    events = {probe_id: await watch.event(probe_id) for probe_id in sent}
+    wrong = {
+        p: (e.error, e.subject, sent[p], e.partial, e.searched, e.verified)
+        for p, e in events.items()
+        if e.error or e.partial or e.subject != sent[p] or not e.verified
+    }
+    assert not wrong, wrong
+    assert onprem.book.shards.version == 1
+    assert set(moved) <= set(clouds[2].gallery._layouts)  # type: ignore[union-attr]
+    assert clouds[2].shards.searches > 0 and len(events) > 5
