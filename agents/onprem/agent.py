@@ -351,8 +351,7 @@ class OnPremAgent:
                 # A replayed piece of a probe answered already: nothing to hold it for.
                 log.info("probe %s already has its event; piece dropped", result.probe_id)
                 return
-            if self.book.refresh():
-                self.shards.refresh()
+            self.shards.follow()
             try:
                 expected = self.shards.expected(result)
             except IntegrityError as exc:  # an unknown map version: an error, no decision

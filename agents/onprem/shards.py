@@ -48,6 +48,8 @@ class ShardKeeper:
         self._tasks: set[asyncio.Task[None]] = set()
         #: (fingerprint, block) -> the version last seen shipped (`refresh`).
         self._versions: dict[tuple[str, int], int] = {}
+        #: What the book looked like at the last `refresh` (`follow`).
+        self._seen: tuple[int, ...] = ()
         self.refresh()
 
     def refresh(self) -> None:
@@ -63,6 +65,7 @@ class ShardKeeper:
                 self._versions[key] = layout.version
                 self.router.shipped(*key, book.shards.home.get(block, 0))
         index = book.shards
+        self._seen = self._stamp()
         subjects = dict(index.subject_home)
         active = ShardView.of(index.shard_map(), subjects)
         pending = None
@@ -71,6 +74,18 @@ class ShardKeeper:
             moved = {s: pending_map.subject_homes[i] for i, s in enumerate(pending_map.subjects)}
             pending = ShardView.of(pending_map, {**subjects, **moved})
         self.router.update(active, pending)
+
+    def _stamp(self) -> tuple[int, ...]:
+        book = self.agent.book
+        index = book.shards
+        return (id(book), book._seen_version, len(book), len(book._layout), index.version)
+
+    def follow(self) -> None:
+        """Refresh the routing if the book changed (here, in another process, or a key
+        rotation switched books) since the last refresh."""
+        self.agent.book.refresh()
+        if self._stamp() != self._seen:
+            self.refresh()
 
     def refuse_changes(self) -> None:
         """Enrollments and removals wait for a move to end (`ConfigError`)."""
