@@ -153,7 +153,8 @@ class ShardRouter:
             for face in answer.faces:
                 ids = [b.block_id for b in face.scores]
                 if len(set(ids)) != len(ids):
-                    raise IntegrityError(f"shard {shard} scored a block twice for one face")
+                    twice = len(ids) - len(set(ids))
+                    raise IntegrityError(f"shard {shard}: {twice} block(s) scored twice for a face")
                 if set(ids) != {b.block_id for b in answer.faces[0].scores}:
                     raise IntegrityError(f"shard {shard} scored its faces on different blocks")
             for block in answer.faces[0].scores if answer.faces else ():
