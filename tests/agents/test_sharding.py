@@ -20,6 +20,7 @@ import pytest
 from agents.cloud.agent import CloudAgent
 from agents.onprem.agent import OnPremAgent
 from cipherface import wire
+from cipherface.transport import REASON_HEADER
 from cipherface.wire.payloads import BlockScores
 from tests.agents.conftest import Deployment
 from tests.agents.test_message_size import SyntheticEmbedder
@@ -252,3 +253,37 @@ async def test_adding_a_shard_moves_blocks_while_probes_keep_being_answered(
     assert onprem.book.shards.version == 1
     assert set(moved) <= set(clouds[2].gallery._layouts)  # type: ignore[union-attr]
     assert clouds[2].shards.searches > 0 and len(events) > 5
+
+
+async def test_a_search_or_context_for_another_shard_is_dead_lettered(
+    deployment: Deployment,
+) -> None:
+    onprem, clouds, watch = await _sharded(deployment, {"r0": 0, "r1": 1})
+    link = await deployment.link()
+    topology = link.topology
+    search = wire.ShardSearch(
+        probe_id="misrouted",
+        subject=None,
+        faces=(wire.FaceProbe(box=None, confidence=1.0, embedding=b"\0" * 8 * DIMENSIONS),),
+        edge=None,
+        probe_check=None,
+        request=wire.request_digest(b"misrouted"),
+        submitted_at=time.time(),
+        timings={},
+        shard=0,
+        map_version=onprem.book.shards.version,
+    )
+    await link.publish(topology.shards, topology.shard_key(1), wire.encode(search))
+    dead = await watch.dead_letter(lambda d: "reached shard 1" in str(d.headers[REASON_HEADER]))
+    assert str(dead.headers[REASON_HEADER]).startswith("ConfigError")
+    context = wire.ContextUpdate(
+        context=onprem.keyring.public_bytes(galois_keys=False, relin_keys=False),
+        conjugation_key=onprem.current.conjugation_key,
+        blocks=(),
+        shard=0,
+        shard_map=onprem.book.shards.shard_map(),
+    )
+    body = onprem._encode(context)
+    await link.publish(topology.gallery, topology.shard_key(1), body)
+    await watch.dead_letter(lambda d: "which serves shard 1" in str(d.headers[REASON_HEADER]))
+    assert clouds["r1"].shards.searches == 0 and len(clouds["r1"].gallery or ()) == 3
