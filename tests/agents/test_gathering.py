@@ -9,16 +9,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-
-import numpy as np
-
-from agents.cloud.agent import CloudAgent
 from agents.onprem.gathering import MAX_WINDOW, window_for
-from cipherface.signing import TrustStore
 from tests.agents.conftest import Deployment
-from tests.agents.test_score_parts import CAP, ManyFaces, _parts
+from tests.agents.test_score_parts import CAP, _many_faces_probe, _parts
 from tests.agents.trust import Watch, _result, _signed_by_replica
 
 
@@ -34,30 +27,9 @@ async def test_a_probe_in_more_parts_than_four_times_prefetch_is_answered(
     deployment: Deployment,
 ) -> None:
     faces = 7  # 7 x ~131 KB of one block's scores fit a 1 MiB part, 14 do not
-    deployment.settings = dataclasses.replace(
-        deployment.settings, max_message_size=CAP, max_faces=faces, prefetch=1
-    )
-    rng = np.random.default_rng(12)
-    onprem = await deployment.onprem()
-    capacity = onprem.book.capacity
     # Four blocks: a part each for a probe of 7 faces; 4 x PREFETCH - 1 = 3 fit before.
-    onprem.book.add_many((f"s{i}", rng.normal(size=128), f"t{i}") for i in range(3 * capacity))
-    bob = rng.normal(size=128)
-    onprem.book.add("bob", bob, template_id="t-bob")
-    await deployment.stop(onprem)
-    onprem = await deployment.onprem()  # the window is sized at start, from the book
-    assert onprem.gathering.window > 4
-    await onprem.publish_gallery(onprem.book.pending_blocks())
-    settings = deployment.settings.override(replica="r1")
-    cloud = CloudAgent(settings, await deployment.link(CAP))  # parts cut at 1 MiB
-    TrustStore(settings.trust_store_path).add("r1", cloud.signer.verify_key)
-    cloud.embedder = ManyFaces({"bob": bob + rng.normal(scale=0.01, size=128)}, faces)  # type: ignore[assignment]
-    await cloud.start()
-    deployment.agents.append(cloud)
-    await asyncio.wait_for(cloud.ready.wait(), 300)
-    client = await deployment.client()
-    async with client.events() as stream:
-        event = await stream.wait_for(await client.publish_probe(b"bob"), 120)
+    event = await _many_faces_probe(deployment, cap=CAP, faces=faces, blocks=4, prefetch=1)
+    assert deployment.agents[0].gathering.window > 4  # type: ignore[union-attr]
     assert event.error is None and event.verified and event.subject == "bob", event
     assert len(event.faces) == faces
 

@@ -188,17 +188,21 @@ class ManyFaces(FourFaces):
 
 
 async def _many_faces_probe(
-    deployment: Deployment, *, cap: int, faces: int
+    deployment: Deployment, *, cap: int, faces: int, blocks: int = 1, prefetch: int = 2
 ) -> wire.VerificationEvent:
-    """One block; a probe of ``faces`` faces (the first, "bob"), every party at ``cap``."""
+    """``blocks`` blocks; a probe of ``faces`` faces (the first, "bob"), every party at ``cap``."""
     deployment.settings = dataclasses.replace(
-        deployment.settings, max_message_size=cap, max_faces=faces
+        deployment.settings, max_message_size=cap, max_faces=faces, prefetch=prefetch
     )
     rng = np.random.default_rng(6)
     onprem = await deployment.onprem()
     bob = rng.normal(size=128)
-    onprem.book.add_many((f"s{i}", rng.normal(size=128), f"t{i}") for i in range(16))
+    filler = (blocks - 1) * onprem.book.capacity + 16
+    onprem.book.add_many((f"s{i}", rng.normal(size=128), f"t{i}") for i in range(filler))
     onprem.book.add("bob", bob, template_id="t-bob")
+    if blocks > 1:  # on-prem sizes its results window at start, from the book
+        await deployment.stop(onprem)
+        await deployment.onprem()
     settings = deployment.settings.override(replica="r1")
     cloud = CloudAgent(settings, await deployment.link(cap))
     TrustStore(settings.trust_store_path).add("r1", cloud.signer.verify_key)
