@@ -42,6 +42,9 @@ class FourFaces:
         self.vectors = vectors
         self.strangers = np.random.default_rng(3).normal(size=(FACES - 1, 128))
 
+    def close(self) -> None:
+        """Nothing to release (a replica closes its embedder when it stops)."""
+
     def embed(self, image: bytes, *, name: str | None = None) -> list[Face]:
         faces = [self.vectors[image.decode()], *self.strangers]
         return [
