@@ -49,6 +49,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         metric=args.metric,
         preset=args.preset,
         replica=getattr(args, "replica", None),
+        shards=getattr(args, "shards", None),
+        shard=getattr(args, "shard", None),
         metrics_port=args.metrics_port,
         metrics_address=args.metrics_address,
         log_format=args.log_format,
@@ -338,9 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="CSV of file name,subject rows (an optional header row is recognised)",
     )
-    sub.add_parser("onprem", parents=[common], help="run the on-prem daemon")
+    onprem = sub.add_parser("onprem", parents=[common], help="run the on-prem daemon")
+    onprem.add_argument(
+        "--shards", type=int, help="shards the gallery is spread over (default 1; raise to add)"
+    )
     cloud = sub.add_parser("cloud", parents=[common], help="run a cloud daemon")
     cloud.add_argument("--replica", help="replica name (default: an identity kept in DATA_DIR)")
+    cloud.add_argument("--shard", type=int, help="the shard this replica serves (default 0)")
     replica_key = sub.add_parser(
         "replica-key", parents=[common], help="print cloud replicas' verify keys (to trust)"
     )

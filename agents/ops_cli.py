@@ -53,12 +53,17 @@ async def _list(args: argparse.Namespace) -> None:
                 "version": block.version,
                 "templates": block.templates,
                 "pending": block.pending,
+                "shard": book.shards.home.get(block.block_id, 0),
                 # replica -> the version it serves (null: not this block, or another key)
                 "replicas": {name: versions.get(block.block_id) for name, versions in held.items()},
             }
             for block in block_summary(book)
         ]
-        current = {b["block"]: b["version"] for b in blocks}
+        # A replica is up to date when it serves its shard's blocks at their versions.
+        current = {
+            shard: {b["block"]: b["version"] for b in blocks if b["shard"] == shard}
+            for shard in range(book.shards.count)
+        }
         subjects: dict[str, Any] = dict(sorted(counts.items()))
         if args.templates:
             subjects = {s: sorted(book.template_ids(s)) for s in sorted(counts)}
@@ -75,7 +80,8 @@ async def _list(args: argparse.Namespace) -> None:
                         "awaiting": status.awaiting,
                         "staged": status.staged,
                         "reported_at": status.reported_at,
-                        "up_to_date": held.get(name) == current,
+                        "shard": status.shard,
+                        "up_to_date": held.get(name) == current.get(status.shard),
                     }
                     for name, status in sorted(replicas.items())
                 },

@@ -32,9 +32,11 @@ from cipherface.wire.payloads import (
     BlockLayout,
     BlockScores,
     EncryptedProbe,
+    FaceProbe,
     FaceResult,
     FaceScores,
     ProbeCheck,
+    ShardMap,
 )
 from cipherface.wire.schema import spec_of
 
@@ -49,7 +51,7 @@ class _Channel:
 
     key: str
     address: str
-    #: "queue", or the exchange type ("fanout", "topic").
+    #: "queue", or the exchange type ("direct", "fanout", "topic").
     kind: str
     messages: tuple[type[Message], ...]
     description: str
@@ -100,7 +102,10 @@ def _channels(topology: Topology) -> list[_Channel]:
             address=topology.gallery,
             kind="fanout",
             messages=_GALLERY,
-            description="On-prem's public context and gallery blocks, to every replica.",
+            description=(
+                "On-prem's public context and gallery blocks, to every replica "
+                "(key `all`), or to one shard's replicas (`shard.<k>`)."
+            ),
             sender=("onprem", "On-prem announces its context, then ships the blocks it lists."),
         ),
         _Channel(
@@ -114,6 +119,26 @@ def _channels(topology: Topology) -> list[_Channel]:
                 "A replica installs the context and keeps the newest version of each block.",
             ),
             parameters=("replica",),
+        ),
+        _Channel(
+            key="shards",
+            address=topology.shards,
+            kind="direct",
+            messages=(wire.ShardSearch,),
+            description=(
+                "A probe embedded once, to each shard that holds part of the answer "
+                "(routing key `shard.<k>`: 1:N every shard, 1:1 the subject's)."
+            ),
+            sender=("cloud", "The replica that took the probe fans it out to the shards."),
+        ),
+        _Channel(
+            key="shardQueue",
+            address=topology.shard_queue(0)[:-1] + "{shard}",
+            kind=_QUEUE,
+            messages=(wire.ShardSearch,),
+            description="One shard's searches; the replicas of that shard compete for them.",
+            receiver=("cloud", "A replica of the shard searches its blocks and sends scores."),
+            parameters=("shard",),
         ),
         _Channel(
             key="events",
@@ -293,7 +318,16 @@ def document(topology: Topology | None = None) -> dict[str, Any]:
         if end is not None
         for service, summary in (end,)
     }
-    payloads = (BlockLayout, BlockScores, EncryptedProbe, FaceScores, FaceResult, ProbeCheck)
+    payloads = (
+        BlockLayout,
+        BlockScores,
+        EncryptedProbe,
+        FaceScores,
+        FaceResult,
+        ProbeCheck,
+        ShardMap,
+        FaceProbe,
+    )
     return {
         "asyncapi": "3.0.0",
         "info": {

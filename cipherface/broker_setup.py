@@ -79,7 +79,10 @@ def _private_queues(topology: Topology, role: Role) -> list[str]:
     """Regexes of the queues a role names itself: replicas' gallery queues, a client's
     exclusive event queues."""
     if role is Role.CLOUD:
-        return [re.escape(topology.gallery_queue("")) + ".+"]
+        return [
+            re.escape(topology.gallery_queue("")) + ".+",
+            re.escape(topology.shard_queue(0)[:-1]) + "[0-9]+",
+        ]
     if role is Role.CLIENT:
         return [re.escape(topology.subscriber_queue("x")[:-1]) + ".+"]
     return []

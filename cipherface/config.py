@@ -22,6 +22,7 @@ from cipherface.embedding import (
 )
 from cipherface.exceptions import ConfigError
 from cipherface.wire.envelope import MAX_MESSAGE_BYTES
+from cipherface.wire.payloads import MAX_SHARDS
 
 __all__ = ["CURRENT_KEY_FILE", "DEFAULT_AMQP_URL", "MESSAGE_SIZE_RANGE", "Settings"]
 
@@ -61,6 +62,12 @@ class Settings:
     #: (`cipherface.replica.claim`), so a restart keeps it and scaled replicas
     #: sharing a volume each take their own.
     replica: str | None = None
+    #: On-prem: how many shards the gallery's blocks are spread over (raising it
+    #: moves blocks to the new shards with the daemon serving: `cipherface.sharding`).
+    shards: int = 1
+    #: A cloud replica: the shard it serves (0 .. shards - 1); replicas of one shard
+    #: hold the same blocks and compete for its searches.
+    shard: int = 0
     #: Largest message sent or accepted, envelope included (bytes). Keep it at or
     #: under the broker's ``max_message_size``; blocks are chunked to fit it.
     max_message_size: int = MAX_MESSAGE_BYTES
@@ -147,6 +154,8 @@ class Settings:
             raise ConfigError("ledger_window must be at least probe_ttl")
         if self.delivery_limit < 0:
             raise ConfigError("delivery_limit must be >= 0")
+        if not (1 <= self.shards <= MAX_SHARDS and 0 <= self.shard < MAX_SHARDS):
+            raise ConfigError(f"shards must be 1 to {MAX_SHARDS}, shard 0 to {MAX_SHARDS - 1}")
         if self.gather_timeout <= 0:
             raise ConfigError("gather_timeout must be > 0")
         if self.ledger_max < 1:
@@ -287,6 +296,8 @@ _INTS = (
     "max_faces",
     "max_message_size",
     "delivery_limit",
+    "shards",
+    "shard",
 )
 
 

@@ -58,6 +58,8 @@ def test_every_queue_exchange_and_message_is_described() -> None:
         t.sync,
         t.gallery,
         t.gallery_queue("{replica}"),
+        t.shards,
+        t.shard_queue(0)[:-1] + "{shard}",
         t.events,
         t.dead_letter_exchange,
         t.dead_letters,
@@ -73,7 +75,8 @@ def test_every_queue_exchange_and_message_is_described() -> None:
         assert list(body["properties"]) == [f.name for f in dataclasses.fields(cls)]
     ends = {(op["action"], op["channel"]["$ref"]) for op in document["operations"].values()}
     # Each flow has a sender and a receiver; the gallery fanout arrives through a
-    # replica's own queue, and dead letters are read by operators, not agents.
+    # replica's own queue (a search through its shard's), and dead letters are read
+    # by operators, not agents.
     assert ends == {
         *(
             (action, f"#/channels/{c}")
@@ -82,6 +85,8 @@ def test_every_queue_exchange_and_message_is_described() -> None:
         ),
         ("send", "#/channels/gallery"),
         ("receive", "#/channels/galleryReplica"),
+        ("send", "#/channels/shards"),
+        ("receive", "#/channels/shardQueue"),
     }
 
 

@@ -51,6 +51,8 @@ PAYLOADS = (
     payloads.ProbeCheck,
     payloads.EncryptedProbe,
     payloads.BlockLayout,
+    payloads.ShardMap,
+    payloads.FaceProbe,
 )
 
 

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from agents.cloud.probes import Probe, digest_of, score_faces, scores_of
+from agents.cloud.probes import Probe, digest_of
+from agents.cloud.shards import ShardRole
 from agents.cloud.staged import Staged, stage
 from agents.cloud.syncing import held_version, keep_synced
 from cipherface import wire
@@ -43,15 +43,7 @@ from cipherface.crypto import Keyring
 from cipherface.daemon import cancel_and_wait, finish_in_thread
 from cipherface.embedding_cache import EmbeddingCache
 from cipherface.embedding_pool import probe_embedder
-from cipherface.exceptions import (
-    ConfigError,
-    EmbeddingError,
-    KeyMismatchError,
-    MessageTooLargeError,
-    SignatureError,
-    TransportError,
-    WireFormatError,
-)
+from cipherface.exceptions import ConfigError, KeyMismatchError, SignatureError, TransportError
 from cipherface.gallery import EncryptedGallery
 from cipherface.metrics import BLOCKS_AWAITED, GALLERY_TEMPLATES, PROBE_AGE, instrumented
 from cipherface.replica import claim
@@ -118,6 +110,8 @@ class CloudAgent:
         #: Probes this replica answered (scores or rejection) since it started.
         self.probes_served = 0
         self.serving = False  # consuming probes (once it holds a whole gallery)
+        #: Its shard, on-prem's shard map, the fan-out of probes (`agents.cloud.shards`).
+        self.shards = ShardRole(self)
 
     def _current_store(self) -> Path:
         """The store file served from; stale ones (an interrupted rotation) are deleted."""
@@ -160,7 +154,7 @@ class CloudAgent:
             await self.transport.consume(
                 topology.gallery_queue(self.replica),
                 instrumented(self.role, "gallery", self._on_gallery),
-                bindings=topology.gallery_bindings(self.replica),
+                bindings=topology.gallery_bindings(self.replica, self.shards.shard),
                 prefetch=1,  # blocks are applied in order
             )
         )
@@ -182,6 +176,7 @@ class CloudAgent:
             replica=self.replica,
             fingerprint=self.keyring.fingerprint if self.keyring else "",
             requested_at=time.time(),
+            shard=self.shards.shard,
         )
         await self.transport.send(
             self.transport.topology.sync, wire.encode(request, signer=self.signer)
@@ -208,7 +203,9 @@ class CloudAgent:
                 prefetch=self.settings.prefetch,
             )
         )
+        await self.shards.consume()
         self.serving = True
+        self.shards.schedule_drops()
         log.info("serving probes with %d templates", len(self.gallery or ()))
 
     async def stop(self) -> None:
@@ -220,6 +217,7 @@ class CloudAgent:
         # Awaited: a consumer still being declared must be in `_consumers` or gone
         # before they are cancelled, and a sync request not half-sent.
         await cancel_and_wait(*(t for t in (self._probe_task, self._sync_task) if t is not None))
+        self.shards.stop()
         for consumer in self._consumers:
             await consumer.cancel(timeout=30)
         self._consumers.clear()
@@ -242,6 +240,8 @@ class CloudAgent:
             templates=len(self.gallery or ()),
             awaiting=len(self._awaiting),
             staged=self._staged.keyring.fingerprint if self._staged else "",
+            shard=self.shards.shard,
+            map_version=self.shards.version,
         )
         try:
             body = wire.encode(status, signer=self.signer)
@@ -308,6 +308,7 @@ class CloudAgent:
         old_store.path.unlink(missing_ok=True)
 
     async def _on_context(self, message: wire.ContextUpdate, fingerprint: str) -> None:
+        self.shards.on_context(message)  # another shard's context changes nothing
         held = self.keyring.fingerprint if self.keyring else ""
         staged = self._staged.keyring.fingerprint if self._staged else ""
         if message.issued_at < self._issued_at and fingerprint not in (held, staged):
@@ -408,7 +409,7 @@ class CloudAgent:
             return
         self._searching[id(gallery)] += 1
         try:
-            await self._search(request, gallery, keyring, digest)
+            await self.shards.search(request, gallery, keyring, digest)
         finally:
             self._searching[id(gallery)] -= 1
             async with self._searched:
@@ -416,7 +417,7 @@ class CloudAgent:
 
     async def _reject(
         self,
-        request: Probe,
+        request: Probe | wire.ShardSearch,
         error: str,
         reason: str,
         keyring: Keyring,
@@ -436,41 +437,6 @@ class CloudAgent:
             request.probe_id,
             error,
             extra={"probe_id": request.probe_id, "outcome": "rejected", "error": error},
-        )
-
-    async def _search(
-        self,
-        request: Probe,
-        gallery: EncryptedGallery,
-        keyring: Keyring,
-        digest: str,
-    ) -> None:
-        """Score every face of the probe (an edge probe is one face, without a box)."""
-        try:
-            search = functools.partial(score_faces, max_faces=self.settings.max_faces)
-            faces, check, timings = await asyncio.to_thread(
-                search, request, self.embedder, gallery, keyring, self._conjugation_key
-            )
-            ready = scores_of(request, tuple(faces), check, timings, digest)
-            # Parts are cut by blocks: one block's scores of many faces may not fit.
-            parts = wire.split_scores(ready, self.settings.max_message_size)
-        except (EmbeddingError, KeyMismatchError, MessageTooLargeError, WireFormatError) as exc:
-            # Bad input from a user gets an answer (an error event), not silence.
-            await self._reject(request, type(exc).__name__, str(exc), keyring, digest)
-            return
-        for part in parts:
-            await self._to_onprem(part, keyring)  # each part under the limit, signed
-        blocks = sum(len(face.scores) for face in faces)
-        log.info(
-            "probe %s: %d face(s) scored on %d block(s)",
-            request.probe_id,
-            len(faces),
-            blocks,
-            extra={
-                **{"probe_id": request.probe_id, "mode": "1:1" if request.subject else "1:N"},
-                **{"outcome": "scored", "blocks": blocks, "fingerprint": keyring.fingerprint},
-                **{"faces": len(faces), "seconds": round(sum(timings.values()), 4)},
-            },
         )
 
     async def _to_onprem(

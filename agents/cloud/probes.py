@@ -19,10 +19,23 @@ from cipherface.gallery import EncryptedGallery
 from cipherface.gallery.integrity import prove_probe
 from cipherface.wire.payloads import ProbeCheck
 
-__all__ = ["Probe", "digest_of", "score_faces", "scores_of"]
+__all__ = [
+    "Face",
+    "Probe",
+    "digest_of",
+    "embed_faces",
+    "piece_fields",
+    "score_faces",
+    "scores_of",
+    "search_faces",
+]
 
 #: What a replica takes from the probe queue.
 Probe = wire.ProbeRequest | wire.EncryptedProbeRequest | wire.EncryptedProbePart
+
+#: A face to search: its box (None: an edge probe), the detector's confidence, and
+#: the probe itself (an embedding, or an edge probe's ciphertexts).
+Face = tuple[tuple[int, ...] | None, float, object]
 
 
 def digest_of(request: Probe, body: bytes) -> str:
@@ -33,23 +46,40 @@ def digest_of(request: Probe, body: bytes) -> str:
     return wire.request_digest(body)
 
 
-def scores_of(
-    request: Probe,
-    faces: tuple[wire.FaceScores, ...],
-    check: ProbeCheck | None,
-    timings: dict[str, float],
-    digest: str,
-) -> wire.ScoresReady:
-    """The probe's scores for on-prem (a piece's name which dimensions they sum over)."""
-    piece: dict[str, int] = {}
+def piece_fields(request: Probe | wire.ShardSearch) -> dict[str, int]:
+    """For a piece of an edge probe (taken from the queue, or fanned out to a shard):
+    which piece its scores are and the dimensions they sum over (`wire.ScoresReady`)."""
     if isinstance(request, wire.EncryptedProbePart):
-        piece = {
+        return {
             "piece": request.piece,
             "pieces": request.pieces,
             "dims_start": request.start,
             "dims_stop": request.start + len(request.columns),
             "dimensions": request.dimensions,
         }
+    if isinstance(request, wire.ShardSearch) and request.pieces > 1:
+        return {
+            "piece": request.piece,
+            "pieces": request.pieces,
+            "dims_start": request.dims_start,
+            "dims_stop": request.dims_stop,
+            "dimensions": request.dimensions,
+        }
+    return {}
+
+
+def scores_of(
+    request: Probe | wire.ShardSearch,
+    faces: tuple[wire.FaceScores, ...],
+    check: ProbeCheck | None,
+    timings: dict[str, float],
+    digest: str,
+    *,
+    shard: int = 0,
+    map_version: int = 0,
+) -> wire.ScoresReady:
+    """The probe's scores for on-prem: from ``shard`` (by the map of ``map_version``),
+    and for a piece, which dimensions they sum over."""
     return wire.ScoresReady(
         probe_id=request.probe_id,
         subject=request.subject,
@@ -58,7 +88,9 @@ def scores_of(
         submitted_at=request.submitted_at,
         timings=timings,
         probe_check=check,
-        **piece,
+        shard=shard,
+        map_version=map_version,
+        **piece_fields(request),
     )
 
 
@@ -80,9 +112,26 @@ def score_faces(
     ``max_faces`` faces: `TooManyFacesError`) or `KeyMismatchError` (an edge
     probe under another key).
     """
+    probes, check, timings = embed_faces(
+        request, embedder, keyring, conjugation_key, max_faces=max_faces
+    )
+    start = request.start if isinstance(request, wire.EncryptedProbePart) else 0
+    faces, seconds = search_faces(probes, gallery, request.subject, start)
+    return faces, check, {**timings, "search": seconds}
+
+
+def embed_faces(
+    request: Probe,
+    embedder: EmbeddingCache,
+    keyring: Keyring,
+    conjugation_key: bytes,
+    *,
+    max_faces: int,
+) -> tuple[list[Face], wire.ProbeCheck | None, dict[str, float]]:
+    """The faces to search (embedded once, whatever the shards), an edge probe's norm
+    proof, and the seconds it took; raises as `score_faces`."""
     timings: dict[str, float] = {}
     check = None
-    start = 0
     started = time.perf_counter()
     if isinstance(request, wire.ProbeRequest):
         found = embedder.embed(request.image, name=f"probe {request.probe_id}")
@@ -90,7 +139,7 @@ def score_faces(
             raise TooManyFacesError(
                 f"probe {request.probe_id}: {len(found)} faces, at most {max_faces} per probe"
             )
-        probes: list[tuple[tuple[int, ...] | None, float, object]] = [
+        probes: list[Face] = [
             (face.box, float(face.confidence), np.asarray(face.embedding)) for face in found
         ]
         timings["embed"] = time.perf_counter() - started
@@ -100,23 +149,29 @@ def score_faces(
             if isinstance(request, wire.EncryptedProbeRequest)
             else wire.piece_probe(request)
         )
-        start = request.start if isinstance(request, wire.EncryptedProbePart) else 0
         keyring.check(probe.fingerprint)
         probes = [(None, 1.0, probe)]
         check = prove_probe(keyring, conjugation_key, probe)
         timings["check"] = time.perf_counter() - started
+    return probes, check, timings
+
+
+def search_faces(
+    probes: list[Face], gallery: EncryptedGallery, subject: str | None, start: int = 0
+) -> tuple[tuple[wire.FaceScores, ...], float]:
+    """Each face's encrypted scores on the blocks this replica holds, and the seconds taken
+    (an edge probe's piece: over its dimensions from ``start``)."""
     started = time.perf_counter()
     faces = tuple(
         wire.FaceScores(
             box=box,
             confidence=confidence,
             scores=tuple(
-                gallery.search(vector, subject=request.subject, start=start)  # type: ignore[arg-type]
+                gallery.search(vector, subject=subject, start=start)  # type: ignore[arg-type]
                 if start
-                else gallery.search_shared(vector, subject=request.subject)  # type: ignore[arg-type]
+                else gallery.search_shared(vector, subject=subject)  # type: ignore[arg-type]
             ),
         )
         for box, confidence, vector in probes
     )
-    timings["search"] = time.perf_counter() - started
-    return faces, check, timings
+    return faces, time.perf_counter() - started

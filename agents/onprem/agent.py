@@ -20,7 +20,6 @@ scores under whichever the replica used (the envelope's fingerprint).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -28,20 +27,18 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from agents.onprem.answers import Answer, cloud_timings, decide, rank_faces
-from agents.onprem.enrollment import IMAGE_SUFFIXES, EnrollReport, subject_of
-from agents.onprem.gathering import Gathering
+from agents.onprem.enrollment import EnrollReport, add_photos
+from agents.onprem.gathering import Gathered, Gathering
 from agents.onprem.keys import KeySet, generate_keys, write_keys
+from agents.onprem.shards import ShardKeeper
 from cipherface import wire
 from cipherface.config import Settings
 from cipherface.crypto import Keyring
-from cipherface.daemon import cancel_and_wait, finish_in_thread
+from cipherface.daemon import cancel_and_wait
 from cipherface.embedding import Embedder, threshold
 from cipherface.exceptions import (
     ConfigError,
-    EmbeddingError,
     IntegrityError,
     KeyMismatchError,
     SignatureError,
@@ -58,6 +55,7 @@ from cipherface.metrics import (
     instrumented,
 )
 from cipherface.private import check_private_tree, private_dir, write_private
+from cipherface.sharding import Merged
 from cipherface.signing import SigningKey, TrustStore
 from cipherface.transport.base import Consumer, Delivery, Transport
 
@@ -115,7 +113,8 @@ class OnPremAgent:
             settings.ledger_path, window=settings.ledger_window, max_events=settings.ledger_max
         )
         self._consumers: list[Consumer] = []
-        #: Probes whose scores come in parts, held unacked within the results prefetch.
+        #: Probes whose scores come in parts, pieces or from shards, held unacked within
+        #: the results prefetch (sized from the gallery: `Gathering.for_onprem`).
         self.gathering = Gathering.for_onprem(settings, self.keys, self.current)
         self._publishing = asyncio.Lock()
         #: Per replica: when its last sync answer started.
@@ -123,6 +122,7 @@ class OnPremAgent:
         #: Per replica: its last `wire.ReplicaStatus` (also in `Settings.replica_status_path`).
         self.replicas = read_replica_status(settings.replica_status_path)
         self.status_changed = asyncio.Event()
+        self.shards = ShardKeeper(self)
         self._ops_task: asyncio.Task[None] | None = None
         self.started = False
 
@@ -163,6 +163,7 @@ class OnPremAgent:
             )
         )
         await self.rotation.resume()
+        await self.shards.start()
         self._ops_task = asyncio.create_task(self._housekeeping())
         self.started = True
         log.info(
@@ -180,6 +181,7 @@ class OnPremAgent:
         if self._ops_task is not None:
             await cancel_and_wait(self._ops_task)
         await self.rotation.stop()
+        await self.shards.stop()
         self.gathering.stop()
         for consumer in self._consumers:
             await consumer.cancel(timeout=30)
@@ -223,31 +225,9 @@ class OnPremAgent:
         if not folder.is_dir():
             raise ConfigError(f"{folder}: no such folder")
         self.rotation.refuse_changes()
+        self.shards.refuse_changes()
         self.book.refresh()
-        report = EnrollReport()
-        held = {tid.rpartition("@")[2] for tid in self.book.template_ids()}
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        for path in tqdm(files, desc="enrolling", unit="img", disable=not progress):
-            subject = (labels or {}).get(path.name) or subject_of(path, folder)
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-            if digest in held:
-                report.unchanged += 1
-                continue
-            try:
-                faces = await asyncio.to_thread(self.embedder.embed, path)
-            except EmbeddingError as exc:
-                report.skipped.append((str(path), str(exc)))
-                log.warning("skipped %s: %s", path, exc)
-                continue
-            if len(faces) > 1:
-                reason = f"{len(faces)} faces: an enrollment photo must show one person"
-                report.skipped.append((str(path), reason))
-                log.warning("skipped %s: %s", path, reason)
-                continue
-            template_id = f"{path.relative_to(folder)}@{digest}"
-            self.book.add(subject, faces[0].embedding, template_id=template_id)
-            held.add(digest)
-            report.enrolled += 1
+        report = await add_photos(self.book, self.embedder, folder, labels, progress)
         report.blocks_published = await self.publish_gallery(self.book.pending_blocks())
         return report
 
@@ -261,6 +241,7 @@ class OnPremAgent:
         place of the old one.
         """
         self.rotation.refuse_changes()
+        self.shards.refuse_changes()
         self.book.refresh()
         report = EnrollReport()
         if template_id is not None:
@@ -281,41 +262,16 @@ class OnPremAgent:
         *,
         replica: str | None = None,
         keys: KeySet | None = None,
+        shard: int | None = None,
     ) -> int:
-        """Publish the public context, then the given blocks (all when None) in chunks.
-
-        The context announces the block ids that follow (a replica knows when it holds
-        the whole gallery). To every replica, or to ``replica`` only; under `publishing`
-        (the current keys, or a rotation's new ones) unless ``keys``. Cancelled, it stops
-        between two chunks (`wire.split_block`: each block under the message size limit)."""
-        topology = self.transport.topology
-        key = topology.gallery_broadcast_key if replica is None else topology.gallery_key(replica)
-        async with self._publishing:
-            keys = keys or self.publishing
-            keys.book.refresh()
-            ids = sorted(keys.book.all_blocks() if block_ids is None else set(block_ids))
-            context = wire.ContextUpdate(
-                context=keys.keyring.public_bytes(galois_keys=False, relin_keys=False),
-                conjugation_key=keys.conjugation_key,
-                blocks=tuple(ids),
-                issued_at=time.time(),
-            )
-            await self.transport.publish(topology.gallery, key, self._encode(context, keys))
-            # Blocks are encrypted (by `workers` processes) while earlier ones are sent.
-            blocks = keys.book.encrypt_blocks(ids, workers=self.settings.workers)
-            try:
-                while (block := await finish_in_thread(next, blocks, None)) is not None:
-                    for chunk in wire.split_block(block, self.settings.max_message_size):
-                        update = self._encode(chunk, keys)
-                        await self.transport.publish(topology.gallery, key, update)
-            finally:
-                blocks.close()  # shuts the worker pool down if publishing failed
-            log.info(
-                "published context and %d block(s)",
-                len(ids),
-                extra={"fingerprint": keys.fingerprint, "replica": replica or "all"},
-            )
-            return len(ids)
+        """Publish the public context, then the given blocks (all when None), in chunks,
+        each to its shard's replicas, or to ``replica`` only (its shard's blocks);
+        under `publishing` (the current keys, or a rotation's new ones) unless ``keys``
+        (`agents.onprem.shards.ShardKeeper.publish`)."""
+        if replica is not None and shard is None:
+            shard = self.replicas[replica].shard if replica in self.replicas else 0
+        ids = None if block_ids is None else list(block_ids)
+        return await self.shards.publish(ids, replica=replica, keys=keys, shard=shard)
 
     def _encode(self, message: wire.Message, keys: KeySet | None = None) -> bytes:
         return wire.encode(
@@ -354,7 +310,7 @@ class OnPremAgent:
         SYNCS.labels("answered").inc()
         log.info("replica %s asks for the gallery", replica, extra={"replica": replica})
         # Only to that replica, from the book's cached ciphertexts: no re-encryption.
-        await self.publish_gallery(replica=replica)
+        await self.publish_gallery(replica=replica, shard=request.shard)
 
     def _on_status(self, signer: str, status: wire.ReplicaStatus) -> None:
         if signer != status.replica:
@@ -365,6 +321,7 @@ class OnPremAgent:
             json.dumps({n: s.body() for n, s in sorted(self.replicas.items())}).encode(),
         )
         self.status_changed.set()
+        self.shards.on_status(status)
         log.info(
             "replica %s serves %d template(s) in %d block(s), %d awaited",
             status.replica,
@@ -381,14 +338,35 @@ class OnPremAgent:
             self._on_status(envelope.signer, result)
             return
         assert isinstance(result, (wire.ScoresReady, wire.ProbeRejected))
-        if isinstance(result, wire.ScoresReady) and Gathering.wanted(result):
-            return await self.gathering.gather(result, envelope, self._answer)
+        if isinstance(result, wire.ScoresReady):
+            if self.ledger.seen(result.probe_id, result.request):
+                # A replayed piece of a probe answered already: nothing to hold it for.
+                log.info("probe %s already has its event; piece dropped", result.probe_id)
+                return
+            self.shards.follow()
+            try:
+                expected = self.shards.expected(result)
+            except IntegrityError as exc:  # an unknown map version: an error, no decision
+                return await self._answer(envelope, result, error=str(exc))
+            if Gathering.wanted(result) or expected != {result.shard}:
+                return await self.gathering.gather(result, envelope, expected, self._gathered)
         await self._answer(envelope, result)
 
+    async def _gathered(self, envelope: wire.Envelope, gathered: Gathered) -> None:
+        if gathered.rejected is not None:
+            return await self._answer(envelope, gathered.rejected)
+        first = next(iter(gathered.answers.values()))
+        await self._answer(envelope, first, gathered=gathered)
+
     async def _answer(
-        self, envelope: wire.Envelope, result: wire.ScoresReady | wire.ProbeRejected
+        self,
+        envelope: wire.Envelope,
+        result: wire.ScoresReady | wire.ProbeRejected,
+        *,
+        gathered: Gathered | None = None,
+        error: str | None = None,
     ) -> None:
-        """Publish the one event of a probe (whole: its score parts gathered)."""
+        """Publish the one event of a probe (whole: its shards' score parts gathered)."""
         age = time.time() - result.submitted_at
         # Older than the ledger remembers, its event may be out and forgotten.
         forgotten = age > self.settings.ledger_window
@@ -414,13 +392,18 @@ class OnPremAgent:
                     raise KeyMismatchError(self.keyring.fingerprint, envelope.fingerprint)
                 started = time.perf_counter()
                 keys.book.refresh()  # `cipherface enroll` may have run beside this daemon
+                answers = gathered.answers if gathered else {result.shard: result}
                 try:
+                    if error or (gathered and gathered.error):
+                        raise IntegrityError(error or gathered.error)  # type: ignore[union-attr]
+                    complete = gathered.complete if gathered else True
+                    merged = self.shards.merge(answers, keys, complete=complete)
                     ranked = await self.rotation.using(
                         keys,
                         rank_faces,
                         keys.keyring,
                         keys.book,
-                        result,
+                        merged.scores,
                         top_k=self.settings.top_k,
                         max_faces=self.settings.max_faces,
                     )
@@ -441,10 +424,11 @@ class OnPremAgent:
                         expired = f"Expired: scored {age:.0f}s after submission, ttl {ttl:.0f}s"
                         event = self._event(result, error=expired)
                     else:
-                        answer = decide(result, ranked, self.threshold, self.settings.metric)
+                        scores = merged.scores
+                        answer = decide(scores, ranked, self.threshold, self.settings.metric)
                         timings = cloud_timings(result)
                         timings["decrypt"] = time.perf_counter() - started
-                        event = self._event(result, answer=answer, timings=timings)
+                        event = self._event(result, answer=answer, timings=timings, merged=merged)
             await self.transport.publish(
                 self.transport.topology.events,
                 event.routing_key,
@@ -479,6 +463,7 @@ class OnPremAgent:
         answer: Answer | None = None,
         error: str | None = None,
         timings: Mapping[str, float] | None = None,
+        merged: Merged | None = None,
     ) -> wire.VerificationEvent:
         answer = answer or Answer(error=error)
         return wire.VerificationEvent(
@@ -495,4 +480,6 @@ class OnPremAgent:
             error=answer.error,
             timings={**(timings or {}), "total": time.time() - result.submitted_at},
             request=result.request,
+            partial=merged.partial if merged else False,
+            searched=merged.searched if merged else 1.0,
         )

@@ -78,12 +78,16 @@ def read_state(onprem_dir: Path) -> dict[str, Any]:
 
 
 def holds(status: wire.ReplicaStatus | None, keys: KeySet) -> bool:
-    """Whether a replica's report says it serves the whole gallery of ``keys``."""
+    """Whether a replica's report says it serves the whole gallery of ``keys`` (its
+    shard's blocks: those at home there, or moving there)."""
+    if status is None:
+        return False
+    index = keys.book.shards
+    shard = {b for b in keys.book.all_blocks() if index.home.get(b, 0) == status.shard}
     return (
-        status is not None
-        and status.fingerprint == keys.fingerprint
+        status.fingerprint == keys.fingerprint
         and not status.awaiting
-        and set(keys.book.all_blocks()) <= set(status.blocks)
+        and shard <= set(status.blocks)
     )
 
 

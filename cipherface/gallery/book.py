@@ -12,7 +12,6 @@ or tampered cloud label cannot name a match.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import multiprocessing
 import secrets
 import sqlite3
@@ -31,6 +30,7 @@ from cipherface.crypto import Keyring, Metric, prepare_embedding
 from cipherface.exceptions import ConfigError, KeyMismatchError, SecretKeyError, StoreError
 from cipherface.gallery.consistency import decoy_rows
 from cipherface.gallery.packing import _check_norm, _encrypt_columns, _Seal
+from cipherface.gallery.shards import ShardIndex
 from cipherface.gallery.workers import _encrypt_in_worker, _init_encryptor
 from cipherface.private import private_file
 from cipherface.wire.payloads import EncryptedBlock
@@ -112,6 +112,7 @@ class EnrollmentBook:
                 self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_BOOK_SCHEMA)
             self._check_meta()
+            self.shards = ShardIndex(self._db, self.capacity)
             self._load_index()
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the enrollment book at {path}: {exc}") from exc
@@ -196,17 +197,9 @@ class EnrollmentBook:
                     subjects=tuple(subjects),
                     decoys=bool(decoys and decoys[0]),
                 )
-        # Freed slots are reused lowest first, so blocks stay dense and few.
-        self._free = [
-            block * self.capacity + slot
-            for block, row in self._layout.items()
-            for slot, tid in enumerate(row)
-            if not tid
-        ]
-        heapq.heapify(self._free)
-        self._end = max(
-            (block * self.capacity + len(row) for block, row in self._layout.items()), default=0
-        )
+        # Freed slots are reused lowest first, so blocks stay dense and few; each
+        # subject's templates stay in one shard's blocks.
+        self.shards.load(self._layout, self._subject)
 
     # -- changes ----------------------------------------------------------------------
     def add(self, subject: str, embedding: np.ndarray, template_id: str | None = None) -> str:
@@ -236,12 +229,11 @@ class EnrollmentBook:
             rows.append((template_id, subject, vector.tobytes()))
         placed = []
         for template_id, subject, blob in rows:
-            index = heapq.heappop(self._free) if self._free else self._end
-            self._end = max(self._end, index + 1)
-            block, slot = divmod(index, self.capacity)
+            block, slot = divmod(self.shards.place(subject), self.capacity)
             placed.append((template_id, subject, block, slot, blob))
         try:
             with self._db:
+                self.shards.save()
                 self._db.executemany("INSERT INTO templates VALUES (?, ?, ?, ?, ?)", placed)
                 for block in {p[2] for p in placed}:
                     self._mark(block)
@@ -268,9 +260,11 @@ class EnrollmentBook:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write the enrollment book: {exc}") from exc
         self._truncate_wal()
-        del self._where[template_id], self._subject[template_id]
+        subject = self._subject.pop(template_id)
+        del self._where[template_id]
         self._layout[block][slot] = ""
-        heapq.heappush(self._free, block * self.capacity + slot)
+        left = subject not in self._subject.values()
+        self.shards.free(block, slot, subject, left)
 
     def _truncate_wal(self) -> None:
         """Empty the WAL, which holds the deleted row's page; a reader in another

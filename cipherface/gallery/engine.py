@@ -98,6 +98,15 @@ class EncryptedGallery:
         held = self._layouts.get(block_id)
         return 0 if held is None else held.version
 
+    def drop(self, block_id: int) -> None:
+        """Stop serving a block that moved to another shard, and forget it in the store.
+
+        Searches skip it at once; its columns leave the workers' memory at restart.
+        """
+        self._layouts.pop(block_id, None)
+        if self.store is not None:
+            self.store.delete_block(block_id)
+
     def _install(self, block: EncryptedBlock) -> None:
         metric = Metric.parse(block.metric)
         if len(block.template_ids) > 2 * self._slots:

@@ -59,6 +59,11 @@ def rekey(book: EnrollmentBook, keyring: Keyring, path: Path | None = None) -> E
         ).fetchall()
         with fresh._db:
             fresh._db.executemany("INSERT INTO templates VALUES (?, ?, ?, ?, ?)", rows)
+            for table in ("block_shards", "shard_state"):  # the same shards, too
+                copied = book._db.execute(f"SELECT * FROM {table}").fetchall()
+                marks = ", ".join("?" * len(copied[0])) if copied else ""
+                if copied:
+                    fresh._db.executemany(f"INSERT INTO {table} VALUES ({marks})", copied)
             for block in book._layout:
                 fresh._mark(block)
         fresh._load_index()

@@ -36,6 +36,7 @@ from cipherface.wire.messages import (
     ProbeRequest,
     ReplicaStatus,
     ScoresReady,
+    ShardSearch,
     SyncRequest,
     VerificationEvent,
     message_id,
@@ -44,7 +45,7 @@ from cipherface.wire.messages import (
     request_digest,
 )
 from cipherface.wire.parts import PartGatherer, PieceGatherer, check_cover, split_scores
-from cipherface.wire.payloads import FaceResult, FaceScores
+from cipherface.wire.payloads import FaceProbe, FaceResult, FaceScores, ShardMap
 from cipherface.wire.pieces import piece_probe, probe_digest, probe_pieces, split_probe
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "EncryptedProbePart",
     "EncryptedProbeRequest",
     "Envelope",
+    "FaceProbe",
     "FaceResult",
     "FaceScores",
     "Message",
@@ -66,6 +68,8 @@ __all__ = [
     "ProbeRequest",
     "ReplicaStatus",
     "ScoresReady",
+    "ShardMap",
+    "ShardSearch",
     "SyncRequest",
     "VerificationEvent",
     "check_cover",

@@ -22,9 +22,11 @@ from cipherface.fields import of_type
 from cipherface.wire.payloads import (
     BlockLayout,
     EncryptedProbe,
+    FaceProbe,
     FaceResult,
     FaceScores,
     ProbeCheck,
+    ShardMap,
 )
 from cipherface.wire.schema import field_specs
 
@@ -39,6 +41,7 @@ __all__ = [
     "ProbeRequest",
     "ReplicaStatus",
     "ScoresReady",
+    "ShardSearch",
     "SyncRequest",
     "VerificationEvent",
     "new_id",
@@ -138,6 +141,10 @@ class ContextUpdate(Message):
     blocks: tuple[int, ...] = ()
     #: When on-prem issued it: a replica refuses a key change older than its context.
     issued_at: float = field(default_factory=time.time)
+    #: The shard whose replicas this context is for (`blocks` are that shard's).
+    shard: int = 0
+    #: Where every block lives (nil: one shard, version 0).
+    shard_map: ShardMap | None = field(repr=False, default=None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -175,6 +182,8 @@ class SyncRequest(Message):
     fingerprint: str = ""
     #: When the replica asked: on-prem answers each replica once for all earlier asks.
     requested_at: float = field(default_factory=time.time)
+    #: The shard it serves: it gets that shard's blocks only.
+    shard: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -262,6 +271,42 @@ class ScoresReady(Message):
     dims_start: int = 0
     dims_stop: int = 0
     dimensions: int = 0
+    #: The shard that scored (its blocks only), and the `ShardMap` version it held.
+    shard: int = 0
+    map_version: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardSearch(Message):
+    """cloud -> the replicas of one shard: a probe embedded once, to search on that shard.
+
+    The replica that takes a probe from the probe queue embeds it (or checks an
+    edge probe) and sends this to every shard that holds part of the answer (1:N:
+    all; 1:1: the subject's). Unsigned like a probe: only the cloud may publish to
+    the shards' exchange, and on-prem checks that the shards' answers agree.
+    """
+
+    kind: ClassVar[str] = "search"
+    signed: ClassVar[bool] = False
+    digests: ClassVar[tuple[str, ...]] = ("request",)
+    probe_id: str
+    subject: str | None
+    #: The faces the first replica found (empty for an edge probe: see ``edge``).
+    faces: tuple[FaceProbe, ...] = field(repr=False)
+    edge: EncryptedProbe | None = field(repr=False)
+    probe_check: ProbeCheck | None = field(repr=False)
+    request: str
+    submitted_at: float
+    timings: Mapping[str, float]
+    #: The shard this search is for, and the `ShardMap` version it was routed by.
+    shard: int
+    map_version: int
+    #: For a piece of an edge probe (``edge`` holds its columns): as in `ScoresReady`.
+    piece: int = 0
+    pieces: int = 1
+    dims_start: int = 0
+    dims_stop: int = 0
+    dimensions: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -302,6 +347,9 @@ class ReplicaStatus(Message):
     awaiting: int
     #: The key of a gallery it is receiving beside the one it serves ('' for none).
     staged: str = ""
+    #: Its shard, and the `ShardMap` version it serves by.
+    shard: int = 0
+    map_version: int = 0
     reported_at: float = field(default_factory=time.time)
 
 
@@ -342,6 +390,10 @@ class VerificationEvent(Message):
     #: `request_digest` of the probe message it answers ('' if unknown): a reader
     #: tells the answer to a reused probe id (`DuplicateProbeId`) from a duplicate.
     request: str = ""
+    #: True when a shard did not answer in time: the decision covers only part of
+    #: the gallery, ``searched`` of its templates (1.0: all of it).
+    partial: bool = False
+    searched: float = 1.0
 
     @property
     def routing_key(self) -> str:
@@ -388,6 +440,7 @@ _KINDS: Mapping[str, type[Message]] = {
         EncryptedProbeRequest,
         EncryptedProbePart,
         ScoresReady,
+        ShardSearch,
         ProbeRejected,
         ReplicaStatus,
         VerificationEvent,

@@ -153,10 +153,11 @@ class PartGatherer:
         held = self._held.pop(key, None)
         return None if held is None else (held.first, len(held.parts))
 
-    def forget(self, probe_id: str, request: str) -> None:
-        """Forget the parts of every piece of a probe (answered, or timed out)."""
-        for key in [k for k in self._held if k[:2] == (probe_id, request)]:
-            del self._held[key]
+    def forget(self, probe_id: str, request: str) -> int:
+        """Forget the parts of a probe, every piece's and shard's (answered, or timed
+        out): how many parts were held."""
+        keys = [k for k in self._held if k[:2] == (probe_id, request)]
+        return sum(len(self._held.pop(k).parts) for k in keys)
 
 
 def _blocks(scores: ScoresReady) -> list[list[tuple[int, int]]]:
@@ -180,16 +181,17 @@ class PieceGatherer:
     """
 
     def __init__(self) -> None:
-        self._held: dict[tuple[str, str], _Pieces] = {}
+        self._held: dict[tuple[str, str, int], _Pieces] = {}
 
     def __len__(self) -> int:
         """Probes in gathering."""
         return len(self._held)
 
     @staticmethod
-    def key(piece: ScoresReady) -> tuple[str, str]:
-        """What names one probe's pieces."""
-        return (piece.probe_id, piece.request)
+    def key(piece: ScoresReady) -> tuple[str, str, int]:
+        """What names one probe's pieces: from one shard (each shard answers every piece
+        on its own blocks; the shards' sums are gathered apart, by on-prem)."""
+        return (piece.probe_id, piece.request, piece.shard)
 
     def add(self, piece: ScoresReady, fingerprint: str) -> list[ScoresReady] | None:
         """Keep a piece; every piece of the probe, in dimension order, once all are in.
@@ -243,10 +245,10 @@ class PieceGatherer:
         self._held.pop(key, None)
         return sorted(held.pieces.values(), key=lambda p: p.dims_start)
 
-    def drop(self, key: tuple[str, str]) -> tuple[ScoresReady, int] | None:
-        """Forget a probe in gathering: its first piece (to answer it) and pieces held."""
-        held = self._held.pop(key, None)
-        return None if held is None else (held.first, len(held.pieces))
+    def forget(self, probe_id: str, request: str) -> int:
+        """Forget a probe's pieces, every shard's: how many were held."""
+        keys = [k for k in self._held if k[:2] == (probe_id, request)]
+        return sum(len(self._held.pop(k).pieces) for k in keys)
 
 
 def check_cover(pieces: list[ScoresReady]) -> None:

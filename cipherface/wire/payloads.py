@@ -21,9 +21,11 @@ __all__ = [
     "BlockScores",
     "EncryptedBlock",
     "EncryptedProbe",
+    "FaceProbe",
     "FaceResult",
     "FaceScores",
     "ProbeCheck",
+    "ShardMap",
 ]
 
 
@@ -340,3 +342,102 @@ class ProbeCheck:
             norms=field(data, "norms", bytes),
             norm=field(data, "norm", (bytes, type(None))),
         )
+
+
+def _ints(data: Mapping[str, object], name: str) -> tuple[int, ...]:
+    items = field(data, name, (list, tuple))
+    return tuple(of_type(item, int, f"{name}[]") for item in items)
+
+
+#: Most shards a deployment may have (a forged map cannot make a replica fan out more).
+MAX_SHARDS = 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardMap:
+    """Which shard serves each block, and each subject's shard: on-prem's routing, signed.
+
+    It travels inside every `ContextUpdate` (on-prem signs it), so a replica and
+    on-prem agree on where a block lives; ``version`` grows with every change (a
+    block moved, a shard added), and scores name the version they were made under.
+    ``subjects`` is filled only with more than one shard: a replica sends a 1:1
+    claim to its subject's shard alone.
+    """
+
+    version: int
+    shards: int
+    blocks: tuple[int, ...]
+    #: The shard of each of ``blocks`` (same order).
+    homes: tuple[int, ...]
+    subjects: tuple[str, ...] = ()
+    #: The shard of each of ``subjects`` (same order).
+    subject_homes: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        """msgpack-native form."""
+        return {
+            "version": self.version,
+            "shards": self.shards,
+            "blocks": list(self.blocks),
+            "homes": list(self.homes),
+            "subjects": list(self.subjects),
+            "subject_homes": list(self.subject_homes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> ShardMap:
+        """Inverse of `to_dict`; raises `WireFormatError`."""
+        shard_map = cls(
+            version=field(data, "version", int),
+            shards=field(data, "shards", int),
+            blocks=_ints(data, "blocks"),
+            homes=_ints(data, "homes"),
+            subjects=strings(data, "subjects"),
+            subject_homes=_ints(data, "subject_homes"),
+        )
+        if not 1 <= shard_map.shards <= MAX_SHARDS:
+            raise WireFormatError(f"a shard map needs 1 to {MAX_SHARDS} shards")
+        if len(shard_map.blocks) != len(shard_map.homes) or len(shard_map.subjects) != len(
+            shard_map.subject_homes
+        ):
+            raise WireFormatError("a shard map needs one shard per block and per subject")
+        if not all(0 <= h < shard_map.shards for h in shard_map.homes + shard_map.subject_homes):
+            raise WireFormatError("a shard map names a shard it does not have")
+        return shard_map
+
+    def blocks_of(self, shard: int) -> frozenset[int]:
+        """The blocks ``shard`` serves."""
+        return frozenset(b for b, h in zip(self.blocks, self.homes, strict=True) if h == shard)
+
+    def home_of(self, subject: str) -> int | None:
+        """The shard holding ``subject``'s templates (None: not enrolled, or one shard)."""
+        try:
+            return self.subject_homes[self.subjects.index(subject)]
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FaceProbe:
+    """One face a replica embedded, as it fans the probe out to every shard."""
+
+    box: tuple[int, ...] | None
+    confidence: float
+    #: The embedding, float64 little-endian.
+    embedding: bytes
+
+    def to_dict(self) -> dict[str, object]:
+        """msgpack-native form."""
+        return {
+            "box": None if self.box is None else list(self.box),
+            "confidence": self.confidence,
+            "embedding": self.embedding,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> FaceProbe:
+        """Inverse of `to_dict`; raises `WireFormatError`."""
+        embedding = field(data, "embedding", bytes)
+        if not embedding or len(embedding) % 8:
+            raise WireFormatError("field 'embedding' must hold float64 values")
+        return cls(box=_box(data), confidence=_confidence(data), embedding=embedding)

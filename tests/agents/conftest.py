@@ -48,11 +48,16 @@ class Deployment:
         self.agents.append(agent)
         return agent
 
-    async def cloud(self, replica: str = "r1") -> CloudAgent:
-        """A started cloud replica, its key in on-prem's trust store (as an operator adds it)."""
-        settings = replace(self.settings, replica=replica)
+    async def cloud(
+        self, replica: str = "r1", *, shard: int = 0, embedder: object = None
+    ) -> CloudAgent:
+        """A started cloud replica of ``shard``, its key in on-prem's trust store (as an
+        operator adds it); ``embedder`` stands in for DeepFace when given."""
+        settings = replace(self.settings, replica=replica, shard=shard)
         agent = CloudAgent(settings, await self.link())
         TrustStore(self.settings.trust_store_path).add(replica, agent.signer.verify_key)
+        if embedder is not None:
+            agent.embedder = embedder  # type: ignore[assignment]
         await agent.start()
         self.agents.append(agent)
         return agent

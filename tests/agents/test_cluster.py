@@ -3,6 +3,8 @@
 Three private nodes joined into one cluster (`tests.rabbitnode.RabbitCluster`);
 on-prem, two replicas and a client connect through the list of the nodes' URLs
 (each starting at the first node, where the quorum queues get their leaders).
+The gallery is spread over two shards, a replica each: every 1:N probe is
+embedded by one replica and searched by both shards through their queues.
 A 1:N burst is published; once part of it is answered, the node leading the
 probe queue is stopped. The agents reconnect to the next node, the quorum
 queues elect new leaders on the two left, and every probe is answered, once
@@ -60,26 +62,30 @@ async def test_losing_the_probe_queue_leader_mid_burst_loses_no_probe(
         amqp_url=",".join(cluster.urls),
         sync_interval=2.0,
         prefetch=4,
+        shards=2,
+        # A shard's answers wait out the failover (a new leader, reconnections) before
+        # on-prem would call a probe partial.
+        gather_timeout=300.0,
     )
     generate_keys(settings)
     rng = np.random.default_rng(7)
     vectors = {s: rng.normal(size=128) for s in SUBJECTS}
     probes = {s: v + rng.normal(scale=0.02, size=128) for s, v in vectors.items()}
     raw: collections.Counter[str] = collections.Counter()
-    answers: dict[str, set[tuple[str | None, bool]]] = collections.defaultdict(set)
+    answers: dict[str, set[tuple[str | None, bool, bool]]] = collections.defaultdict(set)
     async with open_transport(settings) as onprem_link:
         onprem = OnPremAgent(settings, onprem_link)
+        await onprem.start()  # two shards: the book spreads the subjects over both
         for subject, vector in vectors.items():
             onprem.book.add(subject, vector, template_id=f"t-{subject}")
-        await onprem.start()
         replicas = []
         # The watcher reads events on the last node, which stays up: a subscriber's
         # queue is classic and exclusive, and lives on the node it was declared on.
         watcher = RabbitMQTransport(list(reversed(cluster.urls)), onprem_link.topology)
         try:
-            for name in ("c1", "c2"):
+            for shard, name in enumerate(("c1", "c2")):
                 link = await open_transport(settings).__aenter__()
-                replica = CloudAgent(settings.override(replica=name), link)
+                replica = CloudAgent(settings.override(replica=name, shard=shard), link)
                 TrustStore(settings.trust_store_path).add(name, replica.signer.verify_key)
                 replica.embedder = SyntheticEmbedder(probes)  # type: ignore[assignment]
                 await replica.start()
@@ -94,7 +100,7 @@ async def test_losing_the_probe_queue_leader_mid_burst_loses_no_probe(
                 event = wire.decode(delivery.body, verifier=pinned).message
                 assert isinstance(event, wire.VerificationEvent)
                 raw[event.probe_id] += 1
-                answers[event.probe_id].add((event.subject, event.verified))
+                answers[event.probe_id].add((event.subject, event.verified, event.partial))
 
             topology = onprem_link.topology
             await watcher.consume("", on_event, bindings=[(topology.events, "#")], exclusive=True)
@@ -109,21 +115,23 @@ async def test_losing_the_probe_queue_leader_mid_burst_loses_no_probe(
             cluster.node_named(leader).stop()  # the whole node, not only its app
             await _until(lambda: len(raw) >= BURST, 600)
             new_leader = _leader(cluster, topology.probes)
+            searches = [replica.shards.searches for replica, _ in replicas]
         finally:
             for replica, link in replicas:
                 await replica.stop()
                 await link.close()
             await watcher.close()
             await onprem.stop()
-    wrong = {p: a for p, a in answers.items() if a != {(sent[p], True)}}
+    wrong = {p: a for p, a in answers.items() if a != {(sent[p], True, False)}}
     duplicates = sum(n - 1 for n in raw.values())
     print(
         f"cluster: {BURST} probes, {answered_before} answered before {leader} stopped, "
         f"new leader {new_leader}; distinct events {len(raw)}, raw duplicates {duplicates}, "
-        f"wrong {len(wrong)}"
+        f"wrong {len(wrong)}; searches per shard {searches}"
     )
     assert set(raw) == set(sent) and not wrong, wrong
     assert answered_before < BURST and new_leader != leader
+    assert min(searches) >= BURST  # every probe searched on both shards
 
 
 async def _serving(replica: CloudAgent) -> None:

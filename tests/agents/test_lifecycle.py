@@ -82,10 +82,12 @@ async def test_remove_republishes_erases_and_list_shows_versions(
             "version": before + 1,
             "templates": len(onprem.book),
             "pending": False,
+            "shard": 0,
             "replicas": {"r1": before + 1},
         }
     ]
     assert listing["replicas"]["r1"]["up_to_date"] is True
+    assert listing["replicas"]["r1"]["shard"] == 0
     with pytest.raises(ConfigError, match="no enrolled subject"):
         await onprem.remove("nobody")
 

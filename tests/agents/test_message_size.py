@@ -82,12 +82,12 @@ class SyntheticEmbedder:
     def __init__(self, vectors: dict[str, np.ndarray]) -> None:
         self.vectors = vectors
 
+    def close(self) -> None:
+        """Nothing to release (a replica closes its embedder when it stops)."""
+
     def embed(self, image: bytes, *, name: str | None = None) -> list[Face]:
         area = {"x": 0, "y": 0, "w": 100, "h": 100, "left_eye": None, "right_eye": None}
         return [Face(embedding=self.vectors[image.decode()], facial_area=area, confidence=1.0)]
-
-    def close(self) -> None:
-        """Nothing to release (the replica closes its embedder when it stops)."""
 
 
 async def _deployed(

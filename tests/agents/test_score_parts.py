@@ -43,6 +43,9 @@ class FourFaces:
         self.vectors = vectors
         self.strangers = np.random.default_rng(3).normal(size=(FACES - 1, 128))
 
+    def close(self) -> None:
+        """Nothing to release (a replica closes its embedder when it stops)."""
+
     def embed(self, image: bytes, *, name: str | None = None) -> list[Face]:
         faces = [self.vectors[image.decode()], *self.strangers]
         return [
@@ -54,8 +57,6 @@ class FourFaces:
             for i, vector in enumerate(faces)
         ]
 
-    def close(self) -> None:
-        """Nothing to release (the replica closes its embedder when it stops)."""
 
 
 async def test_scores_over_the_cap_arrive_in_parts_and_decide_once(
@@ -192,17 +193,21 @@ class ManyFaces(FourFaces):
 
 
 async def _many_faces_probe(
-    deployment: Deployment, *, cap: int, faces: int
+    deployment: Deployment, *, cap: int, faces: int, blocks: int = 1, prefetch: int = 2
 ) -> wire.VerificationEvent:
-    """One block; a probe of ``faces`` faces (the first, "bob"), every party at ``cap``."""
+    """``blocks`` blocks; a probe of ``faces`` faces (the first, "bob"), every party at ``cap``."""
     deployment.settings = dataclasses.replace(
-        deployment.settings, max_message_size=cap, max_faces=faces
+        deployment.settings, max_message_size=cap, max_faces=faces, prefetch=prefetch
     )
     rng = np.random.default_rng(6)
     onprem = await deployment.onprem()
     bob = rng.normal(size=128)
-    onprem.book.add_many((f"s{i}", rng.normal(size=128), f"t{i}") for i in range(16))
+    filler = (blocks - 1) * onprem.book.capacity + 16
+    onprem.book.add_many((f"s{i}", rng.normal(size=128), f"t{i}") for i in range(filler))
     onprem.book.add("bob", bob, template_id="t-bob")
+    if blocks > 1:  # on-prem sizes its results window at start, from the book
+        await deployment.stop(onprem)
+        await deployment.onprem()
     settings = deployment.settings.override(replica="r1")
     cloud = CloudAgent(settings, await deployment.link(cap))
     TrustStore(settings.trust_store_path).add("r1", cloud.signer.verify_key)

@@ -20,7 +20,14 @@ _NONE = type(None)
 #: since (signing: conjugation key, issue and request times, the edge probe's
 #: check): the derived top-level checks must accept exactly these types.
 HAND_WRITTEN = {
-    "context": {"context": bytes, "conjugation_key": bytes, "blocks": list, "issued_at": float},
+    "context": {
+        "context": bytes,
+        "conjugation_key": bytes,
+        "blocks": list,
+        "issued_at": float,
+        "shard": int,
+        "shard_map": (dict, _NONE),
+    },
     "chunk": {
         "block_id": int,
         "version": int,
@@ -30,7 +37,7 @@ HAND_WRITTEN = {
         "columns": list,
         "head": (dict, _NONE),
     },
-    "sync": {"replica": str, "fingerprint": str, "requested_at": float},
+    "sync": {"replica": str, "fingerprint": str, "requested_at": float, "shard": int},
     "probe": {"probe_id": str, "image": bytes, "subject": (str, _NONE), "submitted_at": float},
     "encrypted_probe": {
         "probe_id": str,
@@ -53,6 +60,8 @@ HAND_WRITTEN = {
         "dims_start": int,
         "dims_stop": int,
         "dimensions": int,
+        "shard": int,
+        "map_version": int,
     },
     "probe_piece": {
         "probe_id": str,
@@ -67,6 +76,23 @@ HAND_WRITTEN = {
         "norm": (bytes, _NONE),
         "subject": (str, _NONE),
         "submitted_at": float,
+    },
+    "search": {
+        "probe_id": str,
+        "subject": (str, _NONE),
+        "faces": list,
+        "edge": (dict, _NONE),
+        "probe_check": (dict, _NONE),
+        "request": str,
+        "submitted_at": float,
+        "timings": dict,
+        "shard": int,
+        "map_version": int,
+        "piece": int,
+        "pieces": int,
+        "dims_start": int,
+        "dims_stop": int,
+        "dimensions": int,
     },
     "rejected": {
         "probe_id": str,
@@ -85,6 +111,8 @@ HAND_WRITTEN = {
         "awaiting": int,
         "staged": str,
         "reported_at": float,
+        "shard": int,
+        "map_version": int,
     },
     "event": {
         "probe_id": str,
@@ -101,6 +129,8 @@ HAND_WRITTEN = {
         "timings": dict,
         "issued_at": float,
         "request": str,
+        "partial": bool,
+        "searched": float,
     },
 }
 
@@ -138,8 +168,16 @@ SCORES = {
     "part": 0,
     "parts": 1,
     **{"piece": 0, "pieces": 1, "dims_start": 0, "dims_stop": 0, "dimensions": 0},
+    "shard": 0,
+    "map_version": 0,
 }
-CONTEXT = {"context": b"c", "conjugation_key": b"g", "issued_at": 1.0}
+CONTEXT = {
+    "context": b"c",
+    "conjugation_key": b"g",
+    "issued_at": 1.0,
+    "shard": 0,
+    "shard_map": None,
+}
 EVENT = {
     "probe_id": "p",
     "mode": "1:N",
@@ -154,6 +192,8 @@ EVENT = {
     "faces": [],
     "face": None,
     "request": "",
+    "partial": False,
+    "searched": 1.0,
 }
 
 

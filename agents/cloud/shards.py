@@ -1,0 +1,301 @@
+"""A replica's part in a sharded gallery: its shard, on-prem's map, fan-out and shard searches.
+
+Every replica serves one shard (`Settings.shard`) and holds that shard's blocks
+only. Replicas of every shard compete for probes on the probe queue; the one
+that takes a probe embeds it once (or checks an edge probe) and sends a
+`wire.ShardSearch` to each shard that holds part of the answer, through the
+shards' direct exchange (key ``shard.<k>``): every shard for 1:N, the subject's
+shard for a 1:1 claim (on-prem's signed `wire.ShardMap` says which). The
+replicas of a shard compete for its searches on its quorum queue and send their
+scores, named with their shard and the map version, to on-prem, which gathers
+the shards' answers (`cipherface.sharding`). With one shard there is no fan-out:
+the replica searches what it took, as before sharding.
+
+When blocks move to a new shard, the map a replica receives says so; it keeps
+serving a block that moved away for `cipherface.sharding.SHIP_GRACE` seconds
+(searches routed by the previous map still count on it), then drops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import msgpack
+import numpy as np
+
+from agents.cloud.probes import Face, Probe, embed_faces, piece_fields, scores_of, search_faces
+from cipherface import wire
+from cipherface.crypto import Keyring
+from cipherface.exceptions import (
+    ConfigError,
+    EmbeddingError,
+    KeyMismatchError,
+    MessageTooLargeError,
+    TransportError,
+    WireFormatError,
+)
+from cipherface.gallery import EncryptedGallery
+from cipherface.metrics import instrumented
+from cipherface.sharding import SHIP_GRACE
+from cipherface.transport.base import Delivery
+
+if TYPE_CHECKING:
+    from agents.cloud.agent import CloudAgent
+
+__all__ = ["SHARD_MAP_FILE", "ShardRole"]
+
+log = logging.getLogger(__name__)
+
+#: In a replica's folder: the last shard map on-prem signed (msgpack), so a restarted
+#: replica routes by it at once.
+SHARD_MAP_FILE = "shard-map"
+
+
+class ShardRole:
+    """What a replica knows and does as one shard's server."""
+
+    def __init__(self, agent: CloudAgent) -> None:
+        self.agent = agent
+        self.shard = agent.settings.shard
+        self._path = agent.settings.cloud_dir / SHARD_MAP_FILE
+        self.map: wire.ShardMap | None = None
+        if self._path.exists():
+            try:
+                self.map = wire.ShardMap.from_dict(msgpack.unpackb(self._path.read_bytes()))
+            except (ValueError, WireFormatError, msgpack.ExtraData) as exc:
+                log.warning("ignoring the stored shard map: %s", exc)
+        #: Searches this replica ran for its shard (probes fanned out to it).
+        self.searches = 0
+        self._drops: dict[int, asyncio.TimerHandle] = {}
+
+    @property
+    def version(self) -> int:
+        """The version of the map this replica routes by (0: none yet)."""
+        return self.map.version if self.map is not None else 0
+
+    @property
+    def sharded(self) -> bool:
+        """Whether probes fan out (more than one shard)."""
+        return self.map is not None and self.map.shards > 1
+
+    # -- the map ------------------------------------------------------------------------
+    def on_context(self, message: wire.ContextUpdate) -> None:
+        """Take the map of a context on-prem signed; refuse another shard's context."""
+        if message.shard != self.shard:
+            raise ConfigError(
+                f"a context for shard {message.shard} reached replica {self.agent.replica}, "
+                f"which serves shard {self.shard}"
+            )
+        shard_map = message.shard_map
+        if shard_map is None or (self.map is not None and shard_map.version < self.version):
+            return
+        self.map = shard_map
+        self._path.write_bytes(msgpack.packb(shard_map.to_dict()))
+        self.schedule_drops()
+
+    def schedule_drops(self) -> None:
+        """Blocks held whose home is now another shard: dropped after the grace."""
+        gallery = self.agent.gallery
+        if self.map is None or gallery is None:
+            return
+        moved = set(gallery._layouts) - self.map.blocks_of(self.shard)
+        loop = asyncio.get_running_loop()
+        for block in moved - set(self._drops):
+            self._drops[block] = loop.call_later(SHIP_GRACE, self._drop, block)
+
+    def _drop(self, block: int) -> None:
+        self._drops.pop(block, None)
+        gallery = self.agent.gallery
+        if (
+            gallery is not None
+            and self.map is not None
+            and block not in self.map.blocks_of(self.shard)
+        ):
+            gallery.drop(block)
+            log.info(
+                "replica %s dropped block %d (moved to another shard)", self.agent.replica, block
+            )
+
+    def targets(self, subject: str | None) -> list[int]:
+        """The shards a probe is searched on: every shard with blocks, or the subject's."""
+        assert self.map is not None
+        if subject is not None:
+            home = self.map.home_of(subject)
+            return [self.shard if home is None else home]
+        return sorted(set(self.map.homes)) or [self.shard]
+
+    async def consume(self) -> None:
+        """Compete with the shard's other replicas for its searches."""
+        topology = self.agent.transport.topology
+        self.agent._consumers.append(
+            await self.agent.transport.consume(
+                topology.shard_queue(self.shard),
+                instrumented(self.agent.role, "shard", self._on_search),
+                bindings=[(topology.shards, topology.shard_key(self.shard))],
+                prefetch=self.agent.settings.prefetch,
+            )
+        )
+
+    def stop(self) -> None:
+        """Cancel the pending drops (a restart finds the map and schedules them again)."""
+        for handle in self._drops.values():
+            handle.cancel()
+        self._drops.clear()
+
+    # -- probes -------------------------------------------------------------------------
+    async def search(
+        self,
+        request: Probe,
+        gallery: EncryptedGallery,
+        keyring: Keyring,
+        digest: str,
+    ) -> None:
+        """Embed a probe taken from the probe queue; search it here, or fan it out."""
+        agent = self.agent
+        try:
+            probes, check, timings = await asyncio.to_thread(
+                embed_faces,
+                request,
+                agent.embedder,
+                keyring,
+                agent._conjugation_key,
+                max_faces=agent.settings.max_faces,
+            )
+            if self.sharded:
+                await self._fan_out(request, probes, check, timings, digest)
+                return
+            start = request.start if isinstance(request, wire.EncryptedProbePart) else 0
+            faces, seconds = await asyncio.to_thread(
+                search_faces, probes, gallery, request.subject, start
+            )
+        except (EmbeddingError, KeyMismatchError, MessageTooLargeError, WireFormatError) as exc:
+            # Bad input from a user gets an answer (an error event), not silence.
+            await agent._reject(request, type(exc).__name__, str(exc), keyring, digest)
+            return
+        await self._send(
+            request, faces, check, {**timings, "search": seconds}, digest, keyring, self.version
+        )
+
+    async def _fan_out(
+        self,
+        request: Probe,
+        probes: list[Face],
+        check: wire.ProbeCheck | None,
+        timings: dict[str, float],
+        digest: str,
+    ) -> None:
+        """One `wire.ShardSearch` per shard that holds part of the answer."""
+        edge = (
+            request.probe
+            if isinstance(request, wire.EncryptedProbeRequest)
+            else wire.piece_probe(request)
+            if isinstance(request, wire.EncryptedProbePart)
+            else None
+        )
+        faces = (
+            ()
+            if edge is not None
+            else tuple(
+                wire.FaceProbe(
+                    box=box,
+                    confidence=confidence,
+                    embedding=np.asarray(vector, dtype="<f8").tobytes(),
+                )
+                for box, confidence, vector in probes
+            )
+        )
+        topology = self.agent.transport.topology
+        for shard in self.targets(request.subject):
+            search = wire.ShardSearch(
+                probe_id=request.probe_id,
+                subject=request.subject,
+                faces=faces,
+                edge=edge,
+                probe_check=check,
+                request=digest,
+                submitted_at=request.submitted_at,
+                timings=timings,
+                shard=shard,
+                map_version=self.version,
+                **piece_fields(request),
+            )
+            body = wire.encode(search, limit=self.agent.settings.max_message_size)
+            await self.agent.transport.publish(
+                topology.shards,
+                topology.shard_key(shard),
+                body,
+                message_id=wire.message_id(request.probe_id, digest),
+            )
+
+    async def _on_search(self, delivery: Delivery) -> None:
+        agent = self.agent
+        envelope = wire.decode(
+            delivery.body, expect=(wire.ShardSearch,), limit=agent.settings.max_message_size
+        )
+        search = envelope.message
+        assert isinstance(search, wire.ShardSearch)
+        if search.shard != self.shard:
+            raise ConfigError(f"a search for shard {search.shard} reached shard {self.shard}")
+        gallery, keyring = agent.gallery, agent.keyring
+        if gallery is None or keyring is None:
+            raise TransportError("the gallery is being replaced")
+        self.searches += 1
+        probes: list[Face] = [
+            (face.box, face.confidence, np.frombuffer(face.embedding, dtype="<f8"))
+            for face in search.faces
+        ]
+        try:
+            if search.edge is not None:
+                keyring.check(search.edge.fingerprint)
+                probes = [(None, 1.0, search.edge)]
+            faces, seconds = await asyncio.to_thread(
+                search_faces, probes, gallery, search.subject, search.dims_start
+            )
+        except (KeyMismatchError, ConfigError) as exc:
+            await agent._reject(search, type(exc).__name__, str(exc), keyring, search.request)
+            return
+        timings = {**search.timings, "search": seconds}
+        await self._send(
+            search, faces, search.probe_check, timings, search.request, keyring, search.map_version
+        )
+
+    async def _send(
+        self,
+        request: Probe | wire.ShardSearch,
+        faces: tuple[wire.FaceScores, ...],
+        check: wire.ProbeCheck | None,
+        timings: dict[str, float],
+        digest: str,
+        keyring: Keyring,
+        map_version: int,
+    ) -> None:
+        """This shard's scores to on-prem, in parts under the message size limit."""
+        agent = self.agent
+        ready = scores_of(
+            request, faces, check, timings, digest, shard=self.shard, map_version=map_version
+        )
+        try:
+            # Parts are cut by blocks: one block's scores of many faces may not fit.
+            parts = wire.split_scores(ready, agent.settings.max_message_size)
+        except MessageTooLargeError as exc:
+            await agent._reject(request, type(exc).__name__, str(exc), keyring, digest)
+            return
+        for part in parts:
+            await agent._to_onprem(part, keyring)  # each part under the limit, signed
+        blocks = sum(len(face.scores) for face in faces)
+        log.info(
+            "probe %s: %d face(s) scored on %d block(s) of shard %d",
+            request.probe_id,
+            len(faces),
+            blocks,
+            self.shard,
+            extra={
+                **{"probe_id": request.probe_id, "mode": "1:1" if request.subject else "1:N"},
+                **{"outcome": "scored", "blocks": blocks, "fingerprint": keyring.fingerprint},
+                **{"faces": len(faces), "seconds": round(sum(timings.values()), 4)},
+                **{"shard": self.shard, "age": round(time.time() - request.submitted_at, 3)},
+            },
+        )
