@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import math
 import tempfile
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,17 @@ class Recording:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)  # consume, queue_depth, ...: as the inner one
+
+
+@contextlib.asynccontextmanager
+async def links(settings: Settings, count: int = 3) -> AsyncIterator[list[Transport]]:
+    """``count`` connections to one broker: RabbitMQ when ``settings`` name it, else a
+    new in-process one (each agent and the client on its own, as deployed)."""
+    memory = MemoryBroker()
+    async with contextlib.AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(open_transport(settings, memory)) for _ in range(count)
+        ]
 
 
 class Synthetic:

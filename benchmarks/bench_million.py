@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from bench_messages import Recording, Synthetic
+from bench_messages import Recording, Synthetic, links
 
 from agents.cloud.agent import CloudAgent
 from agents.onprem.agent import OnPremAgent, generate_keys
@@ -30,7 +30,6 @@ from cipherface import wire
 from cipherface.client import Client
 from cipherface.config import DEFAULT_AMQP_URL, Settings
 from cipherface.signing import TrustStore
-from cipherface.transport import MemoryBroker, open_transport
 
 
 async def run(templates: int, broker: str) -> int:
@@ -46,12 +45,7 @@ async def run(templates: int, broker: str) -> int:
             workers=2,
         )
         generate_keys(settings)
-        memory = MemoryBroker()
-        async with (
-            open_transport(settings, memory) as a,
-            open_transport(settings, memory) as b,
-            open_transport(settings, memory) as c,
-        ):
+        async with links(settings) as (a, b, c):
             onprem = OnPremAgent(settings, Recording(a, sizes))  # type: ignore[arg-type]
             vectors: dict[str, np.ndarray] = {}
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_messages import links
 
 from agents.cloud.agent import CloudAgent
 from agents.onprem.agent import OnPremAgent, generate_keys
@@ -30,7 +31,6 @@ from cipherface.config import Settings
 from cipherface.embedding import install_weights
 from cipherface.photos import default_faces_dir, identities
 from cipherface.signing import TrustStore
-from cipherface.transport import MemoryBroker, open_transport
 
 #: Issue 12's target: end-to-end probes/s, distinct images, 100K gallery.
 TARGET = 6.0
@@ -45,18 +45,11 @@ async def burst(settings: Settings, faces: Path, templates: int, rounds: int) ->
     for name in labels:
         if not (photos / name).exists():
             (photos / name).symlink_to(faces / name)
-    memory = MemoryBroker()
-    async with (
-        open_transport(settings, memory) as a,
-        open_transport(settings, memory) as b,
-        open_transport(settings, memory) as c,
-    ):
+    async with links(settings) as (a, b, c):
         onprem = OnPremAgent(settings, a)
         rng = np.random.default_rng(0)
         synthetic = max(0, templates - len(labels))
-        onprem.book.add_many(
-            (f"synthetic-{i}", rng.standard_normal(128)) for i in range(synthetic)
-        )
+        onprem.book.add_many((f"synthetic-{i}", rng.standard_normal(128)) for i in range(synthetic))
         await onprem.start()
         report = await onprem.enroll(photos, labels=labels, progress=False)
         cloud = CloudAgent(settings, b)
