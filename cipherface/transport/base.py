@@ -27,6 +27,7 @@ from cipherface.transport.topology import DELIVERY_LIMIT, ExchangeSpec, QueueSpe
 from cipherface.wire.envelope import MAX_MESSAGE_BYTES
 
 __all__ = [
+    "DELIVERY_COUNT_HEADER",
     "DELIVERY_LIMIT",
     "REASON_HEADER",
     "SOURCE_HEADER",
@@ -45,6 +46,7 @@ __all__ = [
     "declares",
     "drain",
     "missing_resource",
+    "requeue_delay",
     "settle",
 ]
 
@@ -54,6 +56,27 @@ log = logging.getLogger(__name__)
 REASON_HEADER = "x-cipherface-reason"
 #: Header a dead-lettered message carries: the queue it was taken from.
 SOURCE_HEADER = "x-cipherface-queue"
+#: Header a quorum queue puts on a redelivered message: how often it was delivered
+#: before (the in-process broker keeps it the same way).
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+#: Seconds a handler holds a message it must requeue before the first retry, doubled
+#: at each redelivery up to `REQUEUE_MAX_DELAY`.
+REQUEUE_DELAY = 0.2
+REQUEUE_MAX_DELAY = 10.0
+
+
+def requeue_delay(delivery: Delivery) -> float:
+    """How long to hold ``delivery`` before requeueing it: requeues back off.
+
+    A message requeued at once comes straight back (to this replica or the next)
+    while the cause lasts, e.g. a replica whose gallery is being replaced: a busy
+    loop through the broker. Doubling the hold at each redelivery keeps retries
+    cheap, and the message (unacked meanwhile) still counts against the
+    consumer's prefetch, so a failing consumer takes less work.
+    """
+    count = delivery.headers.get(DELIVERY_COUNT_HEADER)
+    attempts = count if isinstance(count, int) and count >= 0 else int(delivery.redelivered)
+    return min(REQUEUE_DELAY * 2 ** min(attempts, 16), REQUEUE_MAX_DELAY)
 
 
 def declares(role: Role | None, owner: Role) -> bool:
@@ -110,7 +133,8 @@ async def settle(
     - larger than ``limit``: never handed to the handler -> DEAD_LETTER.
     - returns normally: the work is done -> ACK.
     - `TransportError` or cancellation: the broker hiccuped or we are shutting
-      down, the message is fine -> REQUEUE (another try, maybe on another replica).
+      down, the message is fine -> REQUEUE (another try, maybe on another replica),
+      after `requeue_delay` for a `TransportError` (requeues back off).
     - any other error: the message itself cannot be processed -> DEAD_LETTER
       with the reason, so it is kept for inspection and never retried forever.
     """
@@ -120,7 +144,12 @@ async def settle(
     except asyncio.CancelledError:
         return Outcome.REQUEUE, "cancelled"
     except TransportError as exc:
-        log.warning("requeueing message %s: %s", delivery.message_id, exc)
+        delay = requeue_delay(delivery)
+        log.warning("requeueing message %s in %.1fs: %s", delivery.message_id, delay, exc)
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:  # stopping: requeue now, the next consumer waits
+            pass
         return Outcome.REQUEUE, str(exc)
     except CipherFaceError as exc:
         reason = f"{type(exc).__name__}: {exc}"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from cipherface.daemon import cancel_and_wait
 from cipherface.exceptions import TransportError
 from cipherface.transport.base import (
+    DELIVERY_COUNT_HEADER,
     REASON_HEADER,
     SOURCE_HEADER,
     Delivery,
@@ -110,6 +111,13 @@ def _matches(kind: str, pattern: str, routing_key: str) -> bool:
     return topic_matches(pattern, routing_key)
 
 
+def _redelivery(delivery: Delivery) -> Delivery:
+    """``delivery`` back in its queue, counted as a quorum queue counts it."""
+    count = delivery.headers.get(DELIVERY_COUNT_HEADER, 0)
+    headers = {**delivery.headers, DELIVERY_COUNT_HEADER: int(count) + 1}  # type: ignore[call-overload]
+    return replace(delivery, redelivered=True, headers=headers)
+
+
 class _MemoryConsumer:
     def __init__(
         self,
@@ -146,7 +154,7 @@ class _MemoryConsumer:
                 self._handler, delivery, limit=self._transport.max_message_size
             )
             if outcome is Outcome.REQUEUE:
-                self._queue.put_nowait(replace(delivery, redelivered=True))
+                self._queue.put_nowait(_redelivery(delivery))
             elif outcome is Outcome.DEAD_LETTER:
                 self._transport.dead_letter(delivery, self._queue_name, reason)
         finally:
@@ -254,7 +262,7 @@ class MemoryTransport(TransportBase):
                 return None
 
             async def requeue(d: Delivery = delivery, q: asyncio.Queue[Delivery] = found) -> None:
-                q.put_nowait(replace(d, redelivered=True))
+                q.put_nowait(_redelivery(d))
 
             taken.append(Fetched(delivery=delivery, ack=ack, requeue=requeue))
         return taken

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
+import numpy as np
 import pytest
 
 from cipherface.exceptions import TransportError, WireFormatError
 from cipherface.transport import REASON_HEADER, SOURCE_HEADER, Delivery, Role, Transport
+from cipherface.transport.base import DELIVERY_COUNT_HEADER, REQUEUE_DELAY, requeue_delay
 from cipherface.transport.memory import topic_matches
 from tests.transport.conftest import Links
 
@@ -180,6 +183,33 @@ async def test_transport_failure_requeues_and_redelivers(transport_pair: Pair) -
     await flaky.wait(2)
     assert [d.body for d in flaky.deliveries] == [b"retry-me", b"retry-me"]
     assert flaky.deliveries[1].redelivered
+
+
+async def test_requeues_back_off_and_count_the_deliveries(transport_pair: Pair) -> None:
+    """A message that keeps failing comes back later each time, not in a busy loop."""
+    producer, consumer_side = transport_pair
+    queue = producer.topology.results
+    flaky = Collector(fail_with=TransportError("gallery being replaced"), times=3)
+    arrivals: list[float] = []
+
+    async def timed(delivery: Delivery) -> None:
+        arrivals.append(time.monotonic())
+        await flaky(delivery)
+
+    await consumer_side.consume(queue, timed)
+    await producer.send(queue, b"retry-me")
+    await flaky.wait(4, timeout=30)
+    counts = [d.headers.get(DELIVERY_COUNT_HEADER, 0) for d in flaky.deliveries]
+    assert counts == [0, 1, 2, 3]
+    assert [requeue_delay(d) for d in flaky.deliveries[:3]] == [
+        REQUEUE_DELAY,
+        2 * REQUEUE_DELAY,
+        4 * REQUEUE_DELAY,
+    ]
+    for gap, held in zip(
+        np.diff(arrivals), (REQUEUE_DELAY, 2 * REQUEUE_DELAY, 4 * REQUEUE_DELAY), strict=True
+    ):
+        assert gap >= held  # held that long before going back to the queue
 
 
 async def test_cancel_waits_for_in_flight_work(transport_pair: Pair) -> None:
