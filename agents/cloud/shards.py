@@ -19,6 +19,7 @@ serving a block that moved away for `cipherface.sharding.SHIP_GRACE` seconds
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -188,13 +189,12 @@ class ShardRole:
         digest: str,
     ) -> None:
         """One `wire.ShardSearch` per shard that holds part of the answer."""
-        edge = (
-            request.probe
-            if isinstance(request, wire.EncryptedProbeRequest)
-            else wire.piece_probe(request)
-            if isinstance(request, wire.EncryptedProbePart)
-            else None
-        )
+        edge = request.probe if isinstance(request, wire.EncryptedProbeRequest) else None
+        if isinstance(request, wire.EncryptedProbePart):
+            # The piece's columns as a probe of their own (valid on the wire); the
+            # search's piece fields say where they sit in the whole probe.
+            piece = wire.piece_probe(request)
+            edge = dataclasses.replace(piece, dimensions=len(piece.columns))
         faces = (
             ()
             if edge is not None
@@ -250,7 +250,12 @@ class ShardRole:
         try:
             if search.edge is not None:
                 keyring.check(search.edge.fingerprint)
-                probes = [(None, 1.0, search.edge)]
+                edge = search.edge
+                if search.pieces > 1:  # a piece: its columns sit at dims_start of the whole
+                    if search.dims_stop - search.dims_start != len(edge.columns):
+                        raise ConfigError(f"search {search.probe_id}: the piece's dimensions")
+                    edge = dataclasses.replace(edge, dimensions=search.dimensions)
+                probes = [(None, 1.0, edge)]
             faces, seconds = await asyncio.to_thread(
                 search_faces, probes, gallery, search.subject, search.dims_start
             )

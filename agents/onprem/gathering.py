@@ -137,7 +137,7 @@ class Gathering:
         cls, settings: Settings, keys: Mapping[str, KeySet], current: KeySet
     ) -> Gathering:
         """On-prem's: a window sized from the gallery (`window_for`) plus room for every
-        piece of an edge probe from every shard (`edge_pieces`: 5 at 128-d, 17 at 512-d
+        piece of an edge probe from every shard (`edge_pieces`: 5 at 128-d, 19 at 512-d
         under 4 MiB), whose handlers hold their deliveries unacked too; pieces are
         added up under the key set of their fingerprint."""
 

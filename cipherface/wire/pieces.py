@@ -21,10 +21,14 @@ from cipherface.wire.chunks import ENVELOPE_ALLOWANCE, pack
 from cipherface.wire.messages import EncryptedProbePart, EncryptedProbeRequest, request_digest
 from cipherface.wire.payloads import EncryptedProbe
 
-__all__ = ["piece_probe", "probe_digest", "probe_pieces", "split_probe"]
+__all__ = ["SEARCH_RESERVE_COLUMNS", "piece_probe", "probe_digest", "probe_pieces", "split_probe"]
 
 #: msgpack's header of one ``bin`` item (bin 32).
 _BIN_HEADER = 5
+#: Room a piece leaves, in columns, for what the cloud adds when it fans the piece out
+#: to a sharded gallery's shards (`ShardSearch`): the norm proof (`ProbeCheck`: two
+#: products of three components, and the euclidean norm), about four columns' bytes.
+SEARCH_RESERVE_COLUMNS = 4
 
 
 def _size(value: object) -> int:
@@ -39,8 +43,8 @@ def probe_digest(request: EncryptedProbeRequest) -> str:
 def _runs(request: EncryptedProbeRequest, limit: int) -> list[range]:
     probe = request.probe
     fixed = _size(request.probe_id) + _size(request.subject) + _size(probe.fingerprint)
-    budget = limit - ENVELOPE_ALLOWANCE - fixed
     costs = [len(column) + _BIN_HEADER for column in probe.columns]
+    budget = limit - ENVELOPE_ALLOWANCE - fixed - SEARCH_RESERVE_COLUMNS * max(costs, default=0)
     used = 0 if probe.norm is None else len(probe.norm) + _BIN_HEADER
     return pack(costs, budget, f"a dimension of probe {request.probe_id}", used=used)
 
@@ -76,7 +80,8 @@ def split_probe(request: EncryptedProbeRequest, limit: int) -> list[EncryptedPro
 def probe_pieces(dimensions: int, column_bytes: int, limit: int, norm_bytes: int = 0) -> int:
     """How many pieces `split_probe` cuts a probe of ``dimensions`` columns of
     ``column_bytes`` into (probe id and subject of at most 255 bytes each)."""
-    budget = limit - ENVELOPE_ALLOWANCE - 3 * 260
+    reserve = SEARCH_RESERVE_COLUMNS * (column_bytes + _BIN_HEADER)
+    budget = limit - ENVELOPE_ALLOWANCE - 3 * 260 - reserve
     used = norm_bytes + _BIN_HEADER if norm_bytes else 0
     costs = [column_bytes + _BIN_HEADER] * dimensions
     return len(pack(costs, budget, "a dimension of an edge probe", used=used))

@@ -98,6 +98,34 @@ async def test_a_claim_goes_to_its_subjects_shard_only(deployment: Deployment) -
     assert clouds["r1"].shards.searches == 2
 
 
+async def test_edge_probes_in_pieces_are_answered_across_shards(deployment: Deployment) -> None:
+    """Each shard answers every piece of an edge probe on its own blocks; on-prem adds
+    a shard's pieces up, then gathers the shards: one whole answer, 1:N and 1:1."""
+    from cipherface.crypto import Keyring
+    from cipherface.gallery import encrypt_probe
+
+    onprem, clouds, watch = await _sharded(deployment, {"r0": 0, "r1": 1})
+    public = Keyring.load(deployment.settings.public_key_path, expect="public")
+    _, probes = _vectors()
+    far = next(s for s in SUBJECTS if _home(onprem, s) == 1)
+    near = next(s for s in SUBJECTS if _home(onprem, s) == 0)
+    edge = {s: encrypt_probe(public, probes[s], deployment.settings.metric) for s in (far, near)}
+    client = await deployment.client()
+    one_to_n = await client.publish_encrypted_probe(edge[far])
+    claim = await client.publish_encrypted_probe(edge[near], near)
+    found, verified = await watch.event(one_to_n), await watch.event(claim)
+    assert found.error is None and found.subject == far and found.verified, found
+    assert not found.partial and found.searched == 1.0
+    assert verified.error is None and verified.verified and verified.subject == near, verified
+    pieces = len(
+        wire.split_probe(wire.EncryptedProbeRequest(probe_id="p", probe=edge[far]), 4 << 20)
+    )
+    assert pieces > 1  # it did travel in pieces
+    # 1:N: every piece searched on both shards; the claim: on its shard only.
+    assert clouds["r1"].shards.searches == pieces
+    assert clouds["r0"].shards.searches == 2 * pieces
+
+
 async def test_a_shard_down_gives_a_partial_answer_at_the_deadline(
     deployment: Deployment,
 ) -> None:
