@@ -150,6 +150,30 @@ def test_edge_probe_with_a_different_unit_vector_in_each_slot_is_refused(
     assert matches[0].subject == "s3"
 
 
+def test_edge_probe_with_an_imaginary_part_inside_the_norm_bounds_is_refused(
+    keys: Keyring, public: Keyring, conjugation: bytes
+) -> None:
+    """p = a + ib with |a|^2 - |b|^2 = 1 and |a|^2 + |b|^2 = 1.24 passes both norm
+    checks (N2's slack covers the key-switching noise); the checks of the decrypted
+    scores (range, then the one-probe fit) do not."""
+    vectors = _unit(np.random.default_rng(6), 300)
+    book = EnrollmentBook(keys, Metric.COSINE, DIMENSIONS)
+    book.add_many((f"s{i}", v) for i, v in enumerate(vectors))
+    gallery = EncryptedGallery(public)
+    for block in book.encrypt_blocks():
+        gallery.put(block)
+    real = vectors[3]
+    other = _unit(np.random.default_rng(7), 1)[0]
+    other -= (other @ real) * real  # orthogonal: N1's imaginary part stays 0
+    other /= np.linalg.norm(other)
+    b = np.sqrt(0.12)
+    weights = np.sqrt(1 + b**2) * real + 1j * b * other  # |a|^2 - |b|^2 = 1
+    probe = _forged_probe(public, [complex(w) for w in -weights])
+    check = prove_probe(public, conjugation, probe)
+    with pytest.raises(IntegrityError, match="tampered|one probe"):
+        rank(keys, book, gallery.search(probe), top_k=3, probe_check=check)
+
+
 def test_flooding_keeps_the_decision_and_hides_the_last_digits() -> None:
     threshold = 0.07
     for distance in (0.0, 0.0699, 0.0701, 0.5):
