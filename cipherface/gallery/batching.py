@@ -83,8 +83,9 @@ class SearchBatcher:
         groups: dict[tuple[int, ...] | None, list[_Waiting]] = {}
         try:
             for waiting in batch:
-                key = None if waiting.subject is None else self._gallery.blocks_of(waiting.subject)
-                groups.setdefault(key if key is None else tuple(key), []).append(waiting)
+                subject = waiting.subject
+                blocks = None if subject is None else tuple(self._gallery.blocks_of(subject))
+                groups.setdefault(blocks, []).append(waiting)
             for blocks, members in groups.items():
                 try:
                     results = self._gallery.search_many([w.probe for w in members], blocks=blocks)
