@@ -72,7 +72,7 @@ SCORE_TOLERANCE = 1e-2
 #: N2 decrypt to |a|^2 - |b|^2 and |a|^2 + |b|^2, so these bound an imaginary part
 #: |b| to about 0.36; a smaller one still shifts every score by the slot's other
 #: template (or decoy) times b, which the checks of the decrypted scores refuse
-#: (`tests/test_integrity.py` forges one just inside these bounds).
+#: (`tests/test_integrity.py` forges one inside these bounds).
 NORM_TOLERANCE = (2e-3, 0.25)
 #: Standard deviation of the noise added to every distance that leaves on-prem:
 #: above the consistency fit's tolerance (1e-3, 3e-3 for edge probes), so what a
