@@ -127,16 +127,24 @@ def _forged_probe(public: Keyring, weights: list[list[complex]] | list[complex])
     )
 
 
-def test_edge_probe_with_a_different_unit_vector_in_each_slot_is_refused(
-    keys: Keyring, public: Keyring, conjugation: bytes
-) -> None:
-    """Every slot's vector is a unit vector, so the norm proofs pass: the fit does not."""
-    vectors = _unit(np.random.default_rng(4), 300)
+def _cosine_gallery(
+    keys: Keyring, public: Keyring, *, seed: int
+) -> tuple[np.ndarray, EnrollmentBook, EncryptedGallery]:
+    """300 random unit templates, enrolled and served (cosine): a gallery to forge against."""
+    vectors = _unit(np.random.default_rng(seed), 300)
     book = EnrollmentBook(keys, Metric.COSINE, DIMENSIONS)
     book.add_many((f"s{i}", v) for i, v in enumerate(vectors))
     gallery = EncryptedGallery(public)
     for block in book.encrypt_blocks():
         gallery.put(block)
+    return vectors, book, gallery
+
+
+def test_edge_probe_with_a_different_unit_vector_in_each_slot_is_refused(
+    keys: Keyring, public: Keyring, conjugation: bytes
+) -> None:
+    """Every slot's vector is a unit vector, so the norm proofs pass: the fit does not."""
+    vectors, book, gallery = _cosine_gallery(keys, public, seed=4)
     slots = _Seal(public).slots
     per_slot = _unit(np.random.default_rng(5), slots)
     probe = _forged_probe(public, [(-per_slot[:, j]).tolist() for j in range(DIMENSIONS)])
@@ -156,12 +164,7 @@ def test_edge_probe_with_an_imaginary_part_inside_the_norm_bounds_is_refused(
     """p = a + ib with |a|^2 - |b|^2 = 1 and |a|^2 + |b|^2 = 1.1: within both norm
     checks with room for the key-switching noise (N2 within 0.25); the checks of the
     decrypted scores (range, then the one-probe fit) refuse it."""
-    vectors = _unit(np.random.default_rng(6), 300)
-    book = EnrollmentBook(keys, Metric.COSINE, DIMENSIONS)
-    book.add_many((f"s{i}", v) for i, v in enumerate(vectors))
-    gallery = EncryptedGallery(public)
-    for block in book.encrypt_blocks():
-        gallery.put(block)
+    vectors, book, gallery = _cosine_gallery(keys, public, seed=6)
     real = vectors[3]
     other = _unit(np.random.default_rng(7), 1)[0]
     other -= (other @ real) * real  # orthogonal: N1's imaginary part stays 0
