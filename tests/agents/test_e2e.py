@@ -91,11 +91,11 @@ async def test_known_stranger_and_identification(
         assert event.threshold == pytest.approx(0.07)
 
 
+# The embedding pool is inside the replica: the broker plays no part.
+@pytest.mark.parametrize("deployment", ["memory"], indirect=True)
 async def test_a_replica_embedding_in_worker_processes_answers_the_same(
     enrolled: Deployment, faces_dir: Path, identity_groups: dict[str, list[str]]
 ) -> None:
-    if enrolled.url:
-        pytest.skip("the embedding pool is inside the replica: the broker plays no part")
     await enrolled.stop(next(a for a in enrolled.agents if isinstance(a, CloudAgent)))
     enrolled.settings = replace(enrolled.settings, embed_workers=2)
     cloud = await enrolled.cloud("r2")

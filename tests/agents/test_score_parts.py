@@ -11,9 +11,10 @@ with an error event, never a decision.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from tests.agents.trust import (
     _result,
     _signed_by_replica,
 )
+from tests.rabbitnode import RabbitNode
 
 CAP = 1024 * 1024
 FACES = 4
@@ -230,11 +232,20 @@ async def test_one_blocks_scores_of_too_many_faces_for_the_cap_get_an_error_even
 
 
 async def test_onprem_reads_scores_up_to_its_configured_cap_not_the_default(
-    deployment: Deployment,
+    deployment: Deployment, tmp_path: Path
 ) -> None:
     # 40 faces x ~131 KB: one part of ~5.3 MB, over the 4 MiB default, under an 8 MiB cap.
-    if deployment.url and os.environ.get("CIPHERFACE_TEST_BROKER_CAP"):
-        pytest.skip("the shared broker caps messages (.ci/run): the in-process broker only")
-    event = await _many_faces_probe(deployment, cap=8 * CAP, faces=40)
+    with contextlib.ExitStack() as stack:
+        if deployment.url:
+            # The shared broker refuses messages over 4 MiB in CI (.ci/run): a private
+            # node that takes 16 MiB stands in for a deployment configured for more.
+            node = stack.enter_context(
+                RabbitNode(tmp_path / "rabbit", config=[f"max_message_size = {16 * CAP}"])
+            )
+            deployment.url = node.amqp_url()
+        try:
+            event = await _many_faces_probe(deployment, cap=8 * CAP, faces=40)
+        finally:
+            await deployment.close()  # before its node stops
     assert event.error is None and event.verified and event.subject == "bob", event
     assert len(event.faces) == 40 and event.face == 0
