@@ -14,7 +14,7 @@ import pytest
 from cipherface.crypto import Keyring, Metric
 from cipherface.exceptions import IntegrityError
 from cipherface.gallery import EncryptedGallery, EnrollmentBook, encrypt_probe, rank
-from cipherface.gallery.consistency import FIT_TOLERANCE
+from cipherface.gallery.consistency import FIT_TOLERANCE, MAX_FIT_DIMENSIONS
 from cipherface.gallery.integrity import FLOOD_SIGMA, flood, prove_probe
 from cipherface.gallery.packing import _SCORE_SCALE, _VALUE_SCALE, _Seal
 from cipherface.wire.payloads import BlockScores, EncryptedProbe
@@ -22,8 +22,8 @@ from cipherface.wire.payloads import BlockScores, EncryptedProbe
 DIMENSIONS = 128
 
 
-def _unit(rng: np.random.Generator, count: int) -> np.ndarray:
-    vectors = rng.standard_normal((count, DIMENSIONS))
+def _unit(rng: np.random.Generator, count: int, dimensions: int = DIMENSIONS) -> np.ndarray:
+    vectors = rng.standard_normal((count, dimensions))
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
@@ -121,18 +121,18 @@ def _forged_probe(public: Keyring, weights: list[list[complex]] | list[complex])
     return EncryptedProbe(
         fingerprint=public.fingerprint,
         metric=Metric.COSINE.value,
-        dimensions=DIMENSIONS,
+        dimensions=len(weights),
         columns=tuple(seal.encrypt_public(w, _VALUE_SCALE) for w in weights),  # type: ignore[arg-type]
         norm=None,
     )
 
 
 def _cosine_gallery(
-    keys: Keyring, public: Keyring, *, seed: int
+    keys: Keyring, public: Keyring, *, seed: int, dimensions: int = DIMENSIONS
 ) -> tuple[np.ndarray, EnrollmentBook, EncryptedGallery]:
     """300 random unit templates, enrolled and served (cosine): a gallery to forge against."""
-    vectors = _unit(np.random.default_rng(seed), 300)
-    book = EnrollmentBook(keys, Metric.COSINE, DIMENSIONS)
+    vectors = _unit(np.random.default_rng(seed), 300, dimensions)
+    book = EnrollmentBook(keys, Metric.COSINE, dimensions)
     book.add_many((f"s{i}", v) for i, v in enumerate(vectors))
     gallery = EncryptedGallery(public)
     for block in book.encrypt_blocks():
@@ -158,22 +158,30 @@ def test_edge_probe_with_a_different_unit_vector_in_each_slot_is_refused(
     assert matches[0].subject == "s3"
 
 
-def test_edge_probe_with_an_imaginary_part_inside_the_norm_bounds_is_refused(
-    keys: Keyring, public: Keyring, conjugation: bytes
+@pytest.mark.parametrize(
+    ("dimensions", "refused_by"),
+    [
+        (DIMENSIONS, r"tampered|one probe"),  # within N2's bound: the score checks refuse it
+        (MAX_FIT_DIMENSIONS + 8, "imaginary components"),  # no fit: N2's tight bound does
+    ],
+)
+def test_edge_probe_with_an_imaginary_part_is_refused(
+    keys: Keyring, public: Keyring, conjugation: bytes, dimensions: int, refused_by: str
 ) -> None:
-    """p = a + ib with |a|^2 - |b|^2 = 1 and |a|^2 + |b|^2 = 1.1: within both norm
-    checks with room for the key-switching noise (N2 within 0.25); the checks of the
-    decrypted scores (range, then the one-probe fit) refuse it."""
-    vectors, book, gallery = _cosine_gallery(keys, public, seed=6)
+    """p = a + ib with |a|^2 - |b|^2 = 1 and |a|^2 + |b|^2 = 1.1 inflates every
+    similarity by |a| - 1. Where the consistency fit runs, N2's slack covers the
+    key-switching noise and the checks of the decrypted scores refuse the probe;
+    above `MAX_FIT_DIMENSIONS` no fit runs, and N2's bound stays tight enough to."""
+    vectors, book, gallery = _cosine_gallery(keys, public, seed=6, dimensions=dimensions)
     real = vectors[3]
-    other = _unit(np.random.default_rng(7), 1)[0]
+    other = _unit(np.random.default_rng(7), 1, dimensions)[0]
     other -= (other @ real) * real  # orthogonal: N1's imaginary part stays 0
     other /= np.linalg.norm(other)
     b = np.sqrt(0.05)
     weights = np.sqrt(1 + b**2) * real + 1j * b * other  # |a|^2 - |b|^2 = 1
     probe = _forged_probe(public, [complex(w) for w in -weights])
     check = prove_probe(public, conjugation, probe)
-    with pytest.raises(IntegrityError, match=r"tampered|one probe"):
+    with pytest.raises(IntegrityError, match=refused_by):
         rank(keys, book, gallery.search(probe), top_k=3, probe_check=check)
 
 

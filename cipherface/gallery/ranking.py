@@ -20,7 +20,12 @@ import numpy as np
 from cipherface.crypto import Keyring, Metric, decision
 from cipherface.exceptions import IntegrityError
 from cipherface.gallery.book import EnrollmentBook, _Shipped
-from cipherface.gallery.consistency import check_consistency, fit_sample_size, sample
+from cipherface.gallery.consistency import (
+    MAX_FIT_DIMENSIONS,
+    check_consistency,
+    fit_sample_size,
+    sample,
+)
 from cipherface.gallery.integrity import check_probe, check_scores
 from cipherface.gallery.packing import _Seal
 from cipherface.wire.payloads import BlockScores, ProbeCheck
@@ -90,7 +95,9 @@ def _decrypted(
     keyring.check(book.keyring.fingerprint)
     seal = book._seal if keyring is book.keyring else _Seal(keyring)
     if probe_check is not None:
-        check_probe(seal, probe_check, book.metric)
+        check_probe(
+            seal, probe_check, book.metric, fitted=book.dimensions <= MAX_FIT_DIMENSIONS
+        )
     size = 2 if probe_check is None else 3
     out = []
     for block in scores:
