@@ -39,6 +39,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from cipherface.exceptions import ConfigError, TransportError
 from cipherface.transport.base import Role, Topology
+from cipherface.transport.credentials import redact
 
 __all__ = [
     "DEFAULT_MANAGEMENT_URL",
@@ -134,7 +135,7 @@ class ManagementAPI:
     def __init__(self, url: str, *, timeout: float = 10.0) -> None:
         parts = urlsplit(url)
         if not parts.hostname:
-            raise ConfigError(f"not a management API URL: {_redact(url)}")
+            raise ConfigError(f"not a management API URL: {redact(url)}")
         self.user = parts.username or "guest"
         password = parts.password or "guest"
         netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
@@ -272,11 +273,3 @@ def _declare_topology(api: ManagementAPI, topology: Topology, vhost: str) -> Non
             f"bindings/{vhost}/e/{quote(queue.source, safe='')}/q/{name}",
             {"routing_key": queue.key},
         )
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -17,13 +17,9 @@ from cipherface.transport.base import (
     Transport,
     settle,
 )
+from cipherface.transport.credentials import read_secret, tls_context, with_password
 from cipherface.transport.memory import MemoryBroker, MemoryTransport
-from cipherface.transport.rabbitmq import (
-    RabbitMQTransport,
-    read_secret,
-    tls_context,
-    with_password,
-)
+from cipherface.transport.rabbitmq import RabbitMQTransport
 
 __all__ = [
     "REASON_HEADER",

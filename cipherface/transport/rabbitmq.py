@@ -1,6 +1,6 @@
 """RabbitMQ through aio-pika: robust connection, confirms, manual acks, dead letters.
 
-- `aio_pika.connect_robust` reconnects after a broker restart and re-declares
+- A robust connection (aio-pika's) reconnects after a broker restart and re-declares
   queues and consumers; reconnects are logged.
 - Publishing goes through a channel with publisher confirms: `send`/`publish`
   return once the broker has the (persistent) message, or raise `TransportError`.
@@ -15,7 +15,6 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -45,9 +44,10 @@ from cipherface.transport.base import (
     missing_resource,
     settle,
 )
+from cipherface.transport.credentials import redact
 from cipherface.wire.envelope import MAX_MESSAGE_BYTES
 
-__all__ = ["RabbitMQTransport", "read_secret", "tls_context", "with_password"]
+__all__ = ["RabbitMQTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,14 @@ PUBLISH_TIMEOUT = 60.0
 #: Seconds a consumer cancel or a connection close may take at shutdown: the same
 #: wait on a connection that is gone must not keep a daemon from stopping.
 CLOSE_TIMEOUT = 10.0
+#: Seconds one broker may take to accept a connection and finish the AMQP handshake.
+CONNECT_TIMEOUT = 10.0
+#: Rounds over the broker URLs while handshakes time out. A refused connection
+#: is final at once (nothing listens: the demo falls back to its in-process broker
+#: without waiting), but a broker that took the socket and did not answer in time
+#: is busy, not gone: a loaded 2-core host's broker stalled one handshake past 10 s
+#: in CI, and one failed handshake must not stop a daemon from starting.
+CONNECT_ROUNDS = 3
 
 _CONNECTION_ERRORS = (
     aio_pika.exceptions.AMQPError,
@@ -171,6 +179,7 @@ class RabbitMQTransport(TransportBase):
         role: Role | None = None,
         ssl_context: ssl.SSLContext | None = None,
         max_message_size: int = MAX_MESSAGE_BYTES,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self.urls = (url,) if isinstance(url, str) else tuple(url)
         if not self.urls:
@@ -178,6 +187,7 @@ class RabbitMQTransport(TransportBase):
         #: The first URL (the one named in errors when none answers).
         self.url = self.urls[0]
         self.max_message_size = max_message_size
+        self.connect_timeout = connect_timeout
         self.topology = topology or Topology()
         self.role = role
         self._ssl_context = ssl_context
@@ -196,8 +206,13 @@ class RabbitMQTransport(TransportBase):
                 if isinstance(exc, ssl.SSLError) or self.url.startswith("amqps")
                 else ""
             )
+            reason = (
+                f"no AMQP handshake within {self.connect_timeout:g} s"
+                if isinstance(exc, asyncio.TimeoutError)
+                else str(exc)
+            )
             raise TransportError(
-                f"cannot connect to RabbitMQ at {', '.join(map(_redact, self.urls))}: {exc}{hint}"
+                f"cannot connect to RabbitMQ at {', '.join(map(redact, self.urls))}: {reason}{hint}"
             ) from exc
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         try:
@@ -214,22 +229,27 @@ class RabbitMQTransport(TransportBase):
             raise TransportError(f"cannot declare the topology: {exc}") from exc
 
     async def _connect(self) -> AbstractRobustConnection:
-        """A robust connection to the first URL that answers (each tried once)."""
-        if len(self.urls) == 1:
-            return await aio_pika.connect_robust(
-                self.url, timeout=10, ssl_context=self._ssl_context
-            )
+        """A robust connection to the first URL that answers.
+
+        Each URL is tried once per round; another round follows only while some
+        handshake timed out (see `CONNECT_ROUNDS`).
+        """
         failure: BaseException | None = None
-        for turn, url in enumerate(self.urls):
-            connection = _FailoverConnection(self.urls, turn, ssl_context=self._ssl_context)
-            try:
-                await connection.connect(timeout=10)
-            except _CONNECTION_ERRORS as exc:
-                await connection.close()
-                log.warning("RabbitMQ at %s does not answer: %s", _redact(url), exc)
-                failure = exc
-            else:
-                return connection
+        for _ in range(CONNECT_ROUNDS):
+            timed_out = False
+            for turn, url in enumerate(self.urls):
+                connection = _FailoverConnection(self.urls, turn, ssl_context=self._ssl_context)
+                try:
+                    await connection.connect(timeout=self.connect_timeout)
+                except _CONNECTION_ERRORS as exc:
+                    await connection.close()
+                    log.warning("RabbitMQ at %s does not answer: %r", redact(url), exc)
+                    failure = exc
+                    timed_out = timed_out or isinstance(exc, asyncio.TimeoutError)
+                else:
+                    return connection
+            if not timed_out:
+                break
         assert failure is not None
         raise failure
 
@@ -288,7 +308,7 @@ class RabbitMQTransport(TransportBase):
 
     def _on_reconnect(self, *_: object) -> None:
         url = str(self._connection.url) if self._connection is not None else self.url
-        log.warning("reconnected to RabbitMQ at %s", _redact(url))
+        log.warning("reconnected to RabbitMQ at %s", redact(url))
 
     async def _declare_topology(self) -> None:
         """Declare what this role owns; check passively what it uses and others own.
@@ -446,46 +466,3 @@ def _message(body: bytes, message_id: str | None) -> aio_pika.Message:
         content_type="application/msgpack",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
     )
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for logs and errors."""
-    from yarl import URL
-
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else url
-
-
-def tls_context(
-    ca: Path | None = None, cert: Path | None = None, key: Path | None = None
-) -> ssl.SSLContext:
-    """A client TLS context: verifies the broker (against ``ca``, else the system CAs)
-    and presents ``cert``/``key`` when given, for brokers that require a client cert."""
-    try:
-        context = ssl.create_default_context(cafile=str(ca) if ca else None)
-        if cert is not None:
-            context.load_cert_chain(str(cert), str(key) if key else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load TLS material ({ca}, {cert}, {key}): {exc}") from exc
-    return context
-
-
-def read_secret(path: Path) -> str:
-    """A password from a file (its first line), such as `cipherface broker-setup` writes."""
-    try:
-        text = path.read_text().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the broker password from {path}: {exc}") from exc
-    if not text or not text[0]:
-        raise ConfigError(f"{path} holds no password")
-    return text[0]
-
-
-def with_password(url: str, password: str) -> str:
-    """The URL with ``password`` as its password (the user stays the URL's)."""
-    from yarl import URL
-
-    parsed = URL(url)
-    if not parsed.user:
-        raise ConfigError(f"{_redact(url)} names no user to go with the password file")
-    return str(parsed.with_password(password))
