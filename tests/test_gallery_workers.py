@@ -81,9 +81,7 @@ def test_a_block_is_held_once_and_edge_and_pair_scores_are_seals(
     seal.evaluator.add_inplace(acc, seal.load(probe.norm))
     assert np.array_equal(coefficients(seal, seal.load(edge)), _finish(seal, acc, block, 0))
     # A piece of it (dimensions 8..15): its columns only, no norms, no constant.
-    [(_, _, piece)] = engine.score(
-        ("encrypted", probe.columns[8:], None, 0.0, 8), [block.block_id]
-    )
+    [(_, _, piece)] = engine.score(("encrypted", probe.columns[8:], None, 0.0, 8), [block.block_id])
     assert np.array_equal(coefficients(seal, seal.load(piece)), coefficients(seal, piece_sum))
 
     # Batched 1:1: a plaintext vector per column, some slots unclaimed (zero).

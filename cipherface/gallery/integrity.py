@@ -131,9 +131,7 @@ def prove_probe(keyring: Keyring, galois_key: bytes, probe: EncryptedProbe) -> P
     return ProbeCheck(squares=seal.dump(squares), norms=seal.dump(norms), norm=probe.norm)
 
 
-def check_probe(
-    seal: _Seal, check: ProbeCheck, metric: Metric, *, fitted: bool = True
-) -> None:
+def check_probe(seal: _Seal, check: ProbeCheck, metric: Metric, *, fitted: bool = True) -> None:
     """On-prem: raise `IntegrityError` unless the edge probe is a real unit vector (see above).
 
     For raw euclidean any norm is allowed, but N1, N2 and the probe's own encrypted

@@ -60,17 +60,13 @@ def sum_pieces(keyring: Keyring, pieces: Sequence[ScoresReady]) -> ScoresReady:
     seal = _Seal(keyring)
     first = pieces[0]
     name = f"probe {first.probe_id}"
+    by_block = [{b.block_id: b.scores for b in p.faces[0].scores} for p in pieces]
     scores = tuple(
         BlockScores(
             block_id=block.block_id,
             version=block.version,
             scores=_total(
-                seal,
-                [
-                    next(b for b in p.faces[0].scores if b.block_id == block.block_id).scores
-                    for p in pieces
-                ],
-                f"{name}, block {block.block_id}",
+                seal, [held[block.block_id] for held in by_block], f"{name}, block {block.block_id}"
             ),
         )
         for block in first.faces[0].scores

@@ -95,9 +95,7 @@ def _decrypted(
     keyring.check(book.keyring.fingerprint)
     seal = book._seal if keyring is book.keyring else _Seal(keyring)
     if probe_check is not None:
-        check_probe(
-            seal, probe_check, book.metric, fitted=book.dimensions <= MAX_FIT_DIMENSIONS
-        )
+        check_probe(seal, probe_check, book.metric, fitted=book.dimensions <= MAX_FIT_DIMENSIONS)
     size = 2 if probe_check is None else 3
     out = []
     for block in scores:

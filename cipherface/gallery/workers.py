@@ -107,7 +107,7 @@ class _Engine:
         ciphertexts, bit for bit those received.
 
         Only what the request reads is rebuilt: an edge probe's piece covers a range
-        of dimensions, and rebuilding every column for each of its 5-19 pieces cost
+        of dimensions, and rebuilding every column for each of its 5-17 pieces cost
         the whole block that many times over.
         """
         assert self._column_writer is not None

@@ -38,7 +38,14 @@ from cipherface.exceptions import ChunkError, MessageTooLargeError
 from cipherface.wire.messages import BlockChunk
 from cipherface.wire.payloads import BlockLayout, EncryptedBlock
 
-__all__ = ["ENVELOPE_ALLOWANCE", "BlockAssembler", "layout_digest", "pack", "split_block"]
+__all__ = [
+    "ENVELOPE_ALLOWANCE",
+    "BlockAssembler",
+    "layout_digest",
+    "pack",
+    "packed_size",
+    "split_block",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +80,7 @@ def split_block(block: EncryptedBlock, limit: int) -> list[BlockChunk]:
     )
     digest = layout_digest(block.block_id, block.version, block.fingerprint, block.dimensions, head)
     budget = limit - ENVELOPE_ALLOWANCE
-    head_size = len(msgpack.packb(head.to_dict(), use_bin_type=True))
+    head_size = packed_size(head.to_dict())
     if head_size >= budget:
         raise MessageTooLargeError(f"layout of block {block.block_id}", head_size, budget)
     costs = [len(column) + _BIN_HEADER for column in block.columns]
@@ -90,6 +97,11 @@ def split_block(block: EncryptedBlock, limit: int) -> list[BlockChunk]:
         )
         for index, run in enumerate(runs)
     ]
+
+
+def packed_size(value: object) -> int:
+    """Bytes ``value`` takes in msgpack, as messages encode it: what a split counts."""
+    return len(msgpack.packb(value, use_bin_type=True))
 
 
 def pack(costs: Sequence[int], budget: int, what: str, *, used: int = 0) -> list[range]:

@@ -23,19 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-
-import msgpack
+from typing import Any, TypeVar
 
 from cipherface.exceptions import PartError
-from cipherface.wire.chunks import ENVELOPE_ALLOWANCE, pack
+from cipherface.wire.chunks import ENVELOPE_ALLOWANCE, pack, packed_size
 from cipherface.wire.messages import ScoresReady
 from cipherface.wire.payloads import FaceScores
 
 __all__ = ["PartGatherer", "PieceGatherer", "check_cover", "split_scores"]
 
-
-def _size(value: object) -> int:
-    return len(msgpack.packb(value, use_bin_type=True))
+T = TypeVar("T")
 
 
 def split_scores(ready: ScoresReady, limit: int) -> list[ScoresReady]:
@@ -46,13 +43,13 @@ def split_scores(ready: ScoresReady, limit: int) -> list[ScoresReady]:
     `MessageTooLargeError` if the probe's own fields and one block cannot fit.
     """
     whole = dataclasses.replace(ready, part=0, parts=1)
-    fixed = _size([f.to_dict() | {"scores": []} for f in ready.faces]) + _size(
+    fixed = packed_size([f.to_dict() | {"scores": []} for f in ready.faces]) + packed_size(
         None if ready.probe_check is None else ready.probe_check.to_dict()
     )
-    budget = limit - ENVELOPE_ALLOWANCE - fixed - _size(dict(ready.timings))
+    budget = limit - ENVELOPE_ALLOWANCE - fixed - packed_size(dict(ready.timings))
     blocks = max((len(face.scores) for face in ready.faces), default=0)
     costs = [
-        sum(_size(face.scores[i].to_dict()) for face in ready.faces if i < len(face.scores))
+        sum(packed_size(face.scores[i].to_dict()) for face in ready.faces if i < len(face.scores))
         for i in range(blocks)
     ]
     if sum(costs) <= budget:
@@ -111,12 +108,7 @@ class PartGatherer:
         key = self.key(part, signer, fingerprint)
         held = self._held.get(key) or _Gathering(first=part, blocks=[set() for _ in part.faces])
         first = held.first
-        if (part.parts, part.subject, part.submitted_at, part.probe_check) != (
-            first.parts,
-            first.subject,
-            first.submitted_at,
-            first.probe_check,
-        ):
+        if _whole_fields(part) != _whole_fields(first):
             raise PartError(f"{name}: disagrees with the probe's other parts")
         if [(f.box, f.confidence) for f in part.faces] != [
             (f.box, f.confidence) for f in first.faces
@@ -156,8 +148,28 @@ class PartGatherer:
     def forget(self, probe_id: str, request: str) -> int:
         """Forget the parts of a probe, every piece's and shard's (answered, or timed
         out): how many parts were held."""
-        keys = [k for k in self._held if k[:2] == (probe_id, request)]
-        return sum(len(self._held.pop(k).parts) for k in keys)
+        return sum(len(g.parts) for g in _forget(self._held, probe_id, request))
+
+
+def _whole_fields(part: ScoresReady) -> tuple[object, ...]:
+    """What every part of one probe's (piece's, shard's) scores repeats."""
+    return (
+        part.parts,
+        part.subject,
+        part.submitted_at,
+        part.probe_check,
+        part.pieces,
+        part.dims_start,
+        part.dims_stop,
+        part.dimensions,
+        part.shard,
+        part.map_version,
+    )
+
+
+def _forget(held: dict[Any, T], probe_id: str, request: str) -> list[T]:
+    """Remove and return what ``held`` keeps of one probe (keys start with its id, digest)."""
+    return [held.pop(k) for k in [k for k in held if k[:2] == (probe_id, request)]]
 
 
 def _blocks(scores: ScoresReady) -> list[list[tuple[int, int]]]:
@@ -247,8 +259,7 @@ class PieceGatherer:
 
     def forget(self, probe_id: str, request: str) -> int:
         """Forget a probe's pieces, every shard's: how many were held."""
-        keys = [k for k in self._held if k[:2] == (probe_id, request)]
-        return sum(len(self._held.pop(k).pieces) for k in keys)
+        return sum(len(p.pieces) for p in _forget(self._held, probe_id, request))
 
 
 def check_cover(pieces: list[ScoresReady]) -> None:

@@ -17,22 +17,16 @@ from __future__ import annotations
 import msgpack
 
 from cipherface.exceptions import WireFormatError
-from cipherface.wire.chunks import ENVELOPE_ALLOWANCE, pack
+from cipherface.wire.chunks import ENVELOPE_ALLOWANCE, pack, packed_size
 from cipherface.wire.messages import EncryptedProbePart, EncryptedProbeRequest, request_digest
 from cipherface.wire.payloads import EncryptedProbe
 
-__all__ = ["SEARCH_RESERVE_COLUMNS", "piece_probe", "probe_digest", "probe_pieces", "split_probe"]
+__all__ = ["piece_probe", "probe_digest", "probe_pieces", "split_probe"]
 
 #: msgpack's header of one ``bin`` item (bin 32).
 _BIN_HEADER = 5
-#: Room a piece leaves, in columns, for what the cloud adds when it fans the piece out
-#: to a sharded gallery's shards (`ShardSearch`): the norm proof (`ProbeCheck`: two
-#: products of three components, and the euclidean norm), about four columns' bytes.
-SEARCH_RESERVE_COLUMNS = 4
-
-
-def _size(value: object) -> int:
-    return len(msgpack.packb(value, use_bin_type=True))
+#: The most a probe id, a subject (255 bytes each) or a fingerprint take in msgpack.
+_MAX_TEXT = 260
 
 
 def probe_digest(request: EncryptedProbeRequest) -> str:
@@ -40,13 +34,34 @@ def probe_digest(request: EncryptedProbeRequest) -> str:
     return request_digest(msgpack.packb(request.body(), use_bin_type=True))
 
 
+def _pack_dimensions(
+    columns: list[int], norm: int | None, fixed: int, limit: int, what: str
+) -> list[range]:
+    """Runs of consecutive dimensions whose piece messages each stay within ``limit``.
+
+    ``fixed``: the piece's texts (probe id, subject, fingerprint); the first piece
+    also carries the norm. A piece fanned out to a sharded gallery's shards as a
+    `ShardSearch` carries the same columns and fields, so it fits too.
+    """
+    costs = [size + _BIN_HEADER for size in columns]
+    used = 0 if norm is None else norm + _BIN_HEADER
+    return pack(costs, limit - ENVELOPE_ALLOWANCE - fixed, what, used=used)
+
+
 def _runs(request: EncryptedProbeRequest, limit: int) -> list[range]:
     probe = request.probe
-    fixed = _size(request.probe_id) + _size(request.subject) + _size(probe.fingerprint)
-    costs = [len(column) + _BIN_HEADER for column in probe.columns]
-    budget = limit - ENVELOPE_ALLOWANCE - fixed - SEARCH_RESERVE_COLUMNS * max(costs, default=0)
-    used = 0 if probe.norm is None else len(probe.norm) + _BIN_HEADER
-    return pack(costs, budget, f"a dimension of probe {request.probe_id}", used=used)
+    fixed = (
+        packed_size(request.probe_id)
+        + packed_size(request.subject)
+        + packed_size(probe.fingerprint)
+    )
+    return _pack_dimensions(
+        [len(column) for column in probe.columns],
+        None if probe.norm is None else len(probe.norm),
+        fixed,
+        limit,
+        f"a dimension of probe {request.probe_id}",
+    )
 
 
 def split_probe(request: EncryptedProbeRequest, limit: int) -> list[EncryptedProbePart]:
@@ -78,13 +93,17 @@ def split_probe(request: EncryptedProbeRequest, limit: int) -> list[EncryptedPro
 
 
 def probe_pieces(dimensions: int, column_bytes: int, limit: int, norm_bytes: int = 0) -> int:
-    """How many pieces `split_probe` cuts a probe of ``dimensions`` columns of
-    ``column_bytes`` into (probe id and subject of at most 255 bytes each)."""
-    reserve = SEARCH_RESERVE_COLUMNS * (column_bytes + _BIN_HEADER)
-    budget = limit - ENVELOPE_ALLOWANCE - 3 * 260 - reserve
-    used = norm_bytes + _BIN_HEADER if norm_bytes else 0
-    costs = [column_bytes + _BIN_HEADER] * dimensions
-    return len(pack(costs, budget, "a dimension of an edge probe", used=used))
+    """The most pieces `split_probe` cuts a probe of ``dimensions`` columns of
+    ``column_bytes`` into (probe id and subject as long as allowed)."""
+    return len(
+        _pack_dimensions(
+            [column_bytes] * dimensions,
+            norm_bytes or None,
+            3 * _MAX_TEXT,
+            limit,
+            "a dimension of an edge probe",
+        )
+    )
 
 
 def piece_probe(part: EncryptedProbePart) -> EncryptedProbe:
