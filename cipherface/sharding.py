@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from cipherface.exceptions import IntegrityError
 from cipherface.wire.messages import ScoresReady
-from cipherface.wire.payloads import BlockScores, FaceScores, ShardMap
+from cipherface.wire.payloads import FaceScores, ShardMap
 
 __all__ = ["SHIP_GRACE", "Merged", "ShardRouter", "ShardView"]
 
@@ -133,13 +133,11 @@ class ShardRouter:
         fingerprint: str,
         shipped: Callable[[int], tuple[int, int] | None],
         subject_blocks: Callable[[str], frozenset[int]],
-        complete: bool,
     ) -> Merged:
         """One probe's scores from its shards' ``answers`` (shard -> whole answer).
 
         ``shipped(block)`` is (version, templates) of the block as on-prem last
         encrypted it (None: never); ``subject_blocks`` the blocks holding a subject.
-        ``complete`` is False at the deadline, some expected shard silent.
         Raises `IntegrityError` for an answer that covers what its shard does not
         hold, or misses what it does.
         """
@@ -183,21 +181,32 @@ class ShardRouter:
             home = view.homes.get(block, 0)
             if home in answers and not self._fresh(fingerprint, block, home, now):
                 raise IntegrityError(f"shard {home}'s answer misses block {block}")
+        # Each answer's faces by block, once (not a scan per block).
+        by_block = {
+            shard: [{b.block_id: b for b in face.scores} for face in answer.faces]
+            for shard, answer in answers.items()
+        }
+        # What ranking will use: a block missing (a silent shard, or one just shipped)
+        # or scored at another version than shipped (ranking skips it) is not searched.
+        current = [
+            b
+            for b in wanted & covered
+            if by_block[chosen[b]][0][b].version == shipped(b)[0]  # type: ignore[index]
+        ]
         total = sum(shipped(b)[1] for b in wanted)  # type: ignore[index]
-        searched_templates = sum(shipped(b)[1] for b in wanted & covered)  # type: ignore[index]
-        silent = view.expected(first.subject) - set(answers)
+        searched = sum(shipped(b)[1] for b in current)  # type: ignore[index]
         faces = tuple(
             FaceScores(
                 box=face.box,
                 confidence=face.confidence,
-                scores=tuple(_block_of(answers[chosen[b]], index, b) for b in sorted(chosen)),
+                scores=tuple(by_block[chosen[b]][index][b] for b in sorted(chosen)),
             )
             for index, face in enumerate(first.faces)
         )
         scores = dataclasses.replace(first, faces=faces, part=0, parts=1)
-        partial = bool(silent) and not complete
-        searched = searched_templates / total if total else 1.0
-        return Merged(scores=scores, partial=partial, searched=1.0 if not partial else searched)
+        return Merged(
+            scores=scores, partial=searched < total, searched=searched / total if total else 1.0
+        )
 
 
 def _agrees(first: ScoresReady, other: ScoresReady) -> None:
@@ -226,7 +235,3 @@ def _choose(answers: Mapping[int, ScoresReady], active: ShardView) -> dict[int, 
             if block.block_id not in chosen or active.homes.get(block.block_id) == shard:
                 chosen[block.block_id] = shard
     return chosen
-
-
-def _block_of(answer: ScoresReady, face: int, block: int) -> BlockScores:
-    return next(b for b in answer.faces[face].scores if b.block_id == block)

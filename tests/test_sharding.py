@@ -89,13 +89,12 @@ def _router() -> ShardRouter:
     return router
 
 
-def _merge(router: ShardRouter, answers: dict[int, wire.ScoresReady], complete: bool = True):  # type: ignore[no-untyped-def]
+def _merge(router: ShardRouter, answers: dict[int, wire.ScoresReady]):  # type: ignore[no-untyped-def]
     return router.merge(
         answers,
         fingerprint="fp",
         shipped=lambda block: (1, 10),
         subject_blocks=lambda subject: frozenset({0} if subject == "a" else {1, 2}),
-        complete=complete,
     )
 
 
@@ -105,7 +104,7 @@ def test_whole_answers_merge_and_a_silent_shard_makes_the_answer_partial() -> No
     merged = _merge(router, both)
     assert not merged.partial and merged.searched == 1.0
     assert [b.block_id for b in merged.scores.faces[0].scores] == [0, 1, 2]
-    partial = _merge(router, {0: both[0]}, complete=False)
+    partial = _merge(router, {0: both[0]})
     assert partial.partial and partial.searched == pytest.approx(1 / 3)
     assert router.expected(both[0]) == {0, 1}
     assert router.expected(_answer(1, {}, subject="b")) == {1}
@@ -133,8 +132,18 @@ def test_a_block_just_shipped_to_a_shard_may_be_missing_there_only() -> None:
     router = _router()
     router.shipped("fp", 2, 1)
     merged = _merge(router, {0: _answer(0, {0: 1}), 1: _answer(1, {1: 1})})
-    assert not merged.partial
+    # Not a forgery, but not the whole gallery either: the answer says so.
+    assert merged.partial and merged.searched == pytest.approx(2 / 3)
     router = _router()
     router.shipped("fp", 2, 0)  # shipped to another shard: no grace for shard 1
     with pytest.raises(IntegrityError, match="misses block 2"):
         _merge(router, {0: _answer(0, {0: 1}), 1: _answer(1, {1: 1})})
+
+
+def test_a_block_scored_at_an_older_version_is_not_counted_as_searched() -> None:
+    # Re-encrypted a moment ago: the replica's old version is no forgery, but ranking
+    # skips it, so the answer says what it lacks.
+    router = _router()
+    router.shipped("fp", 0, 0)
+    merged = _merge(router, {0: _answer(0, {0: 0}), 1: _answer(1, {1: 1, 2: 1})})
+    assert merged.partial and merged.searched == pytest.approx(2 / 3)

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -308,7 +310,7 @@ class CloudAgent:
         old_store.path.unlink(missing_ok=True)
 
     async def _on_context(self, message: wire.ContextUpdate, fingerprint: str) -> None:
-        self.shards.on_context(message)  # another shard's context changes nothing
+        self.shards.check_context(message)  # another shard's context changes nothing
         held = self.keyring.fingerprint if self.keyring else ""
         staged = self._staged.keyring.fingerprint if self._staged else ""
         if message.issued_at < self._issued_at and fingerprint not in (held, staged):
@@ -341,6 +343,7 @@ class CloudAgent:
         if message.issued_at > self._issued_at:
             self._issued_at = message.issued_at
             self.store.save_issued_at(message.issued_at)
+        self.shards.take_map(message)  # only from a context accepted above
 
     async def _on_gallery(self, delivery: Delivery) -> None:
         # Only what on-prem signed: a forged context (a "key rotation") or block,
@@ -361,6 +364,9 @@ class CloudAgent:
                 if self.gallery is None or self.keyring is None:
                     raise KeyMismatchError("(none)", fingerprint)
                 self.keyring.check(fingerprint)
+            self.shards.check_block(
+                message.block_id, self._awaiting | (staged.awaiting if staged else set())
+            )
             # Checked against the block's other chunks; installed once whole.
             if (block := self._chunks.add(message, fingerprint)) is None:
                 return
@@ -395,21 +401,33 @@ class CloudAgent:
             # Only while a key rotation swaps the gallery: try again shortly.
             raise TransportError("the gallery is being replaced")
         digest = digest_of(request, delivery.body)
+        if await self._admitted(request, keyring, digest):
+            async with self.searching(gallery):
+                await self.shards.search(request, gallery, keyring, digest)
+
+    async def _admitted(
+        self, request: Probe | wire.ShardSearch, keyring: Keyring, digest: str
+    ) -> bool:
+        """Whether a probe (or a shard's search of one) may be searched; else its error
+        event is sent: a refused probe id or subject, or one older than its TTL."""
         age = time.time() - request.submitted_at
         PROBE_AGE.labels(self.role).observe(max(age, 0.0))
         ttl = self.settings.probe_ttl
         refused = wire.refusal(request)
-        if refused is not None:
-            await self._reject(request, *refused, keyring, digest)
-            return
-        if ttl and age > ttl:
+        if refused is None and ttl and age > ttl:
             # Queued through an outage: an answer now would come too late to mean much.
             reason = f"waited {age:.0f}s in the queue, longer than its {ttl:.0f}s time-to-live"
-            await self._reject(request, "Expired", reason, keyring, digest)
-            return
+            refused = ("Expired", reason)
+        if refused is not None:
+            await self._reject(request, *refused, keyring, digest)
+        return refused is None
+
+    @contextlib.asynccontextmanager
+    async def searching(self, gallery: EncryptedGallery) -> AsyncIterator[None]:
+        """Hold ``gallery`` while it is searched: a key rotation closes it only after."""
         self._searching[id(gallery)] += 1
         try:
-            await self.shards.search(request, gallery, keyring, digest)
+            yield
         finally:
             self._searching[id(gallery)] -= 1
             async with self._searched:
@@ -423,14 +441,7 @@ class CloudAgent:
         keyring: Keyring,
         digest: str,
     ) -> None:
-        rejected = wire.ProbeRejected(
-            probe_id=request.probe_id,
-            subject=request.subject,
-            error=error,
-            reason=reason,
-            request=digest,
-            submitted_at=request.submitted_at,
-        )
+        rejected = wire.ProbeRejected.answering(request, error, reason, digest)
         await self._to_onprem(rejected, keyring)
         log.info(
             "probe %s rejected: %s",

@@ -17,7 +17,7 @@ from cipherface.embedding_cache import EmbeddingCache
 from cipherface.exceptions import TooManyFacesError
 from cipherface.gallery import EncryptedGallery
 from cipherface.gallery.integrity import prove_probe
-from cipherface.wire.payloads import ProbeCheck
+from cipherface.wire.payloads import EncryptedProbe, ProbeCheck
 
 __all__ = [
     "Face",
@@ -25,7 +25,7 @@ __all__ = [
     "digest_of",
     "embed_faces",
     "piece_fields",
-    "score_faces",
+    "prove_edge",
     "scores_of",
     "search_faces",
 ]
@@ -46,6 +46,10 @@ def digest_of(request: Probe, body: bytes) -> str:
     return wire.request_digest(body)
 
 
+#: What a `wire.ShardSearch` and a `wire.ScoresReady` say of an edge probe's piece.
+_PIECE_FIELDS = ("piece", "pieces", "dims_start", "dims_stop", "dimensions")
+
+
 def piece_fields(request: Probe | wire.ShardSearch) -> dict[str, int]:
     """For a piece of an edge probe (taken from the queue, or fanned out to a shard):
     which piece its scores are and the dimensions they sum over (`wire.ScoresReady`)."""
@@ -58,13 +62,7 @@ def piece_fields(request: Probe | wire.ShardSearch) -> dict[str, int]:
             "dimensions": request.dimensions,
         }
     if isinstance(request, wire.ShardSearch) and request.pieces > 1:
-        return {
-            "piece": request.piece,
-            "pieces": request.pieces,
-            "dims_start": request.dims_start,
-            "dims_stop": request.dims_stop,
-            "dimensions": request.dimensions,
-        }
+        return {name: getattr(request, name) for name in _PIECE_FIELDS}
     return {}
 
 
@@ -94,44 +92,19 @@ def scores_of(
     )
 
 
-def score_faces(
-    request: Probe,
-    embedder: EmbeddingCache,
-    gallery: EncryptedGallery,
-    keyring: Keyring,
-    conjugation_key: bytes,
-    *,
-    max_faces: int,
-) -> tuple[tuple[wire.FaceScores, ...], wire.ProbeCheck | None, dict[str, float]]:
-    """Every face's encrypted scores, an edge probe's norm proof, and seconds per stage.
-
-    Every face the detector keeps is searched, not only the largest: a photo of
-    two enrolled people is an answer for each, and on-prem says which face decided.
-    An edge probe is one face without a box (the cloud never saw the image). Runs
-    in a thread; raises `EmbeddingError` (no face, not an image, more than
-    ``max_faces`` faces: `TooManyFacesError`) or `KeyMismatchError` (an edge
-    probe under another key).
-    """
-    probes, check, timings = embed_faces(
-        request, embedder, keyring, conjugation_key, max_faces=max_faces
-    )
-    start = request.start if isinstance(request, wire.EncryptedProbePart) else 0
-    faces, seconds = search_faces(probes, gallery, request.subject, start)
-    return faces, check, {**timings, "search": seconds}
-
-
 def embed_faces(
-    request: Probe,
-    embedder: EmbeddingCache,
-    keyring: Keyring,
-    conjugation_key: bytes,
-    *,
-    max_faces: int,
-) -> tuple[list[Face], wire.ProbeCheck | None, dict[str, float]]:
-    """The faces to search (embedded once, whatever the shards), an edge probe's norm
-    proof, and the seconds it took; raises as `score_faces`."""
+    request: Probe, embedder: EmbeddingCache, keyring: Keyring, *, max_faces: int
+) -> tuple[list[Face], dict[str, float]]:
+    """The faces to search (embedded once, whatever the shards) and the seconds it took.
+
+    Every face the detector keeps is searched, not only the largest: a photo of two
+    enrolled people is an answer for each, and on-prem says which face decided. An
+    edge probe (or a piece of one) is one face without a box (the cloud never saw
+    the image). Runs in a thread; raises `EmbeddingError` (no face, not an image,
+    more than ``max_faces`` faces: `TooManyFacesError`), `KeyMismatchError` (an
+    edge probe under another key) or `WireFormatError` (a piece no edge makes).
+    """
     timings: dict[str, float] = {}
-    check = None
     started = time.perf_counter()
     if isinstance(request, wire.ProbeRequest):
         found = embedder.embed(request.image, name=f"probe {request.probe_id}")
@@ -139,21 +112,32 @@ def embed_faces(
             raise TooManyFacesError(
                 f"probe {request.probe_id}: {len(found)} faces, at most {max_faces} per probe"
             )
-        probes: list[Face] = [
-            (face.box, float(face.confidence), np.asarray(face.embedding)) for face in found
-        ]
         timings["embed"] = time.perf_counter() - started
-    else:
-        probe = (
-            request.probe
-            if isinstance(request, wire.EncryptedProbeRequest)
-            else wire.piece_probe(request)
-        )
-        keyring.check(probe.fingerprint)
-        probes = [(None, 1.0, probe)]
-        check = prove_probe(keyring, conjugation_key, probe)
-        timings["check"] = time.perf_counter() - started
-    return probes, check, timings
+        return [
+            (face.box, float(face.confidence), np.asarray(face.embedding)) for face in found
+        ], timings
+    probe = (
+        request.probe
+        if isinstance(request, wire.EncryptedProbeRequest)
+        else wire.piece_probe(request)
+    )
+    keyring.check(probe.fingerprint)
+    return [(None, 1.0, probe)], timings
+
+
+def prove_edge(
+    probes: list[Face], keyring: Keyring, conjugation_key: bytes, timings: dict[str, float]
+) -> ProbeCheck | None:
+    """The norm proof of an edge probe among ``probes`` (None for embedded faces),
+    computed where it is searched, from the very ciphertexts searched; its seconds
+    go into ``timings``."""
+    edges = [probe for _, _, probe in probes if isinstance(probe, EncryptedProbe)]
+    if not edges:
+        return None
+    started = time.perf_counter()
+    check = prove_probe(keyring, conjugation_key, edges[0])
+    timings["check"] = time.perf_counter() - started
+    return check
 
 
 def search_faces(

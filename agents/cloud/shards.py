@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING
 import msgpack
 import numpy as np
 
-from agents.cloud.probes import Face, Probe, embed_faces, piece_fields, scores_of, search_faces
+from agents.cloud.probes import (
+    Face,
+    Probe,
+    embed_faces,
+    piece_fields,
+    prove_edge,
+    scores_of,
+    search_faces,
+)
 from cipherface import wire
 from cipherface.crypto import Keyring
 from cipherface.exceptions import (
@@ -35,6 +43,7 @@ from cipherface.exceptions import (
     EmbeddingError,
     KeyMismatchError,
     MessageTooLargeError,
+    TooManyFacesError,
     TransportError,
     WireFormatError,
 )
@@ -42,6 +51,7 @@ from cipherface.gallery import EncryptedGallery
 from cipherface.metrics import instrumented
 from cipherface.sharding import SHIP_GRACE
 from cipherface.transport.base import Delivery
+from cipherface.wire.payloads import EncryptedProbe
 
 if TYPE_CHECKING:
     from agents.cloud.agent import CloudAgent
@@ -62,12 +72,20 @@ class ShardRole:
         self.agent = agent
         self.shard = agent.settings.shard
         self._path = agent.settings.cloud_dir / SHARD_MAP_FILE
-        self.map: wire.ShardMap | None = None
+        stored = None
         if self._path.exists():
             try:
-                self.map = wire.ShardMap.from_dict(msgpack.unpackb(self._path.read_bytes()))
+                stored = wire.ShardMap.from_dict(msgpack.unpackb(self._path.read_bytes()))
             except (ValueError, WireFormatError, msgpack.ExtraData) as exc:
                 log.warning("ignoring the stored shard map: %s", exc)
+        #: The map this replica routes by, and lookups built from it.
+        self.map: wire.ShardMap | None = None
+        self._homes: dict[str, int] = {}
+        self._every: list[int] = []
+        self._own: frozenset[int] = frozenset()
+        self._route_by(stored)
+        #: When on-prem issued the context whose map this is (0: a stored map).
+        self._issued_at = 0.0
         #: Searches this replica ran for its shard (probes fanned out to it).
         self.searches = 0
         self._drops: dict[int, asyncio.TimerHandle] = {}
@@ -83,17 +101,40 @@ class ShardRole:
         return self.map is not None and self.map.shards > 1
 
     # -- the map ------------------------------------------------------------------------
-    def on_context(self, message: wire.ContextUpdate) -> None:
-        """Take the map of a context on-prem signed; refuse another shard's context."""
+    def check_context(self, message: wire.ContextUpdate) -> None:
+        """Refuse another shard's context (before anything in it is taken)."""
         if message.shard != self.shard:
             raise ConfigError(
                 f"a context for shard {message.shard} reached replica {self.agent.replica}, "
                 f"which serves shard {self.shard}"
             )
+
+    def check_block(self, block: int, announced: set[int]) -> None:
+        """Refuse a chunk of a block that is neither this shard's nor announced to it.
+
+        Chunks are routed by shard, but a replica restarted with another ``--shard``
+        keeps its queue's binding to the old one: installing that shard's blocks would
+        make every answer it sends cover blocks that are not its own.
+        """
+        if self.sharded and block not in announced and block not in self._own:
+            raise ConfigError(f"block {block} is not shard {self.shard}'s")
+
+    def take_map(self, message: wire.ContextUpdate) -> None:
+        """Route by the map of a context the replica accepted, unless it holds a newer one.
+
+        Enrollments change the map without a new version (a subject's home), so a map
+        is newer by (version, issue time): a redelivered older context rolls nothing back.
+        """
         shard_map = message.shard_map
-        if shard_map is None or (self.map is not None and shard_map.version < self.version):
+        if shard_map is None or shard_map == self.map:
             return
-        self.map = shard_map
+        if self.map is not None and (shard_map.version, message.issued_at) < (
+            self.version,
+            self._issued_at,
+        ):
+            return
+        self._route_by(shard_map)
+        self._issued_at = message.issued_at
         self._path.write_bytes(msgpack.packb(shard_map.to_dict()))
         self.schedule_drops()
 
@@ -102,7 +143,7 @@ class ShardRole:
         gallery = self.agent.gallery
         if self.map is None or gallery is None:
             return
-        moved = set(gallery._layouts) - self.map.blocks_of(self.shard)
+        moved = set(gallery.blocks_of(None)) - self._own
         loop = asyncio.get_running_loop()
         for block in moved - set(self._drops):
             self._drops[block] = loop.call_later(SHIP_GRACE, self._drop, block)
@@ -110,23 +151,31 @@ class ShardRole:
     def _drop(self, block: int) -> None:
         self._drops.pop(block, None)
         gallery = self.agent.gallery
-        if (
-            gallery is not None
-            and self.map is not None
-            and block not in self.map.blocks_of(self.shard)
-        ):
+        if gallery is not None and self.map is not None and block not in self._own:
             gallery.drop(block)
             log.info(
                 "replica %s dropped block %d (moved to another shard)", self.agent.replica, block
             )
 
     def targets(self, subject: str | None) -> list[int]:
-        """The shards a probe is searched on: every shard with blocks, or the subject's."""
-        assert self.map is not None
+        """The shards a probe is searched on: every shard with blocks, or the subject's.
+
+        From lookups built once per map (`_route_by`), not a scan of the map's
+        subjects and blocks per probe.
+        """
         if subject is not None:
-            home = self.map.home_of(subject)
-            return [self.shard if home is None else home]
-        return sorted(set(self.map.homes)) or [self.shard]
+            return [self._homes.get(subject, self.shard)]
+        return self._every or [self.shard]
+
+    def _route_by(self, shard_map: wire.ShardMap | None) -> None:
+        self.map = shard_map
+        self._homes = (
+            {}
+            if shard_map is None
+            else dict(zip(shard_map.subjects, shard_map.subject_homes, strict=True))
+        )
+        self._every = [] if shard_map is None else sorted(set(shard_map.homes))
+        self._own = frozenset() if shard_map is None else shard_map.blocks_of(self.shard)
 
     async def consume(self) -> None:
         """Compete with the shard's other replicas for its searches."""
@@ -157,17 +206,15 @@ class ShardRole:
         """Embed a probe taken from the probe queue; search it here, or fan it out."""
         agent = self.agent
         try:
-            probes, check, timings = await asyncio.to_thread(
-                embed_faces,
-                request,
-                agent.embedder,
-                keyring,
-                agent._conjugation_key,
-                max_faces=agent.settings.max_faces,
+            probes, timings = await asyncio.to_thread(
+                embed_faces, request, agent.embedder, keyring, max_faces=agent.settings.max_faces
             )
-            if self.sharded:
-                await self._fan_out(request, probes, check, timings, digest)
+            if self.sharded:  # each shard proves an edge probe itself (`_on_search`)
+                await self._fan_out(request, probes, timings, digest)
                 return
+            check = await asyncio.to_thread(
+                prove_edge, probes, keyring, agent._conjugation_key, timings
+            )
             start = request.start if isinstance(request, wire.EncryptedProbePart) else 0
             faces, seconds = await asyncio.to_thread(
                 search_faces, probes, gallery, request.subject, start
@@ -181,20 +228,16 @@ class ShardRole:
         )
 
     async def _fan_out(
-        self,
-        request: Probe,
-        probes: list[Face],
-        check: wire.ProbeCheck | None,
-        timings: dict[str, float],
-        digest: str,
+        self, request: Probe, probes: list[Face], timings: dict[str, float], digest: str
     ) -> None:
         """One `wire.ShardSearch` per shard that holds part of the answer."""
-        edge = request.probe if isinstance(request, wire.EncryptedProbeRequest) else None
-        if isinstance(request, wire.EncryptedProbePart):
-            # The piece's columns as a probe of their own (valid on the wire); the
+        edge = None
+        if not isinstance(request, wire.ProbeRequest):
+            [(_, _, probe)] = probes
+            assert isinstance(probe, EncryptedProbe)
+            # A piece's columns go as a probe of their own (valid on the wire); the
             # search's piece fields say where they sit in the whole probe.
-            piece = wire.piece_probe(request)
-            edge = dataclasses.replace(piece, dimensions=len(piece.columns))
+            edge = dataclasses.replace(probe, dimensions=len(probe.columns))
         faces = (
             ()
             if edge is not None
@@ -214,7 +257,6 @@ class ShardRole:
                 subject=request.subject,
                 faces=faces,
                 edge=edge,
-                probe_check=check,
                 request=digest,
                 submitted_at=request.submitted_at,
                 timings=timings,
@@ -231,6 +273,8 @@ class ShardRole:
             )
 
     async def _on_search(self, delivery: Delivery) -> None:
+        """Search a probe fanned out to this shard, checked as a probe from the queue is:
+        a search is unsigned, so whoever may publish one could choose every field."""
         agent = self.agent
         envelope = wire.decode(
             delivery.body, expect=(wire.ShardSearch,), limit=agent.settings.max_message_size
@@ -242,30 +286,49 @@ class ShardRole:
         gallery, keyring = agent.gallery, agent.keyring
         if gallery is None or keyring is None:
             raise TransportError("the gallery is being replaced")
+        if not await agent._admitted(search, keyring, search.request):
+            return
         self.searches += 1
-        probes: list[Face] = [
-            (face.box, face.confidence, np.frombuffer(face.embedding, dtype="<f8"))
-            for face in search.faces
-        ]
+        timings = dict(search.timings)
         try:
-            if search.edge is not None:
-                keyring.check(search.edge.fingerprint)
-                edge = search.edge
-                if search.pieces > 1:  # a piece: its columns sit at dims_start of the whole
-                    if search.dims_stop - search.dims_start != len(edge.columns):
-                        raise ConfigError(f"search {search.probe_id}: the piece's dimensions")
-                    edge = dataclasses.replace(edge, dimensions=search.dimensions)
-                probes = [(None, 1.0, edge)]
-            faces, seconds = await asyncio.to_thread(
-                search_faces, probes, gallery, search.subject, search.dims_start
-            )
-        except (KeyMismatchError, ConfigError) as exc:
+            probes = self._probes_of(search, keyring)
+            async with agent.searching(gallery):
+                check = await asyncio.to_thread(
+                    prove_edge, probes, keyring, agent._conjugation_key, timings
+                )
+                faces, timings["search"] = await asyncio.to_thread(
+                    search_faces, probes, gallery, search.subject, search.dims_start
+                )
+        except (KeyMismatchError, ConfigError, TooManyFacesError) as exc:
             await agent._reject(search, type(exc).__name__, str(exc), keyring, search.request)
             return
-        timings = {**search.timings, "search": seconds}
-        await self._send(
-            search, faces, search.probe_check, timings, search.request, keyring, search.map_version
-        )
+        await self._send(search, faces, check, timings, search.request, keyring, search.map_version)
+
+    def _probes_of(self, search: wire.ShardSearch, keyring: Keyring) -> list[Face]:
+        """The faces a search asks for, within the bounds a probe from the queue keeps:
+        at most `Settings.max_faces` faces, or one edge probe (or piece) under this key
+        whose dimensions are those it claims (a whole probe starts at dimension 0)."""
+        if search.edge is None:
+            limit = self.agent.settings.max_faces
+            if not search.faces or len(search.faces) > limit:
+                raise TooManyFacesError(
+                    f"search {search.probe_id}: {len(search.faces)} faces, 1 to {limit} allowed"
+                )
+            return [
+                (face.box, face.confidence, np.frombuffer(face.embedding, dtype="<f8"))
+                for face in search.faces
+            ]
+        edge = search.edge
+        keyring.check(edge.fingerprint)
+        if search.faces:
+            raise ConfigError(f"search {search.probe_id}: an edge probe and faces")
+        if search.pieces == 1:
+            if (search.dims_start, search.dims_stop, search.dimensions) != (0, 0, 0):
+                raise ConfigError(f"search {search.probe_id}: a whole probe starts at dimension 0")
+            return [(None, 1.0, edge)]
+        if search.dims_stop - search.dims_start != len(edge.columns):
+            raise ConfigError(f"search {search.probe_id}: the piece's dimensions")
+        return [(None, 1.0, dataclasses.replace(edge, dimensions=search.dimensions))]
 
     async def _send(
         self,

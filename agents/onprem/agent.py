@@ -343,6 +343,13 @@ class OnPremAgent:
                 # A replayed piece of a probe answered already: nothing to hold it for.
                 log.info("probe %s already has its event; piece dropped", result.probe_id)
                 return
+            reported = self.replicas.get(envelope.signer)
+            if reported is not None and reported.shard != result.shard:
+                # A replica answering for another shard could replace that shard's answer.
+                error = f"replica {envelope.signer} serves shard {reported.shard}"
+                return await self._answer(
+                    envelope, result, error=f"{error}, not shard {result.shard}"
+                )
             self.shards.follow()
             try:
                 expected = self.shards.expected(result)
@@ -396,8 +403,7 @@ class OnPremAgent:
                 try:
                     if error or (gathered and gathered.error):
                         raise IntegrityError(error or gathered.error)  # type: ignore[union-attr]
-                    complete = gathered.complete if gathered else True
-                    merged = self.shards.merge(answers, keys, complete=complete)
+                    merged = self.shards.merge(answers, keys)
                     ranked = await self.rotation.using(
                         keys,
                         rank_faces,

@@ -22,7 +22,7 @@ from cipherface.gallery.integrity import flood
 __all__ = ["CLOUD_STAGES", "Answer", "cloud_timings", "decide", "rank_faces"]
 
 DECIMALS = wire.VerificationEvent.DISTANCE_DECIMALS
-#: The stages a replica times (`agents.cloud.probes.score_faces`).
+#: The stages a replica times (`agents.cloud.probes.embed_faces`, `prove_edge`, `search_faces`).
 CLOUD_STAGES = ("embed", "check", "search")
 
 

@@ -70,14 +70,13 @@ def window_for(
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Gathered:
-    """What a piece's handler answers: every answering shard's whole scores
-    (``complete`` False at the deadline, some shard silent; ``error`` when two
-    answers of one shard differ), or an ``IncompleteScores`` rejection; then
-    `Gathering.finish` releases ``key``'s pieces."""
+    """What a piece's handler answers: every answering shard's whole scores (at the
+    deadline, some shard may be silent: the merge says how much was searched;
+    ``error`` when two answers of one shard differ), or an ``IncompleteScores``
+    rejection; then `Gathering.finish` releases ``key``'s pieces."""
 
     answers: dict[int, wire.ScoresReady]
     rejected: wire.ProbeRejected | None = None
-    complete: bool = True
     error: str | None = None
     key: tuple[str, str, str]
 
@@ -86,14 +85,7 @@ def _incomplete(
     part: wire.ScoresReady, reason: str, error: str = "IncompleteScores"
 ) -> wire.ProbeRejected:
     """The error event's cause for a probe whose parts cannot all be gathered."""
-    return wire.ProbeRejected(
-        probe_id=part.probe_id,
-        subject=part.subject,
-        error=error,
-        reason=reason,
-        request=part.request,
-        submitted_at=part.submitted_at,
-    )
+    return wire.ProbeRejected.answering(part, error, reason, part.request)
 
 
 def _coverage(answer: wire.ScoresReady) -> list[list[tuple[int, int]]]:
@@ -106,7 +98,6 @@ class _Probe:
     expected: frozenset[int]
     first: wire.ScoresReady
     shards: dict[int, wire.ScoresReady] = field(default_factory=dict)
-    signers: set[str] = field(default_factory=set)
     error: str | None = None
     answering: bool = False
     done: asyncio.Future[None] = field(
@@ -137,7 +128,7 @@ class Gathering:
         cls, settings: Settings, keys: Mapping[str, KeySet], current: KeySet
     ) -> Gathering:
         """On-prem's: a window sized from the gallery (`window_for`) plus room for every
-        piece of an edge probe from every shard (`edge_pieces`: 5 at 128-d, 19 at 512-d
+        piece of an edge probe from every shard (`edge_pieces`: 5 at 128-d, 17 at 512-d
         under 4 MiB), whose handlers hold their deliveries unacked too; pieces are
         added up under the key set of their fingerprint."""
 
@@ -181,9 +172,9 @@ class Gathering:
         """Probes in gathering."""
         return len(self._probes)
 
-    def _answer(self, probe: _Probe, key: tuple[str, str, str], complete: bool) -> Gathered:
+    def _answer(self, probe: _Probe, key: tuple[str, str, str]) -> Gathered:
         probe.answering = True
-        return Gathered(answers=dict(probe.shards), complete=complete, error=probe.error, key=key)
+        return Gathered(answers=dict(probe.shards), error=probe.error, key=key)
 
     async def add(
         self, part: wire.ScoresReady, signer: str, fingerprint: str, expected: frozenset[int]
@@ -208,7 +199,6 @@ class Gathering:
         probe = self._probes.get(key)
         if probe is None:
             probe = self._probes[key] = _Probe(time.monotonic() + self.timeout, expected, part)
-        probe.signers.add(signer)
         if pieces is not None and not probe.answering:
             summed = await self._summed(pieces, fingerprint)
             if isinstance(summed, wire.ProbeRejected):
@@ -220,7 +210,7 @@ class Gathering:
             if held is not whole and _coverage(held) != _coverage(whole):
                 probe.error = f"shard {whole.shard} answered twice, on other blocks"
             if probe.error or probe.expected <= set(probe.shards):
-                return self._answer(probe, key, complete=True)
+                return self._answer(probe, key)
         try:
             remaining = max(probe.deadline - time.monotonic(), 0.0)
             await asyncio.wait_for(asyncio.shield(probe.done), remaining)
@@ -229,7 +219,7 @@ class Gathering:
                 await probe.done
                 return None
             if probe.shards:
-                return self._answer(probe, key, complete=False)
+                return self._answer(probe, key)
             probe.answering = True
             parts, pieces = self._forget(key)
             first = probe.first

@@ -193,9 +193,7 @@ class ShardKeeper:
         unknown map version)."""
         return self.router.expected(result)
 
-    def merge(
-        self, answers: dict[int, wire.ScoresReady], keys: KeySet, *, complete: bool
-    ) -> Merged:
+    def merge(self, answers: dict[int, wire.ScoresReady], keys: KeySet) -> Merged:
         """The shards' answers as one probe's scores, checked against what was shipped."""
         book = keys.book
 
@@ -219,7 +217,6 @@ class ShardKeeper:
             fingerprint=keys.fingerprint,
             shipped=shipped,
             subject_blocks=subject_blocks,
-            complete=complete,
         )
 
     # -- moves --------------------------------------------------------------------------

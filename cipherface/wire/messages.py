@@ -280,10 +280,12 @@ class ScoresReady(Message):
 class ShardSearch(Message):
     """cloud -> the replicas of one shard: a probe embedded once, to search on that shard.
 
-    The replica that takes a probe from the probe queue embeds it (or checks an
-    edge probe) and sends this to every shard that holds part of the answer (1:N:
-    all; 1:1: the subject's). Unsigned like a probe: only the cloud may publish to
-    the shards' exchange, and on-prem checks that the shards' answers agree.
+    The replica that takes a probe from the probe queue embeds it (or takes an
+    edge probe as it is) and sends this to every shard that holds part of the
+    answer (1:N: all; 1:1: the subject's). Unsigned like a probe: only the cloud
+    may publish to the shards' exchange. It carries no norm proof: a shard proves
+    an edge probe itself from the ciphertexts it searches, so a search cannot pair
+    a proof with another probe; and on-prem checks that the shards' answers agree.
     """
 
     kind: ClassVar[str] = "search"
@@ -294,7 +296,6 @@ class ShardSearch(Message):
     #: The faces the first replica found (empty for an edge probe: see ``edge``).
     faces: tuple[FaceProbe, ...] = field(repr=False)
     edge: EncryptedProbe | None = field(repr=False)
-    probe_check: ProbeCheck | None = field(repr=False)
     request: str
     submitted_at: float
     timings: Mapping[str, float]
@@ -323,6 +324,29 @@ class ProbeRejected(Message):
     #: `request_digest` of the probe message (as in `ScoresReady`).
     request: str
     submitted_at: float
+
+    @classmethod
+    def answering(
+        cls,
+        probe: ProbeRequest
+        | EncryptedProbeRequest
+        | EncryptedProbePart
+        | ShardSearch
+        | ScoresReady,
+        error: str,
+        reason: str,
+        request: str,
+    ) -> ProbeRejected:
+        """The error answer to a probe, named as anything about it names it (its id,
+        claim and submission time), under request digest ``request``."""
+        return cls(
+            probe_id=probe.probe_id,
+            subject=probe.subject,
+            error=error,
+            reason=reason,
+            request=request,
+            submitted_at=probe.submitted_at,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -407,7 +431,7 @@ class VerificationEvent(Message):
 
 
 def refusal(
-    request: ProbeRequest | EncryptedProbeRequest | EncryptedProbePart,
+    request: ProbeRequest | EncryptedProbeRequest | EncryptedProbePart | ShardSearch,
 ) -> tuple[str, str] | None:
     """(error, reason) for a well-formed probe no search can answer: an error event.
 

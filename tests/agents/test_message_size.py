@@ -146,7 +146,7 @@ async def test_a_gallery_goes_end_to_end_under_the_cap(
     assert refused.error is None and not refused.verified, refused
 
 
-@pytest.mark.parametrize(("dimensions", "pieces"), [(128, 5), (512, 19)])
+@pytest.mark.parametrize(("dimensions", "pieces"), [(128, 5), (512, 17)])
 async def test_edge_probes_go_end_to_end_under_the_cap_in_pieces(
     node: RabbitNode, tmp_path: Path, dimensions: int, pieces: int
 ) -> None:

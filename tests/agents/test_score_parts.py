@@ -60,7 +60,6 @@ class FourFaces:
         ]
 
 
-
 async def test_scores_over_the_cap_arrive_in_parts_and_decide_once(
     deployment: Deployment,
 ) -> None:

@@ -192,12 +192,18 @@ async def test_a_forged_shard_answer_is_an_error_never_a_decision(
             _answer(onprem, r0, "old", (own0,), map_version=7),
             _answer(onprem, r1, "old", (own1,), map_version=7),
         ],
+        # shard 0's replica answers for shard 1, with shard 1's own scores
+        "posing": [
+            _answer(onprem, r0, "posing", (own1,), shard=1),
+            _answer(onprem, r0, "posing", (own0,)),
+        ],
     }
     reasons = {
         "other": "shard 1 scored block",
         "wrong": "not in the gallery",
         "twice": "answered twice",
         "old": "map version 7",
+        "posing": "replica r0 serves shard 0, not shard 1",
     }
     for bodies in forged.values():
         for body in bodies:
@@ -294,7 +300,6 @@ async def test_a_search_or_context_for_another_shard_is_dead_lettered(
         subject=None,
         faces=(wire.FaceProbe(box=None, confidence=1.0, embedding=b"\0" * 8 * DIMENSIONS),),
         edge=None,
-        probe_check=None,
         request=wire.request_digest(b"misrouted"),
         submitted_at=time.time(),
         timings={},
@@ -314,4 +319,72 @@ async def test_a_search_or_context_for_another_shard_is_dead_lettered(
     body = onprem._encode(context)
     await link.publish(topology.gallery, topology.shard_key(1), body)
     await watch.dead_letter(lambda d: "which serves shard 1" in str(d.headers[REASON_HEADER]))
+    # A chunk of shard 0's block on shard 1's key (a stale binding): not installed.
+    block_id = next(iter(clouds["r0"].gallery.blocks_of(None)))  # type: ignore[union-attr]
+    [block] = onprem.book.encrypt_blocks([block_id])
+    for chunk in wire.split_block(block, deployment.settings.max_message_size):
+        await link.publish(topology.gallery, topology.shard_key(1), onprem._encode(chunk))
+    await watch.dead_letter(lambda d: "is not shard 1's" in str(d.headers[REASON_HEADER]))
     assert clouds["r1"].shards.searches == 0 and len(clouds["r1"].gallery or ()) == 3
+    assert block_id not in clouds["r1"].gallery.blocks_of(None)  # type: ignore[union-attr]
+
+
+async def test_a_forged_search_is_checked_like_a_probe_never_decided_on(
+    deployment: Deployment,
+) -> None:
+    """Whoever may publish an (unsigned) `search` chooses every field: the shard proves
+    an edge probe itself and holds faces to a probe's bounds, so a non-unit edge probe
+    (in pieces, as searches carry them), too many faces or a whole probe claiming an
+    offset each get an error event."""
+    from cipherface.crypto import Keyring, Metric
+    from cipherface.gallery import encrypt_probe
+
+    onprem, _, watch = await _sharded(deployment, {"r0": 0, "r1": 1})
+    public = Keyring.load(deployment.settings.public_key_path, expect="public")
+    _, probes = _vectors()
+    home = next(s for s in SUBJECTS if _home(onprem, s) == 0)
+    unit = probes[home] / np.linalg.norm(probes[home])
+    honest = encrypt_probe(public, unit, Metric.COSINE)
+    # Twice a unit vector's length: no proof a shard computes passes it off as a unit one.
+    doubled = encrypt_probe(public, 2 * unit, Metric.EUCLIDEAN)
+    scaled = dataclasses.replace(honest, columns=doubled.columns)
+    request = wire.EncryptedProbeRequest(probe_id="forged-non-unit", probe=scaled, subject=home)
+    face = wire.FaceProbe(box=None, confidence=1.0, embedding=unit.astype("<f8").tobytes())
+    small = dataclasses.replace(honest, columns=honest.columns[:8], dimensions=8)
+    searches = [
+        {
+            "probe_id": "forged-non-unit",
+            "request": piece.request,
+            "edge": dataclasses.replace(wire.piece_probe(piece), dimensions=len(piece.columns)),
+            **{"piece": piece.piece, "pieces": piece.pieces, "dimensions": piece.dimensions},
+            **{"dims_start": piece.start, "dims_stop": piece.start + len(piece.columns)},
+        }
+        for piece in wire.split_probe(request, deployment.settings.max_message_size)
+    ]
+    searches.append(
+        {"probe_id": "forged-faces", "faces": (face,) * (deployment.settings.max_faces + 1)}
+    )
+    searches.append({"probe_id": "forged-offset", "edge": small, "dims_start": 7})
+    link = await deployment.link()
+    topology = link.topology
+    now = time.time()  # one probe's pieces agree on it
+    for fields in searches:
+        search = wire.ShardSearch(
+            **{
+                "subject": home,
+                "faces": (),
+                "edge": None,
+                "request": wire.request_digest(str(fields["probe_id"]).encode()),
+                "submitted_at": now,
+                "timings": {},
+                "shard": 0,
+                "map_version": onprem.book.shards.version,
+                **fields,  # type: ignore[arg-type]
+            }
+        )
+        await link.publish(topology.shards, topology.shard_key(0), wire.encode(search))
+    events = {name: await watch.event(f"forged-{name}") for name in ("non-unit", "faces", "offset")}
+    assert (events["non-unit"].error or "").startswith("IntegrityError"), events["non-unit"]
+    assert (events["faces"].error or "").startswith("TooManyFacesError"), events["faces"]
+    assert "starts at dimension 0" in (events["offset"].error or ""), events["offset"]
+    assert not any(e.verified or e.distance is not None for e in events.values())

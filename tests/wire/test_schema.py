@@ -82,7 +82,6 @@ HAND_WRITTEN = {
         "subject": (str, _NONE),
         "faces": list,
         "edge": (dict, _NONE),
-        "probe_check": (dict, _NONE),
         "request": str,
         "submitted_at": float,
         "timings": dict,
