@@ -72,11 +72,13 @@ class ShardRole:
         self.agent = agent
         self.shard = agent.settings.shard
         self._path = agent.settings.cloud_dir / SHARD_MAP_FILE
-        stored = None
+        stored, issued_at = None, 0.0
         if self._path.exists():
             try:
-                stored = wire.ShardMap.from_dict(msgpack.unpackb(self._path.read_bytes()))
-            except (ValueError, WireFormatError, msgpack.ExtraData) as exc:
+                data = msgpack.unpackb(self._path.read_bytes())
+                stored = wire.ShardMap.from_dict(data)
+                issued_at = float(data.get("issued_at", 0.0))
+            except (ValueError, TypeError, WireFormatError, msgpack.ExtraData) as exc:
                 log.warning("ignoring the stored shard map: %s", exc)
         #: The map this replica routes by, and lookups built from it.
         self.map: wire.ShardMap | None = None
@@ -84,8 +86,8 @@ class ShardRole:
         self._every: list[int] = []
         self._own: frozenset[int] = frozenset()
         self._route_by(stored)
-        #: When on-prem issued the context whose map this is (0: a stored map).
-        self._issued_at = 0.0
+        #: When on-prem issued the context whose map this is (stored with it).
+        self._issued_at = issued_at
         #: Searches this replica ran for its shard (probes fanned out to it).
         self.searches = 0
         self._drops: dict[int, asyncio.TimerHandle] = {}
@@ -135,7 +137,7 @@ class ShardRole:
             return
         self._route_by(shard_map)
         self._issued_at = message.issued_at
-        self._path.write_bytes(msgpack.packb(shard_map.to_dict()))
+        self._path.write_bytes(msgpack.packb({**shard_map.to_dict(), "issued_at": self._issued_at}))
         self.schedule_drops()
 
     def schedule_drops(self) -> None:

@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from agents.cloud.agent import CloudAgent
+from agents.cloud.shards import ShardRole
 from agents.onprem.agent import OnPremAgent
 from cipherface import wire
 from cipherface.transport import REASON_HEADER
@@ -388,3 +391,29 @@ async def test_a_forged_search_is_checked_like_a_probe_never_decided_on(
     assert (events["faces"].error or "").startswith("TooManyFacesError"), events["faces"]
     assert "starts at dimension 0" in (events["offset"].error or ""), events["offset"]
     assert not any(e.verified or e.distance is not None for e in events.values())
+
+
+def test_a_replayed_older_context_rolls_no_map_back(tmp_path: Path) -> None:
+    """Enrollments change a map's subjects without a new version: a redelivered
+    context issued earlier, at the same version, must not undo the newer map (nor
+    the copy a restarted replica reads)."""
+    agent = SimpleNamespace(
+        settings=SimpleNamespace(shard=0, cloud_dir=tmp_path), gallery=None, replica="r0"
+    )
+    older = wire.ShardMap(
+        version=1, shards=2, blocks=(0, 1), homes=(0, 1), subjects=("a",), subject_homes=(0,)
+    )
+    newer = dataclasses.replace(older, subjects=("a", "b"), subject_homes=(0, 1))
+
+    def context(shard_map: wire.ShardMap, issued_at: float) -> wire.ContextUpdate:
+        return wire.ContextUpdate(context=b"", issued_at=issued_at, shard_map=shard_map)
+
+    role = ShardRole(agent)  # type: ignore[arg-type]
+    role.take_map(context(newer, issued_at=200.0))
+    role.take_map(context(older, issued_at=100.0))
+    assert role.map == newer and role.targets("b") == [1]
+    restarted = ShardRole(agent)  # type: ignore[arg-type]
+    restarted.take_map(context(older, issued_at=100.0))
+    assert restarted.map == newer
+    role.take_map(context(dataclasses.replace(older, version=2), issued_at=100.0))
+    assert role.map is not None and role.map.version == 2  # a newer version wins
