@@ -62,7 +62,7 @@ class _Channel:
     receiver: tuple[str, str] | None = None
 
 
-_GALLERY = (wire.ContextUpdate, wire.BlockChunk)
+_GALLERY = (wire.ContextUpdate, wire.SubjectsPart, wire.BlockChunk)
 _PROBES = (wire.ProbeRequest, wire.EncryptedProbeRequest, wire.EncryptedProbePart)
 _RESULTS = (wire.ScoresReady, wire.ProbeRejected, wire.ReplicaStatus)
 

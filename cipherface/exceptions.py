@@ -25,7 +25,8 @@ know which library failed underneath::
     ├── WireFormatError(ValueError)   a message that does not decode or validate
     │   ├── MessageTooLargeError      a message over the configured size cap
     │   ├── ChunkError                a block chunk that does not fit its block
-    │   └── PartError                 a part of a probe's scores that does not fit its probe
+    │   ├── PartError                 a part of a probe's scores that does not fit its probe
+    │   └── SubjectsError             parts of a shard map's subjects that do not make it
     ├── ProbeTimeout(TimeoutError)    no event for a probe within the time given
     ├── TransportError                the broker could not be reached or used
     │   └── MissingResourceError      a queue/exchange another role declares is absent
@@ -54,6 +55,7 @@ __all__ = [
     "SecretKeyError",
     "SignatureError",
     "StoreError",
+    "SubjectsError",
     "TooManyFacesError",
     "TransportError",
     "UnknownModelError",
@@ -218,6 +220,15 @@ class PartError(WireFormatError):
     Another parts count, subject or faces than the parts already held, a part or a
     block held already: the part is dead-lettered with this reason and the probe is
     ranked only from parts that agree (`cipherface.wire.parts`).
+    """
+
+
+class SubjectsError(WireFormatError):
+    """Parts of a sharded map's subject list that do not make the list announced.
+
+    Another map version or parts count than announced, a part out of range, or a
+    whole that does not hash to the announced digest: the part is dead-lettered
+    with this reason and 1:1 claims keep the routes held (`cipherface.wire.subjects`).
     """
 
 

@@ -79,6 +79,9 @@ def _sample_messages() -> list[wire.Message]:
     return [
         wire.ContextUpdate(context=b"ctx", blocks=(0, 1)),
         *wire.split_block(block, wire.MAX_MESSAGE_BYTES),
+        wire.SubjectsPart(
+            digest="ab" * 32, part=0, parts=1, subjects=("alice",), subject_homes=(1,)
+        ),
         wire.SyncRequest(replica="r1", fingerprint=_FP),
         wire.ProbeRequest(probe_id="p1", image=b"\xff\xd8", subject="alice"),
         wire.EncryptedProbeRequest(probe_id="p2", probe=probe, subject=None),

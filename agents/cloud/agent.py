@@ -185,9 +185,11 @@ class CloudAgent:
         )
 
     def _missing(self) -> int:
-        """Announced blocks not held (-1 before the first whole gallery)."""
+        """Announced blocks not held, plus one for a subject list still in parts
+        (-1 before the first whole gallery): a sync sends both again."""
         staged = len(self._staged.awaiting) if self._staged is not None else 0
-        return len(self._awaiting) + staged if self.ready.is_set() else -1
+        parts = 0 if self.shards.routable else 1
+        return len(self._awaiting) + staged + parts if self.ready.is_set() else -1
 
     def _held_version(self, fingerprint: str, block_id: int) -> int:
         staged = self._staged
@@ -350,7 +352,7 @@ class CloudAgent:
         # even well-formed, is dead-lettered with the reason and changes nothing.
         envelope = wire.decode(
             delivery.body,
-            expect=(wire.ContextUpdate, wire.BlockChunk),
+            expect=(wire.ContextUpdate, wire.SubjectsPart, wire.BlockChunk),
             verifier=self.onprem,
             limit=self.settings.max_message_size,
         )
@@ -358,6 +360,8 @@ class CloudAgent:
         was_awaiting = bool(self._awaiting)
         if isinstance(message, wire.ContextUpdate):
             await self._on_context(message, fingerprint)
+        elif isinstance(message, wire.SubjectsPart):
+            self.shards.take_subjects(message)
         elif isinstance(message, wire.BlockChunk):
             staged = self._staged
             if staged is None or fingerprint != staged.keyring.fingerprint:
@@ -381,7 +385,8 @@ class CloudAgent:
             await finish_in_thread(self.gallery.put, block)
             self._awaiting.discard(block.block_id)
         BLOCKS_AWAITED.labels(self.role).set(len(self._awaiting))
-        if self.gallery is not None and not self._awaiting:
+        # Whole: every block announced, and the map's subject list to route claims by.
+        if self.gallery is not None and not self._awaiting and self.shards.routable:
             first = not self.ready.is_set()
             self.ready.set()
             if first or was_awaiting:

@@ -72,25 +72,44 @@ class ShardRole:
         self.agent = agent
         self.shard = agent.settings.shard
         self._path = agent.settings.cloud_dir / SHARD_MAP_FILE
-        stored, issued_at = None, 0.0
-        if self._path.exists():
-            try:
-                data = msgpack.unpackb(self._path.read_bytes())
-                stored = wire.ShardMap.from_dict(data)
-                issued_at = float(data.get("issued_at", 0.0))
-            except (ValueError, TypeError, WireFormatError, msgpack.ExtraData) as exc:
-                log.warning("ignoring the stored shard map: %s", exc)
-        #: The map this replica routes by, and lookups built from it.
+        #: The map this replica routes by (announcing its subjects when they come in
+        #: parts), and lookups built from it.
         self.map: wire.ShardMap | None = None
         self._homes: dict[str, int] = {}
         self._every: list[int] = []
         self._own: frozenset[int] = frozenset()
-        self._route_by(stored)
+        #: The map whose subject list ``_homes`` holds (the latest one that came whole).
+        self._routes: wire.ShardMap | None = None
+        self._subjects = wire.SubjectList()
         #: When on-prem issued the context whose map this is (stored with it).
-        self._issued_at = issued_at
+        self._issued_at = 0.0
+        self._load()
         #: Searches this replica ran for its shard (probes fanned out to it).
         self.searches = 0
         self._drops: dict[int, asyncio.TimerHandle] = {}
+
+    def _load(self) -> None:
+        """Route by the stored map at once (with its subjects, if they had come whole)."""
+        if not self._path.exists():
+            return
+        try:
+            data = msgpack.unpackb(self._path.read_bytes())
+            stored = wire.ShardMap.from_dict(data)
+            self._issued_at = float(data.get("issued_at", 0.0))
+        except (ValueError, TypeError, WireFormatError, msgpack.ExtraData) as exc:
+            log.warning("ignoring the stored shard map: %s", exc)
+            return
+        if stored.subject_parts:
+            self._route_by(dataclasses.replace(stored, subjects=(), subject_homes=()))
+            if stored.subjects:
+                self._routes, self._homes = stored, stored.subject_shards()
+        else:
+            self._route_by(stored)
+
+    def _store(self) -> None:
+        held = self._routes if self.routable else self.map
+        assert held is not None
+        self._path.write_bytes(msgpack.packb({**held.to_dict(), "issued_at": self._issued_at}))
 
     @property
     def version(self) -> int:
@@ -135,10 +154,35 @@ class ShardRole:
             self._issued_at,
         ):
             return
-        self._route_by(shard_map)
         self._issued_at = message.issued_at
-        self._path.write_bytes(msgpack.packb({**shard_map.to_dict(), "issued_at": self._issued_at}))
+        self._route_by(shard_map)
+        self._store()
         self.schedule_drops()
+
+    def take_subjects(self, part: wire.SubjectsPart) -> None:
+        """Hold a part of a map's subject list (`wire.SubjectList`); route 1:1 claims
+        by the list once it is whole. Until then they route by the previous list:
+        only subjects enrolled since go to this shard, and on-prem waits for theirs."""
+        self._subjects.add(part)
+        if self.map is not None and part.digest == self.map.subjects_digest:
+            self._join()
+
+    @property
+    def routable(self) -> bool:
+        """Whether 1:1 claims route by the whole subject list of the map (none in parts)."""
+        if self.map is None:
+            return True
+        routes = self._routes
+        return routes is not None and routes.subjects_digest == self.map.subjects_digest
+
+    def _join(self) -> None:
+        assert self.map is not None
+        if self.routable:
+            return
+        joined = self._subjects.join(self.map)
+        if joined is not None:
+            self._routes, self._homes = joined, joined.subject_shards()
+            self._store()
 
     def schedule_drops(self) -> None:
         """Blocks held whose home is now another shard: dropped after the grace."""
@@ -169,15 +213,14 @@ class ShardRole:
             return [self._homes.get(subject, self.shard)]
         return self._every or [self.shard]
 
-    def _route_by(self, shard_map: wire.ShardMap | None) -> None:
+    def _route_by(self, shard_map: wire.ShardMap) -> None:
         self.map = shard_map
-        self._homes = (
-            {}
-            if shard_map is None
-            else dict(zip(shard_map.subjects, shard_map.subject_homes, strict=True))
-        )
-        self._every = [] if shard_map is None else sorted(set(shard_map.homes))
-        self._own = frozenset() if shard_map is None else shard_map.blocks_of(self.shard)
+        self._every = sorted(set(shard_map.homes))
+        self._own = shard_map.blocks_of(self.shard)
+        if not shard_map.subject_parts:
+            self._routes, self._homes = shard_map, shard_map.subject_shards()
+        else:
+            self._join()
 
     async def consume(self) -> None:
         """Compete with the shard's other replicas for its searches."""
@@ -308,28 +351,36 @@ class ShardRole:
 
     def _probes_of(self, search: wire.ShardSearch, keyring: Keyring) -> list[Face]:
         """The faces a search asks for, within the bounds a probe from the queue keeps:
-        at most `Settings.max_faces` faces, or one edge probe (or piece) under this key
-        whose dimensions are those it claims (a whole probe starts at dimension 0)."""
+        1 to `Settings.max_faces` finite embeddings, or one edge probe (or piece) under
+        this key whose dimensions are those it claims. A lone piece is a whole probe
+        and starts at dimension 0: searched from an offset, its scores would lack the
+        terms a whole probe's have, and on-prem would take them as whole."""
+        name = f"search {search.probe_id}"
         if search.edge is None:
             limit = self.agent.settings.max_faces
             if not search.faces or len(search.faces) > limit:
-                raise TooManyFacesError(
-                    f"search {search.probe_id}: {len(search.faces)} faces, 1 to {limit} allowed"
-                )
+                raise TooManyFacesError(f"{name}: {len(search.faces)} faces, 1 to {limit} allowed")
+            vectors = [np.frombuffer(face.embedding, dtype="<f8") for face in search.faces]
+            if not all(np.isfinite(vector).all() for vector in vectors):
+                raise ConfigError(f"{name}: an embedding that is not finite")
             return [
-                (face.box, face.confidence, np.frombuffer(face.embedding, dtype="<f8"))
-                for face in search.faces
+                (face.box, face.confidence, vector)
+                for face, vector in zip(search.faces, vectors, strict=True)
             ]
         edge = search.edge
         keyring.check(edge.fingerprint)
         if search.faces:
-            raise ConfigError(f"search {search.probe_id}: an edge probe and faces")
+            raise ConfigError(f"{name}: an edge probe and faces")
+        if not 0 <= search.piece < search.pieces:
+            raise ConfigError(f"{name}: piece {search.piece} of {search.pieces}")
+        stop = search.dims_start + len(edge.columns)
         if search.pieces == 1:
-            if (search.dims_start, search.dims_stop, search.dimensions) != (0, 0, 0):
-                raise ConfigError(f"search {search.probe_id}: a whole probe starts at dimension 0")
+            # Dimensions as a lone piece of the client's states them, or none at all.
+            if search.dims_start != 0 or {search.dims_stop, search.dimensions} - {0, stop}:
+                raise ConfigError(f"{name}: a whole probe starts at dimension 0")
             return [(None, 1.0, edge)]
-        if search.dims_stop - search.dims_start != len(edge.columns):
-            raise ConfigError(f"search {search.probe_id}: the piece's dimensions")
+        if search.dims_start < 0 or search.dims_stop != stop or stop > search.dimensions:
+            raise ConfigError(f"{name}: the piece's dimensions")
         return [(None, 1.0, dataclasses.replace(edge, dimensions=search.dimensions))]
 
     async def _send(

@@ -154,15 +154,22 @@ class ShardKeeper:
                 else:
                     key = topology.shard_key(number)
                 moving_in = number in index.target.values()
+                shard_map, subjects = wire.split_subjects(
+                    index.shard_map(pending=moving_in), agent.settings.max_message_size
+                )
                 context = wire.ContextUpdate(
                     context=keys.keyring.public_bytes(galois_keys=False, relin_keys=False),
                     conjugation_key=keys.conjugation_key,
                     blocks=tuple(blocks),
                     issued_at=time.time(),
                     shard=number,
-                    shard_map=index.shard_map(pending=moving_in),
+                    shard_map=shard_map,
                 )
-                await agent.transport.publish(topology.gallery, key, agent._encode(context, keys))
+                # The context first: a replica takes its map's subject list only once
+                # the context announcing it is accepted.
+                for message in (context, *subjects):
+                    body = agent._encode(message, keys)
+                    await agent.transport.publish(topology.gallery, key, body)
                 await self._ship(blocks, key, keys, None if replica else number)
             log.info(
                 "published context and %d block(s)",

@@ -11,6 +11,8 @@ module          owns
 `parts`         a probe's scores as parts under the size limit, and their gathering
                 (an edge probe's pieces too)
 `pieces`        an edge probe as pieces by dimension range under the size limit
+`subjects`      a sharded map's subject list as parts under the size limit, and
+                their assembly
 ==============  ===========================================================
 
 The wire layer loads no TenSEAL (a test asserts it): decoding an event, or
@@ -37,6 +39,7 @@ from cipherface.wire.messages import (
     ReplicaStatus,
     ScoresReady,
     ShardSearch,
+    SubjectsPart,
     SyncRequest,
     VerificationEvent,
     message_id,
@@ -47,6 +50,7 @@ from cipherface.wire.messages import (
 from cipherface.wire.parts import PartGatherer, PieceGatherer, check_cover, split_scores
 from cipherface.wire.payloads import FaceProbe, FaceResult, FaceScores, ShardMap
 from cipherface.wire.pieces import piece_probe, probe_digest, probe_pieces, split_probe
+from cipherface.wire.subjects import SubjectList, split_subjects
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -70,6 +74,8 @@ __all__ = [
     "ScoresReady",
     "ShardMap",
     "ShardSearch",
+    "SubjectList",
+    "SubjectsPart",
     "SyncRequest",
     "VerificationEvent",
     "check_cover",
@@ -85,4 +91,5 @@ __all__ = [
     "split_block",
     "split_probe",
     "split_scores",
+    "split_subjects",
 ]

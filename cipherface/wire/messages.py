@@ -42,6 +42,7 @@ __all__ = [
     "ReplicaStatus",
     "ScoresReady",
     "ShardSearch",
+    "SubjectsPart",
     "SyncRequest",
     "VerificationEvent",
     "new_id",
@@ -170,6 +171,25 @@ class BlockChunk(Message):
     columns: tuple[bytes, ...] = field(repr=False)
     #: Which template is where: in the block's first chunk only.
     head: BlockLayout | None = field(repr=False, default=None)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubjectsPart(Message):
+    """on-prem -> cloud replicas: a run of a sharded map's subjects and their shards.
+
+    Follows the `ContextUpdate` whose map announces it (``digest``, the map's
+    ``subjects_digest``); a replica routes 1:1 claims by the list once every part
+    is in and the whole hashes to the digest (`cipherface.wire.subjects`).
+    """
+
+    kind: ClassVar[str] = "subjects"
+    #: The list's `ShardMap.subjects_digest`: which list this is a part of.
+    digest: str
+    part: int
+    parts: int
+    subjects: tuple[str, ...] = field(repr=False)
+    #: The shard of each of ``subjects`` (same order).
+    subject_homes: tuple[int, ...] = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -459,6 +479,7 @@ _KINDS: Mapping[str, type[Message]] = {
     for cls in (
         ContextUpdate,
         BlockChunk,
+        SubjectsPart,
         SyncRequest,
         ProbeRequest,
         EncryptedProbeRequest,

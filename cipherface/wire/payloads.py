@@ -360,8 +360,11 @@ class ShardMap:
     It travels inside every `ContextUpdate` (on-prem signs it), so a replica and
     on-prem agree on where a block lives; ``version`` grows with every change (a
     block moved, a shard added), and scores name the version they were made under.
-    ``subjects`` is filled only with more than one shard: a replica sends a 1:1
-    claim to its subject's shard alone.
+    With more than one shard a replica sends a 1:1 claim to its subject's shard
+    alone, so it needs every subject's shard: a context announces that list by
+    ``subjects_digest`` and ``subject_parts`` and the list follows in
+    `SubjectsPart` messages (`cipherface.wire.subjects`), since at about 16 B a
+    subject it outgrows one message long before the gallery outgrows its shards.
     """
 
     version: int
@@ -372,6 +375,10 @@ class ShardMap:
     subjects: tuple[str, ...] = ()
     #: The shard of each of ``subjects`` (same order).
     subject_homes: tuple[int, ...] = ()
+    #: SHA-256 (hex) of the subject list sent in parts ("": none is).
+    subjects_digest: str = ""
+    #: How many `SubjectsPart` messages carry it.
+    subject_parts: int = 0
 
     def to_dict(self) -> dict[str, object]:
         """msgpack-native form."""
@@ -382,6 +389,8 @@ class ShardMap:
             "homes": list(self.homes),
             "subjects": list(self.subjects),
             "subject_homes": list(self.subject_homes),
+            "subjects_digest": self.subjects_digest,
+            "subject_parts": self.subject_parts,
         }
 
     @classmethod
@@ -394,6 +403,8 @@ class ShardMap:
             homes=_ints(data, "homes"),
             subjects=strings(data, "subjects"),
             subject_homes=_ints(data, "subject_homes"),
+            subjects_digest=field(data, "subjects_digest", str),
+            subject_parts=field(data, "subject_parts", int),
         )
         if not 1 <= shard_map.shards <= MAX_SHARDS:
             raise WireFormatError(f"a shard map needs 1 to {MAX_SHARDS} shards")
@@ -403,18 +414,18 @@ class ShardMap:
             raise WireFormatError("a shard map needs one shard per block and per subject")
         if not all(0 <= h < shard_map.shards for h in shard_map.homes + shard_map.subject_homes):
             raise WireFormatError("a shard map names a shard it does not have")
+        if (shard_map.subject_parts > 0) != bool(shard_map.subjects_digest):
+            raise WireFormatError("a shard map's subject parts need their digest, and only they")
         return shard_map
 
     def blocks_of(self, shard: int) -> frozenset[int]:
         """The blocks ``shard`` serves."""
         return frozenset(b for b, h in zip(self.blocks, self.homes, strict=True) if h == shard)
 
-    def home_of(self, subject: str) -> int | None:
-        """The shard holding ``subject``'s templates (None: not enrolled, or one shard)."""
-        try:
-            return self.subject_homes[self.subjects.index(subject)]
-        except ValueError:
-            return None
+    def subject_shards(self) -> dict[str, int]:
+        """The shard holding each subject's templates (empty with one shard), to look
+        up once per map rather than scan ``subjects`` per probe."""
+        return dict(zip(self.subjects, self.subject_homes, strict=True))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

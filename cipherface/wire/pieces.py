@@ -110,7 +110,8 @@ def piece_probe(part: EncryptedProbePart) -> EncryptedProbe:
     """The piece's ciphertexts as the (partial) probe a replica scores from ``part.start``.
 
     `WireFormatError` for a piece no edge makes: out of its own count, dimensions
-    out of range, no dimension, or the norm outside the piece starting at 0.
+    out of range, no dimension, a lone piece short of the whole, or the norm
+    outside the piece starting at 0.
     """
     name = f"piece {part.piece} of probe {part.probe_id}"
     if not 0 <= part.piece < part.pieces:
@@ -118,6 +119,9 @@ def piece_probe(part: EncryptedProbePart) -> EncryptedProbe:
     end = part.start + len(part.columns)
     if not part.columns or part.start < 0 or end > part.dimensions:
         raise WireFormatError(f"{name}: dimensions {part.start}..{end - 1} of {part.dimensions}")
+    if part.pieces == 1 and (part.start, end) != (0, part.dimensions):
+        # Answered as a whole probe: from an offset, its scores would miss terms.
+        raise WireFormatError(f"{name}: a probe in one piece covers every dimension")
     if part.norm is not None and part.start != 0:
         raise WireFormatError(f"{name}: only the piece starting at dimension 0 carries the norm")
     return EncryptedProbe(

@@ -24,6 +24,7 @@ from agents.cloud.shards import ShardRole
 from agents.onprem.agent import OnPremAgent
 from cipherface import wire
 from cipherface.transport import REASON_HEADER
+from cipherface.wire.chunks import packed_size
 from cipherface.wire.payloads import BlockScores
 from tests.agents.conftest import Deployment
 from tests.agents.test_message_size import SyntheticEmbedder
@@ -42,14 +43,25 @@ def _vectors() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
 
 
 async def _sharded(
-    deployment: Deployment, replicas: dict[str, int], *, gather_timeout: float = 60.0
+    deployment: Deployment,
+    replicas: dict[str, int],
+    *,
+    gather_timeout: float = 60.0,
+    visitors: int = 0,
+    max_message_size: int = 4 << 20,
 ) -> tuple[OnPremAgent, dict[str, CloudAgent], Watch]:
-    """On-prem with two shards and the six subjects; replicas by name -> shard."""
+    """On-prem with two shards and the six subjects (beside ``visitors`` more, with
+    long names); replicas by name -> shard."""
     deployment.settings = dataclasses.replace(
-        deployment.settings, shards=2, gather_timeout=gather_timeout
+        deployment.settings,
+        shards=2,
+        gather_timeout=gather_timeout,
+        max_message_size=max_message_size,
     )
     enrolled, probes = _vectors()
     onprem = await deployment.onprem()
+    others = np.random.default_rng(11).normal(size=(visitors, DIMENSIONS))
+    onprem.book.add_many((f"visitor-{i:07d}-of-a-crowded-gallery", v) for i, v in enumerate(others))
     for subject, vector in enrolled.items():
         onprem.book.add(subject, vector, template_id=f"t-{subject}")
     await onprem.publish_gallery(onprem.book.pending_blocks())
@@ -99,6 +111,27 @@ async def test_a_claim_goes_to_its_subjects_shard_only(deployment: Deployment) -
     assert refused.error is None and not refused.verified, refused
     assert clouds["r0"].shards.searches == 0  # the other shard got no work
     assert clouds["r1"].shards.searches == 2
+
+
+async def test_a_subject_list_over_the_message_cap_still_routes_each_claim_to_one_shard(
+    deployment: Deployment,
+) -> None:
+    """More subjects than one message can list (60,000 long names under a 1 MiB cap):
+    the list follows the context in parts, and every claim reaches its subject's shard."""
+    onprem, clouds, watch = await _sharded(
+        deployment, {"r0": 0, "r1": 1}, visitors=60_000, max_message_size=1 << 20
+    )
+    shard_map = onprem.book.shards.shard_map()
+    assert packed_size(shard_map.to_dict()) > 1 << 20  # too large for any one message
+    assert len(wire.split_subjects(shard_map, 1 << 20)[1]) > 1  # so it did travel in parts
+    assert all(c.shards.routable for c in clouds.values())
+    client = await deployment.client()
+    sent = {await client.publish_probe(s.encode(), s): s for s in SUBJECTS}
+    for probe_id, subject in sent.items():
+        event = await watch.event(probe_id)
+        assert event.error is None and event.verified and not event.partial, event
+        assert event.subject == subject
+    assert sum(c.shards.searches for c in clouds.values()) == len(SUBJECTS)
 
 
 async def test_edge_probes_in_pieces_are_answered_across_shards(deployment: Deployment) -> None:
@@ -342,7 +375,7 @@ async def test_a_forged_search_is_checked_like_a_probe_never_decided_on(
     from cipherface.crypto import Keyring, Metric
     from cipherface.gallery import encrypt_probe
 
-    onprem, _, watch = await _sharded(deployment, {"r0": 0, "r1": 1})
+    onprem, clouds, watch = await _sharded(deployment, {"r0": 0, "r1": 1})
     public = Keyring.load(deployment.settings.public_key_path, expect="public")
     _, probes = _vectors()
     home = next(s for s in SUBJECTS if _home(onprem, s) == 0)
@@ -368,6 +401,11 @@ async def test_a_forged_search_is_checked_like_a_probe_never_decided_on(
         {"probe_id": "forged-faces", "faces": (face,) * (deployment.settings.max_faces + 1)}
     )
     searches.append({"probe_id": "forged-offset", "edge": small, "dims_start": 7})
+    # No piece count: searched from dimension 7 and answered as a whole probe, before.
+    stop = {"dims_start": 7, "dims_stop": 15, "dimensions": DIMENSIONS}
+    searches.append({"probe_id": "forged-pieces", "edge": small, "pieces": 0, **stop})
+    nan = dataclasses.replace(face, embedding=np.full(DIMENSIONS, np.nan).astype("<f8").tobytes())
+    searches.append({"probe_id": "forged-nan", "faces": (nan,)})
     link = await deployment.link()
     topology = link.topology
     now = time.time()  # one probe's pieces agree on it
@@ -386,11 +424,30 @@ async def test_a_forged_search_is_checked_like_a_probe_never_decided_on(
             }
         )
         await link.publish(topology.shards, topology.shard_key(0), wire.encode(search))
-    events = {name: await watch.event(f"forged-{name}") for name in ("non-unit", "faces", "offset")}
+    names = ("non-unit", "faces", "offset", "pieces", "nan")
+    events = {name: await watch.event(f"forged-{name}") for name in names}
     assert (events["non-unit"].error or "").startswith("IntegrityError"), events["non-unit"]
     assert (events["faces"].error or "").startswith("TooManyFacesError"), events["faces"]
     assert "starts at dimension 0" in (events["offset"].error or ""), events["offset"]
+    assert "piece 0 of 0" in (events["pieces"].error or ""), events["pieces"]
+    assert "not finite" in (events["nan"].error or ""), events["nan"]
     assert not any(e.verified or e.distance is not None for e in events.values())
+    # An honest probe small enough for one piece (as with a larger message cap) states
+    # its dimensions as one; searched whole (over 4 MiB here: asked of the shard).
+    lone = wire.ShardSearch(
+        probe_id="lone-piece",
+        subject=home,
+        faces=(),
+        edge=honest,
+        request=wire.request_digest(b"lone-piece"),
+        submitted_at=now,
+        timings={},
+        shard=0,
+        map_version=onprem.book.shards.version,
+        **{"pieces": 1, "dims_start": 0, "dims_stop": DIMENSIONS, "dimensions": DIMENSIONS},
+    )
+    cloud = next(c for c in clouds.values() if c.shards.shard == 0)
+    assert cloud.shards._probes_of(lone, cloud.keyring) == [(None, 1.0, honest)]  # type: ignore[arg-type]
 
 
 def test_a_replayed_older_context_rolls_no_map_back(tmp_path: Path) -> None:
@@ -417,3 +474,33 @@ def test_a_replayed_older_context_rolls_no_map_back(tmp_path: Path) -> None:
     assert restarted.map == newer
     role.take_map(context(dataclasses.replace(older, version=2), issued_at=100.0))
     assert role.map is not None and role.map.version == 2  # a newer version wins
+
+
+def test_a_replica_routes_claims_by_a_subject_list_once_every_part_is_in(
+    tmp_path: Path,
+) -> None:
+    """The context announces the list; 1:1 claims keep the previous routes until its
+    parts are all in (in any order), and a restarted replica routes by it at once."""
+    agent = SimpleNamespace(
+        settings=SimpleNamespace(shard=0, cloud_dir=tmp_path), gallery=None, replica="r0"
+    )
+    subjects = tuple(f"s{i:06d}" for i in range(200_000))
+    homes = tuple(i % 2 for i in range(200_000))
+    before = wire.ShardMap(
+        version=1, shards=2, blocks=(0, 1), homes=(0, 1), subjects=("s000001",), subject_homes=(0,)
+    )
+    after = dataclasses.replace(before, subjects=subjects, subject_homes=homes)
+    role = ShardRole(agent)  # type: ignore[arg-type]
+    old, old_parts = wire.split_subjects(before, 1024 * 1024)
+    role.take_map(wire.ContextUpdate(context=b"", issued_at=100.0, shard_map=old))
+    role.take_subjects(*old_parts)
+    announced, parts = wire.split_subjects(after, 1024 * 1024)
+    assert len(parts) > 1
+    role.take_map(wire.ContextUpdate(context=b"", issued_at=200.0, shard_map=announced))
+    assert not role.routable and role.targets("s000001") == [0]  # the previous routes
+    for part in reversed(parts):
+        role.take_subjects(part)
+    assert role.routable and role.targets("s000001") == [1] and role.targets("s000002") == [0]
+    restarted = ShardRole(agent)  # type: ignore[arg-type]
+    assert restarted.routable and restarted.map == announced
+    assert restarted.targets("s000001") == [1]

@@ -101,6 +101,13 @@ HAND_WRITTEN = {
         "request": str,
         "submitted_at": float,
     },
+    "subjects": {
+        "digest": str,
+        "part": int,
+        "parts": int,
+        "subjects": list,
+        "subject_homes": list,
+    },
     "status": {
         "replica": str,
         "fingerprint": str,

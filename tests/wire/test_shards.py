@@ -14,14 +14,15 @@ MAP = {
     "homes": [0, 1],
     "subjects": ["a"],
     "subject_homes": [1],
+    "subjects_digest": "",
+    "subject_parts": 0,
 }
 
 
 def test_a_shard_map_round_trips_and_answers_routes() -> None:
     shard_map = ShardMap.from_dict(MAP)
     assert ShardMap.from_dict(shard_map.to_dict()) == shard_map
-    assert shard_map.blocks_of(1) == {1} and shard_map.home_of("a") == 1
-    assert shard_map.home_of("nobody") is None
+    assert shard_map.blocks_of(1) == {1} and shard_map.subject_shards() == {"a": 1}
 
 
 @pytest.mark.parametrize(
@@ -34,6 +35,8 @@ def test_a_shard_map_round_trips_and_answers_routes() -> None:
         ({"homes": [0, 2]}, "does not have"),
         ({"subject_homes": [-1]}, "does not have"),
         ({"blocks": [0, "1"]}, "must be int"),
+        ({"subject_parts": 2}, "need their digest"),
+        ({"subjects_digest": "ab"}, "need their digest"),
     ],
 )
 def test_a_forged_shard_map_is_refused(change: dict[str, object], reason: str) -> None:
