@@ -106,7 +106,11 @@ def _channels(topology: Topology) -> list[_Channel]:
                 "On-prem's public context and gallery blocks, to every replica "
                 "(key `all`), or to one shard's replicas (`shard.<k>`)."
             ),
-            sender=("onprem", "On-prem announces its context, then ships the blocks it lists."),
+            sender=(
+                "onprem",
+                "On-prem announces its context, then sends the subject list its shard map "
+                "announces (with more than one shard) and ships the blocks it lists.",
+            ),
         ),
         _Channel(
             key="galleryReplica",

@@ -126,9 +126,10 @@ class CloudAgent:
         return folder / name
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """For ``/readyz``: connected, and every block on-prem announced is held."""
+        """For ``/readyz``: connected, and every block on-prem announced is held (and
+        the subject list its shard map announced)."""
         connected = bool(getattr(self.transport, "connected", True))
-        held = self.gallery is not None and not self._awaiting
+        held = self.gallery is not None and not self._awaiting and self.shards.routable
         details = {
             "broker": connected,
             "replica": self.replica,

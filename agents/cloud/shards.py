@@ -43,6 +43,7 @@ from cipherface.exceptions import (
     EmbeddingError,
     KeyMismatchError,
     MessageTooLargeError,
+    SubjectsError,
     TooManyFacesError,
     TransportError,
     WireFormatError,
@@ -72,44 +73,47 @@ class ShardRole:
         self.agent = agent
         self.shard = agent.settings.shard
         self._path = agent.settings.cloud_dir / SHARD_MAP_FILE
-        #: The map this replica routes by (announcing its subjects when they come in
-        #: parts), and lookups built from it.
+        #: The map this replica routes by, whole (its subject list in), and lookups
+        #: built from it: searches name its version, so routes and version agree.
         self.map: wire.ShardMap | None = None
         self._homes: dict[str, int] = {}
         self._every: list[int] = []
         self._own: frozenset[int] = frozenset()
-        #: The map whose subject list ``_homes`` holds (the latest one that came whole).
-        self._routes: wire.ShardMap | None = None
-        self._subjects = wire.SubjectList()
         #: When on-prem issued the context whose map this is (stored with it).
         self._issued_at = 0.0
-        self._load()
+        #: A newer accepted map whose subject list is still coming in parts, and when
+        #: its context was issued: it replaces ``map`` once the list is whole.
+        self._pending: tuple[wire.ShardMap, float] | None = None
+        self._subjects = wire.SubjectList()
         #: Searches this replica ran for its shard (probes fanned out to it).
         self.searches = 0
+        #: Shards whose search queue this replica declared (`_declare`).
+        self._declared: set[int] = set()
         self._drops: dict[int, asyncio.TimerHandle] = {}
+        self._load()
 
     def _load(self) -> None:
-        """Route by the stored map at once (with its subjects, if they had come whole)."""
+        """Route by the stored map at once (stored whole, with its subject list)."""
         if not self._path.exists():
             return
         try:
             data = msgpack.unpackb(self._path.read_bytes())
             stored = wire.ShardMap.from_dict(data)
-            self._issued_at = float(data.get("issued_at", 0.0))
+            issued_at = float(data.get("issued_at", 0.0))
         except (ValueError, TypeError, WireFormatError, msgpack.ExtraData) as exc:
             log.warning("ignoring the stored shard map: %s", exc)
             return
-        if stored.subject_parts:
-            self._route_by(dataclasses.replace(stored, subjects=(), subject_homes=()))
-            if stored.subjects:
-                self._routes, self._homes = stored, stored.subject_shards()
-        else:
-            self._route_by(stored)
+        self._switch(stored, issued_at, store=False)
 
-    def _store(self) -> None:
-        held = self._routes if self.routable else self.map
-        assert held is not None
-        self._path.write_bytes(msgpack.packb({**held.to_dict(), "issued_at": self._issued_at}))
+    def _switch(self, shard_map: wire.ShardMap, issued_at: float, *, store: bool = True) -> None:
+        """Route by ``shard_map`` (whole) from now on, and keep it for a restart."""
+        self.map, self._issued_at = shard_map, issued_at
+        self._homes = shard_map.subject_shards()
+        self._every = sorted(set(shard_map.homes))
+        self._own = shard_map.blocks_of(self.shard)
+        if store:
+            self._path.write_bytes(msgpack.packb({**shard_map.to_dict(), "issued_at": issued_at}))
+            self.schedule_drops()
 
     @property
     def version(self) -> int:
@@ -141,48 +145,66 @@ class ShardRole:
             raise ConfigError(f"block {block} is not shard {self.shard}'s")
 
     def take_map(self, message: wire.ContextUpdate) -> None:
-        """Route by the map of a context the replica accepted, unless it holds a newer one.
+        """Route by the map of a context the replica accepted, unless it holds a newer one,
+        once its subject list is whole (`take_subjects`).
 
         Enrollments change the map without a new version (a subject's home), so a map
         is newer by (version, issue time): a redelivered older context rolls nothing back.
         """
         shard_map = message.shard_map
-        if shard_map is None or shard_map == self.map:
+        if shard_map is None:
             return
-        if self.map is not None and (shard_map.version, message.issued_at) < (
-            self.version,
-            self._issued_at,
-        ):
-            return
-        self._issued_at = message.issued_at
-        self._route_by(shard_map)
-        self._store()
-        self.schedule_drops()
+        newest, issued_at = self._pending or (self.map, self._issued_at)
+        if newest is not None:
+            if shard_map == _announced(newest):
+                return
+            if (shard_map.version, message.issued_at) < (newest.version, issued_at):
+                return
+        held = self.map
+        self._pending = None
+        if not shard_map.subject_parts:
+            self._switch(shard_map, message.issued_at)
+        elif held is not None and held.subjects_digest == shard_map.subjects_digest:
+            # The list held (a block moved, a version bumped): no parts to wait for.
+            whole = dataclasses.replace(
+                shard_map, subjects=held.subjects, subject_homes=held.subject_homes
+            )
+            self._switch(whole, message.issued_at)
+        else:
+            self._pending = (shard_map, message.issued_at)
+            self._join()
 
     def take_subjects(self, part: wire.SubjectsPart) -> None:
-        """Hold a part of a map's subject list (`wire.SubjectList`); route 1:1 claims
-        by the list once it is whole. Until then they route by the previous list:
-        only subjects enrolled since go to this shard, and on-prem waits for theirs."""
+        """Hold a part of the awaited map's subject list (`wire.SubjectList`), and route
+        by that map once the list is whole. A part of any other list is stale (or came
+        before its context, and a sync sends it again): held, replays of old signed
+        parts could crowd out the list awaited."""
+        pending = self._pending
+        if pending is None or part.digest != pending[0].subjects_digest:
+            log.info(
+                "replica %s: a subjects part of a list not awaited, ignored", self.agent.replica
+            )
+            return
         self._subjects.add(part)
-        if self.map is not None and part.digest == self.map.subjects_digest:
-            self._join()
+        self._join()
 
     @property
     def routable(self) -> bool:
-        """Whether 1:1 claims route by the whole subject list of the map (none in parts)."""
-        if self.map is None:
-            return True
-        routes = self._routes
-        return routes is not None and routes.subjects_digest == self.map.subjects_digest
+        """Whether this replica routes by the newest map it accepted (none awaits its
+        subject list): else a sync is asked for, and a new replica is not ready yet."""
+        return self._pending is None
 
     def _join(self) -> None:
-        assert self.map is not None
-        if self.routable:
+        assert self._pending is not None
+        announced, issued_at = self._pending
+        try:
+            joined = self._subjects.join(announced)
+        except SubjectsError as exc:
+            log.warning("replica %s: %s; a sync sends the list again", self.agent.replica, exc)
             return
-        joined = self._subjects.join(self.map)
         if joined is not None:
-            self._routes, self._homes = joined, joined.subject_shards()
-            self._store()
+            self._pending = None
+            self._switch(joined, issued_at)
 
     def schedule_drops(self) -> None:
         """Blocks held whose home is now another shard: dropped after the grace."""
@@ -206,21 +228,12 @@ class ShardRole:
     def targets(self, subject: str | None) -> list[int]:
         """The shards a probe is searched on: every shard with blocks, or the subject's.
 
-        From lookups built once per map (`_route_by`), not a scan of the map's
+        From lookups built once per map (`_switch`), not a scan of the map's
         subjects and blocks per probe.
         """
         if subject is not None:
             return [self._homes.get(subject, self.shard)]
         return self._every or [self.shard]
-
-    def _route_by(self, shard_map: wire.ShardMap) -> None:
-        self.map = shard_map
-        self._every = sorted(set(shard_map.homes))
-        self._own = shard_map.blocks_of(self.shard)
-        if not shard_map.subject_parts:
-            self._routes, self._homes = shard_map, shard_map.subject_shards()
-        else:
-            self._join()
 
     async def consume(self) -> None:
         """Compete with the shard's other replicas for its searches."""
@@ -229,10 +242,27 @@ class ShardRole:
             await self.agent.transport.consume(
                 topology.shard_queue(self.shard),
                 instrumented(self.agent.role, "shard", self._on_search),
-                bindings=[(topology.shards, topology.shard_key(self.shard))],
+                bindings=self._bindings(self.shard),
                 prefetch=self.agent.settings.prefetch,
             )
         )
+        self._declared.add(self.shard)
+
+    def _bindings(self, shard: int) -> list[tuple[str, str]]:
+        topology = self.agent.transport.topology
+        return [(topology.shards, topology.shard_key(shard))]
+
+    async def _declare(self, shards: list[int]) -> None:
+        """Declare the queues of ``shards`` before searches are routed to them: a shard
+        none of whose replicas has consumed yet (one starting, one added) would have no
+        queue, and the broker would drop its searches; declared, they wait for it."""
+        topology = self.agent.transport.topology
+        for shard in shards:
+            if shard not in self._declared:
+                await self.agent.transport.declare(
+                    topology.shard_queue(shard), bindings=self._bindings(shard)
+                )
+                self._declared.add(shard)
 
     def stop(self) -> None:
         """Cancel the pending drops (a restart finds the map and schedules them again)."""
@@ -296,7 +326,9 @@ class ShardRole:
             )
         )
         topology = self.agent.transport.topology
-        for shard in self.targets(request.subject):
+        targets = self.targets(request.subject)
+        await self._declare(targets)
+        for shard in targets:
             search = wire.ShardSearch(
                 probe_id=request.probe_id,
                 subject=request.subject,
@@ -381,6 +413,8 @@ class ShardRole:
             return [(None, 1.0, edge)]
         if search.dims_start < 0 or search.dims_stop != stop or stop > search.dimensions:
             raise ConfigError(f"{name}: the piece's dimensions")
+        if edge.norm is not None and search.dims_start != 0:
+            raise ConfigError(f"{name}: only the piece at dimension 0 carries the norm")
         return [(None, 1.0, dataclasses.replace(edge, dimensions=search.dimensions))]
 
     async def _send(
@@ -420,3 +454,10 @@ class ShardRole:
                 **{"shard": self.shard, "age": round(time.time() - request.submitted_at, 3)},
             },
         )
+
+
+def _announced(shard_map: wire.ShardMap) -> wire.ShardMap:
+    """``shard_map`` as its context announced it (a list sent in parts left out)."""
+    if not shard_map.subject_parts:
+        return shard_map
+    return dataclasses.replace(shard_map, subjects=(), subject_homes=())

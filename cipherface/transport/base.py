@@ -268,6 +268,10 @@ class Transport(Protocol):
     ) -> None:
         """Publish a persistent message to an exchange of the topology."""
 
+    async def declare(self, queue: str, *, bindings: Sequence[tuple[str, str]] = ()) -> None:
+        """Declare a durable queue of the topology and its bindings without consuming it:
+        what is routed to it waits there for a consumer instead of being dropped."""
+
     async def consume(
         self,
         queue: str,

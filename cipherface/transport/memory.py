@@ -228,6 +228,12 @@ class MemoryTransport(TransportBase):
         headers = {**delivery.headers, REASON_HEADER: reason, SOURCE_HEADER: queue}
         self.broker.route(self.topology.dead_letter_exchange, replace(delivery, headers=headers))
 
+    async def declare(self, queue: str, *, bindings: Sequence[tuple[str, str]] = ()) -> None:
+        """Declare and bind a queue (messages routed to it wait for a consumer)."""
+        self._declare_queue(queue)
+        for exchange, pattern in bindings:
+            self.broker.bind(queue, exchange, pattern)
+
     async def consume(
         self,
         queue: str,
@@ -239,9 +245,7 @@ class MemoryTransport(TransportBase):
     ) -> _MemoryConsumer:
         """Declare, bind and consume a queue."""
         name = queue or self.topology.subscriber_queue()
-        self._declare_queue(name)
-        for exchange, pattern in bindings:
-            self.broker.bind(name, exchange, pattern)
+        await self.declare(name, bindings=bindings)
         consumer = _MemoryConsumer(self, name, handler, prefetch, exclusive)
         self._consumers.append(consumer)
         return consumer

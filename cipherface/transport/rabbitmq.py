@@ -415,6 +415,22 @@ class RabbitMQTransport(TransportBase):
             PUBLISH_TIMEOUT,
         )
 
+    async def declare(self, queue: str, *, bindings: Sequence[tuple[str, str]] = ()) -> None:
+        """Declare a durable queue and its bindings (on a channel of its own: a refused
+        declaration closes its channel), so what is routed to it waits for a consumer."""
+        if self._connection is None:
+            raise TransportError("transport is not connected")
+        try:
+            channel = await self._connection.channel()
+            try:
+                declared = await self._declare_queue(channel, queue)
+                for exchange, pattern in bindings:
+                    await declared.bind(exchange, routing_key=pattern)
+            finally:
+                await channel.close()
+        except _CONNECTION_ERRORS as exc:
+            raise TransportError(f"cannot declare {queue}: {exc}") from exc
+
     async def consume(
         self,
         queue: str,

@@ -403,8 +403,9 @@ class ShardMap:
             homes=_ints(data, "homes"),
             subjects=strings(data, "subjects"),
             subject_homes=_ints(data, "subject_homes"),
-            subjects_digest=field(data, "subjects_digest", str),
-            subject_parts=field(data, "subject_parts", int),
+            # Absent from maps of before the list went in parts: none is.
+            subjects_digest=of_type(data.get("subjects_digest", ""), str, "subjects_digest"),
+            subject_parts=of_type(data.get("subject_parts", 0), int, "subject_parts"),
         )
         if not 1 <= shard_map.shards <= MAX_SHARDS:
             raise WireFormatError(f"a shard map needs 1 to {MAX_SHARDS} shards")

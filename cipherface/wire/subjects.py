@@ -3,11 +3,10 @@
 With more than one shard a replica sends a 1:1 claim to its subject's shard alone,
 so it needs every subject's shard. At about 16 B a subject that list outgrows one
 message (4 MiB by default) near 250,000 subjects, long before a gallery needs its
-shards, and inside the context it would also ride with every enrollment. On-prem
-announces the list in the map instead (`ShardMap.subjects_digest`, ``subject_parts``)
-and sends it as `SubjectsPart` messages under the size limit, each signed like the
-context; a replica routes by it once every part is in and the whole hashes to the
-digest announced (`SubjectList`).
+shards. On-prem announces the list in the map instead (`ShardMap.subjects_digest`,
+``subject_parts``) and sends it as `SubjectsPart` messages under the size limit,
+each signed like the context; a replica routes by that map once every part is in
+and the whole hashes to the digest announced (`SubjectList`).
 """
 
 from __future__ import annotations
@@ -59,29 +58,27 @@ def split_subjects(shard_map: ShardMap, limit: int) -> tuple[ShardMap, list[Subj
 
 
 class SubjectList:
-    """A replica's assembly of the subject lists its maps announce.
-
-    A part may come before the context announcing it (a redelivered context is
-    requeued behind its parts), so parts are held by digest, for the ``keep`` most
-    recent digests only: an enrollment announces a new list, and an older one's
-    parts that never completed are dropped with it.
-    """
+    """A replica's assembly of the subject lists its maps announce, held by digest
+    for the ``keep`` most recent digests only (an older list's parts that never
+    completed are dropped with it)."""
 
     def __init__(self, *, keep: int = 2) -> None:
         self._held: dict[str, dict[int, SubjectsPart]] = {}
         self._keep = keep
 
     def add(self, part: SubjectsPart) -> None:
-        """Hold a part; `SubjectsError` for one that disagrees with its list's others."""
+        """Hold a part; `SubjectsError` for one that disagrees with its list's others
+        (a part of another split of the list starts the list over)."""
         name = f"subjects part {part.part} of {part.parts}"
         if not 0 <= part.part < part.parts:
             raise SubjectsError(f"{name}: out of range")
         if len(part.subjects) != len(part.subject_homes):
             raise SubjectsError(f"{name}: {len(part.subjects)} subjects but not as many shards")
         held = self._held.get(part.digest, {})
-        other = next(iter(held.values()), part)
-        if other.parts != part.parts:
-            raise SubjectsError(f"{name}: its list comes in {other.parts} parts")
+        if next(iter(held.values()), part).parts != part.parts:
+            # The same list split anew (on-prem restarted with another message cap):
+            # the parts held are of the old split, which will not be sent again.
+            held = {}
         if held.get(part.part, part) != part:
             raise SubjectsError(f"{name}: differs from the part held")
         held[part.part] = part

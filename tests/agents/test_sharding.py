@@ -13,14 +13,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from agents.cloud.agent import CloudAgent
-from agents.cloud.shards import ShardRole
 from agents.onprem.agent import OnPremAgent
 from cipherface import wire
 from cipherface.transport import REASON_HEADER
@@ -160,6 +157,25 @@ async def test_edge_probes_in_pieces_are_answered_across_shards(deployment: Depl
     # 1:N: every piece searched on both shards; the claim: on its shard only.
     assert clouds["r1"].shards.searches == pieces
     assert clouds["r0"].shards.searches == 2 * pieces
+
+
+async def test_a_search_waits_for_a_shard_none_of_whose_replicas_started_yet(
+    deployment: Deployment,
+) -> None:
+    """The replica fanning a probe out declares every target shard's queue: a search for
+    a shard with no replica yet waits for one (before, the broker dropped it, and the
+    probe was answered `partial` at the deadline)."""
+    onprem, clouds, watch = await _sharded(deployment, {"r0": 0}, gather_timeout=30.0)
+    subject = next(s for s in SUBJECTS if _home(onprem, s) == 1)
+    client = await deployment.client()
+    probe_id = await client.publish_probe(subject.encode())
+    while clouds["r0"].shards.searches == 0:
+        await asyncio.sleep(0.05)
+    _, probes = _vectors()
+    late = await deployment.cloud("r1", shard=1, embedder=SyntheticEmbedder(probes))
+    event = await watch.event(probe_id)
+    assert event.error is None and event.subject == subject and event.verified, event
+    assert not event.partial and late.shards.searches == 1
 
 
 async def test_a_shard_down_gives_a_partial_answer_at_the_deadline(
@@ -448,59 +464,3 @@ async def test_a_forged_search_is_checked_like_a_probe_never_decided_on(
     )
     cloud = next(c for c in clouds.values() if c.shards.shard == 0)
     assert cloud.shards._probes_of(lone, cloud.keyring) == [(None, 1.0, honest)]  # type: ignore[arg-type]
-
-
-def test_a_replayed_older_context_rolls_no_map_back(tmp_path: Path) -> None:
-    """Enrollments change a map's subjects without a new version: a redelivered
-    context issued earlier, at the same version, must not undo the newer map (nor
-    the copy a restarted replica reads)."""
-    agent = SimpleNamespace(
-        settings=SimpleNamespace(shard=0, cloud_dir=tmp_path), gallery=None, replica="r0"
-    )
-    older = wire.ShardMap(
-        version=1, shards=2, blocks=(0, 1), homes=(0, 1), subjects=("a",), subject_homes=(0,)
-    )
-    newer = dataclasses.replace(older, subjects=("a", "b"), subject_homes=(0, 1))
-
-    def context(shard_map: wire.ShardMap, issued_at: float) -> wire.ContextUpdate:
-        return wire.ContextUpdate(context=b"", issued_at=issued_at, shard_map=shard_map)
-
-    role = ShardRole(agent)  # type: ignore[arg-type]
-    role.take_map(context(newer, issued_at=200.0))
-    role.take_map(context(older, issued_at=100.0))
-    assert role.map == newer and role.targets("b") == [1]
-    restarted = ShardRole(agent)  # type: ignore[arg-type]
-    restarted.take_map(context(older, issued_at=100.0))
-    assert restarted.map == newer
-    role.take_map(context(dataclasses.replace(older, version=2), issued_at=100.0))
-    assert role.map is not None and role.map.version == 2  # a newer version wins
-
-
-def test_a_replica_routes_claims_by_a_subject_list_once_every_part_is_in(
-    tmp_path: Path,
-) -> None:
-    """The context announces the list; 1:1 claims keep the previous routes until its
-    parts are all in (in any order), and a restarted replica routes by it at once."""
-    agent = SimpleNamespace(
-        settings=SimpleNamespace(shard=0, cloud_dir=tmp_path), gallery=None, replica="r0"
-    )
-    subjects = tuple(f"s{i:06d}" for i in range(200_000))
-    homes = tuple(i % 2 for i in range(200_000))
-    before = wire.ShardMap(
-        version=1, shards=2, blocks=(0, 1), homes=(0, 1), subjects=("s000001",), subject_homes=(0,)
-    )
-    after = dataclasses.replace(before, subjects=subjects, subject_homes=homes)
-    role = ShardRole(agent)  # type: ignore[arg-type]
-    old, old_parts = wire.split_subjects(before, 1024 * 1024)
-    role.take_map(wire.ContextUpdate(context=b"", issued_at=100.0, shard_map=old))
-    role.take_subjects(*old_parts)
-    announced, parts = wire.split_subjects(after, 1024 * 1024)
-    assert len(parts) > 1
-    role.take_map(wire.ContextUpdate(context=b"", issued_at=200.0, shard_map=announced))
-    assert not role.routable and role.targets("s000001") == [0]  # the previous routes
-    for part in reversed(parts):
-        role.take_subjects(part)
-    assert role.routable and role.targets("s000001") == [1] and role.targets("s000002") == [0]
-    restarted = ShardRole(agent)  # type: ignore[arg-type]
-    assert restarted.routable and restarted.map == announced
-    assert restarted.targets("s000001") == [1]

@@ -98,6 +98,22 @@ async def test_a_replica_named_all_gets_a_broadcast_once(transport_pair: Pair) -
     assert [d.body for d in seen.deliveries] == [b"block"]
 
 
+async def test_a_declared_queue_keeps_what_is_routed_to_it_for_a_later_consumer(
+    transport_pair: Pair,
+) -> None:
+    producer, consumer_side = transport_pair
+    topology = producer.topology
+    queue, key = topology.shard_queue(1), topology.shard_key(1)
+    await producer.publish(topology.shards, key, b"dropped")  # no queue yet: nothing keeps it
+    await producer.declare(queue, bindings=[(topology.shards, key)])
+    await producer.publish(topology.shards, key, b"kept")
+    seen = Collector()
+    await consumer_side.consume(queue, seen, bindings=[(topology.shards, key)])
+    await seen.wait(1)
+    await asyncio.sleep(0.3)
+    assert [d.body for d in seen.deliveries] == [b"kept"]
+
+
 async def test_send_goes_through_the_work_queues_own_exchange(transport_pair: Pair) -> None:
     producer, consumer_side = transport_pair
     t = producer.topology
