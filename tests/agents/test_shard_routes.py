@@ -63,6 +63,8 @@ def test_a_replica_routes_claims_by_a_subject_list_once_every_part_is_in(
     assert len(parts) > 1
     role.take_map(wire.ContextUpdate(context=b"", issued_at=200.0, shard_map=announced))
     assert not role.routable and (role.version, role.targets("s000001")) == (1, [0])
+    midway = ShardRole(agent)  # type: ignore[arg-type]
+    assert midway.routable and (midway.version, midway.targets("s000001")) == (1, [0])
     role.take_subjects(old_parts[0])  # a replayed part of another list: not held
     for part in reversed(parts):
         role.take_subjects(part)
