@@ -37,6 +37,9 @@ from cipherface.wire.payloads import EncryptedBlock
 
 __all__ = ["EnrollmentBook"]
 
+#: Seconds a book waits for another connection's write before it fails.
+BUSY_TIMEOUT = 30.0
+
 _BOOK_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS templates (
@@ -102,8 +105,13 @@ class EnrollmentBook:
             if self.path is not None:
                 # Plaintext face embeddings: 0600 before SQLite (and its WAL) exist.
                 private_file(self.path)
+            # Waits up to BUSY_TIMEOUT for another process's write (the daemon and
+            # `cipherface enroll` opening one book at once), not SQLite's default 5 s,
+            # which a loaded host exceeded.
             self._db = sqlite3.connect(
-                ":memory:" if path is None else str(path), check_same_thread=False
+                ":memory:" if path is None else str(path),
+                check_same_thread=False,
+                timeout=BUSY_TIMEOUT,
             )
             # A removed template's embedding is overwritten with zeros, not left in
             # freed pages; `remove` also truncates the WAL that held its last copy.
