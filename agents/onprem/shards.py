@@ -31,6 +31,7 @@ from cipherface.sharding import Merged, ShardRouter, ShardView
 if TYPE_CHECKING:
     from agents.onprem.agent import OnPremAgent
     from agents.onprem.keys import KeySet
+    from cipherface.gallery.shards import ShardIndex
 
 __all__ = ["ShardKeeper"]
 
@@ -146,6 +147,11 @@ class ShardKeeper:
                     groups.setdefault(home, []).append(block)
             if shard is not None:
                 groups = {shard: groups.get(shard, [])}
+            public = keys.keyring.public_bytes(galois_keys=False, relin_keys=False)
+            # The map (and its subject list, signed) as shards get it: the active map, or
+            # the pending one for shards blocks move into. Each made once per publish,
+            # in a thread: at a million subjects the list takes seconds to lay out.
+            maps: dict[bool, tuple[wire.ShardMap, list[bytes]]] = {}
             for number, blocks in sorted(groups.items()):
                 if replica is not None:
                     key = topology.gallery_key(replica)
@@ -154,11 +160,11 @@ class ShardKeeper:
                 else:
                     key = topology.shard_key(number)
                 moving_in = number in index.target.values()
-                shard_map, subjects = wire.split_subjects(
-                    index.shard_map(pending=moving_in), agent.settings.max_message_size
-                )
+                if moving_in not in maps:
+                    maps[moving_in] = await finish_in_thread(self._announce, index, moving_in, keys)
+                shard_map, subjects = maps[moving_in]
                 context = wire.ContextUpdate(
-                    context=keys.keyring.public_bytes(galois_keys=False, relin_keys=False),
+                    context=public,
                     conjugation_key=keys.conjugation_key,
                     blocks=tuple(blocks),
                     issued_at=time.time(),
@@ -167,8 +173,7 @@ class ShardKeeper:
                 )
                 # The context first: a replica takes its map's subject list only once
                 # the context announcing it is accepted.
-                for message in (context, *subjects):
-                    body = agent._encode(message, keys)
+                for body in (agent._encode(context, keys), *subjects):
                     await agent.transport.publish(topology.gallery, key, body)
                 await self._ship(blocks, key, keys, None if replica else number)
             log.info(
@@ -177,6 +182,15 @@ class ShardKeeper:
                 extra={"fingerprint": keys.fingerprint, "replica": replica or "all"},
             )
             return len(ids)
+
+    def _announce(
+        self, index: ShardIndex, pending: bool, keys: KeySet
+    ) -> tuple[wire.ShardMap, list[bytes]]:
+        """The map a context carries, and its subject list's parts, signed."""
+        shard_map, parts = wire.split_subjects(
+            index.shard_map(pending=pending), self.agent.settings.max_message_size
+        )
+        return shard_map, [self.agent._encode(part, keys) for part in parts]
 
     async def _ship(self, ids: list[int], key: str, keys: KeySet, shard: int | None) -> None:
         """Blocks are encrypted (by `workers` processes) while earlier ones are sent;
