@@ -226,9 +226,10 @@ class PartError(WireFormatError):
 class SubjectsError(WireFormatError):
     """Parts of a sharded map's subject list that do not make the list announced.
 
-    Another map version or parts count than announced, a part out of range, or a
-    whole that does not hash to the announced digest: the part is dead-lettered
-    with this reason and 1:1 claims keep the routes held (`cipherface.wire.subjects`).
+    A part out of range or unlike the part held under its index is dead-lettered
+    with this reason; a whole that does not hash to the announced digest is dropped
+    and asked for again. Meanwhile the replica routes by the map before
+    (`cipherface.wire.subjects`).
     """
 
 

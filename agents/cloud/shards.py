@@ -53,6 +53,7 @@ from cipherface.metrics import instrumented
 from cipherface.sharding import SHIP_GRACE
 from cipherface.transport.base import Delivery
 from cipherface.wire.payloads import EncryptedProbe
+from cipherface.wire.pieces import check_piece
 
 if TYPE_CHECKING:
     from agents.cloud.agent import CloudAgent
@@ -376,7 +377,7 @@ class ShardRole:
                 faces, timings["search"] = await asyncio.to_thread(
                     search_faces, probes, gallery, search.subject, search.dims_start
                 )
-        except (KeyMismatchError, ConfigError, TooManyFacesError) as exc:
+        except (KeyMismatchError, ConfigError, TooManyFacesError, WireFormatError) as exc:
             await agent._reject(search, type(exc).__name__, str(exc), keyring, search.request)
             return
         await self._send(search, faces, check, timings, search.request, keyring, search.map_version)
@@ -403,19 +404,22 @@ class ShardRole:
         keyring.check(edge.fingerprint)
         if search.faces:
             raise ConfigError(f"{name}: an edge probe and faces")
-        if not 0 <= search.piece < search.pieces:
-            raise ConfigError(f"{name}: piece {search.piece} of {search.pieces}")
-        stop = search.dims_start + len(edge.columns)
-        if search.pieces == 1:
-            # Dimensions as a lone piece of the client's states them, or none at all.
-            if search.dims_start != 0 or {search.dims_stop, search.dimensions} - {0, stop}:
-                raise ConfigError(f"{name}: a whole probe starts at dimension 0")
-            return [(None, 1.0, edge)]
-        if search.dims_start < 0 or search.dims_stop != stop or stop > search.dimensions:
+        columns = len(edge.columns)
+        # A whole probe from the queue is fanned out without dimensions (all zero).
+        whole = search.pieces == 1 and (search.dims_stop, search.dimensions) == (0, 0)
+        dimensions = columns if whole else search.dimensions
+        if not whole and search.dims_stop != search.dims_start + columns:
             raise ConfigError(f"{name}: the piece's dimensions")
-        if edge.norm is not None and search.dims_start != 0:
-            raise ConfigError(f"{name}: only the piece at dimension 0 carries the norm")
-        return [(None, 1.0, dataclasses.replace(edge, dimensions=search.dimensions))]
+        check_piece(
+            name,
+            piece=search.piece,
+            pieces=search.pieces,
+            start=search.dims_start,
+            columns=columns,
+            dimensions=dimensions,
+            norm=edge.norm is not None,
+        )
+        return [(None, 1.0, dataclasses.replace(edge, dimensions=dimensions))]
 
     async def _send(
         self,

@@ -21,7 +21,7 @@ from cipherface.wire.chunks import ENVELOPE_ALLOWANCE, pack, packed_size
 from cipherface.wire.messages import EncryptedProbePart, EncryptedProbeRequest, request_digest
 from cipherface.wire.payloads import EncryptedProbe
 
-__all__ = ["piece_probe", "probe_digest", "probe_pieces", "split_probe"]
+__all__ = ["check_piece", "piece_probe", "probe_digest", "probe_pieces", "split_probe"]
 
 #: msgpack's header of one ``bin`` item (bin 32).
 _BIN_HEADER = 5
@@ -107,23 +107,17 @@ def probe_pieces(dimensions: int, column_bytes: int, limit: int, norm_bytes: int
 
 
 def piece_probe(part: EncryptedProbePart) -> EncryptedProbe:
-    """The piece's ciphertexts as the (partial) probe a replica scores from ``part.start``.
-
-    `WireFormatError` for a piece no edge makes: out of its own count, dimensions
-    out of range, no dimension, a lone piece short of the whole, or the norm
-    outside the piece starting at 0.
-    """
-    name = f"piece {part.piece} of probe {part.probe_id}"
-    if not 0 <= part.piece < part.pieces:
-        raise WireFormatError(f"{name}: not within its {part.pieces} piece(s)")
-    end = part.start + len(part.columns)
-    if not part.columns or part.start < 0 or end > part.dimensions:
-        raise WireFormatError(f"{name}: dimensions {part.start}..{end - 1} of {part.dimensions}")
-    if part.pieces == 1 and (part.start, end) != (0, part.dimensions):
-        # Answered as a whole probe: from an offset, its scores would miss terms.
-        raise WireFormatError(f"{name}: a probe in one piece covers every dimension")
-    if part.norm is not None and part.start != 0:
-        raise WireFormatError(f"{name}: only the piece starting at dimension 0 carries the norm")
+    """The piece's ciphertexts as the (partial) probe a replica scores from ``part.start``;
+    `WireFormatError` for a piece no edge makes (`check_piece`)."""
+    check_piece(
+        f"piece {part.piece} of probe {part.probe_id}",
+        piece=part.piece,
+        pieces=part.pieces,
+        start=part.start,
+        columns=len(part.columns),
+        dimensions=part.dimensions,
+        norm=part.norm is not None,
+    )
     return EncryptedProbe(
         fingerprint=part.fingerprint,
         metric=part.metric,
@@ -131,3 +125,24 @@ def piece_probe(part: EncryptedProbePart) -> EncryptedProbe:
         columns=part.columns,
         norm=part.norm,
     )
+
+
+def check_piece(
+    name: str, *, piece: int, pieces: int, start: int, columns: int, dimensions: int, norm: bool
+) -> None:
+    """`WireFormatError` for a piece no edge makes: out of its own count, dimensions
+    out of range, no dimension, a lone piece short of the whole (answered as a whole
+    probe, its scores would miss the terms of the dimensions it lacks), or the norm
+    outside the piece starting at 0. For a piece from the queue and one a replica
+    fans out to a shard (`ShardSearch`) alike."""
+    if not 0 <= piece < pieces:
+        raise WireFormatError(f"{name}: piece {piece} of {pieces}, not within its count")
+    end = start + columns
+    if pieces == 1 and (start, end) != (0, dimensions):
+        raise WireFormatError(
+            f"{name}: a probe in one piece starts at dimension 0 and covers every dimension"
+        )
+    if not columns or start < 0 or end > dimensions:
+        raise WireFormatError(f"{name}: dimensions {start}..{end - 1} of {dimensions}")
+    if norm and start != 0:
+        raise WireFormatError(f"{name}: only the piece starting at dimension 0 carries the norm")
