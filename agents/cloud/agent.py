@@ -407,6 +407,8 @@ class CloudAgent:
             # Only while a key rotation swaps the gallery: try again shortly.
             raise TransportError("the gallery is being replaced")
         digest = digest_of(request, delivery.body)
+        # Once per probe, here: not again for each shard's search of it.
+        PROBE_AGE.labels(self.role).observe(max(time.time() - request.submitted_at, 0.0))
         if await self._admitted(request, keyring, digest):
             async with self.searching(gallery):
                 await self.shards.search(request, gallery, keyring, digest)
@@ -417,7 +419,6 @@ class CloudAgent:
         """Whether a probe (or a shard's search of one) may be searched; else its error
         event is sent: a refused probe id or subject, or one older than its TTL."""
         age = time.time() - request.submitted_at
-        PROBE_AGE.labels(self.role).observe(max(age, 0.0))
         ttl = self.settings.probe_ttl
         refused = wire.refusal(request)
         if refused is None and ttl and age > ttl:
