@@ -31,14 +31,12 @@ from cipherface.exceptions import ConfigError, KeyMismatchError, SecretKeyError,
 from cipherface.gallery.consistency import decoy_rows
 from cipherface.gallery.packing import _check_norm, _encrypt_columns, _Seal
 from cipherface.gallery.shards import ShardIndex
+from cipherface.gallery.sqlite import open_shared
 from cipherface.gallery.workers import _encrypt_in_worker, _init_encryptor
 from cipherface.private import private_file
 from cipherface.wire.payloads import EncryptedBlock
 
 __all__ = ["EnrollmentBook"]
-
-#: Seconds a book waits for another connection's write before it fails.
-BUSY_TIMEOUT = 30.0
 
 _BOOK_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -105,25 +103,21 @@ class EnrollmentBook:
             if self.path is not None:
                 # Plaintext face embeddings: 0600 before SQLite (and its WAL) exist.
                 private_file(self.path)
-            # Waits up to BUSY_TIMEOUT for another process's write (the daemon and
-            # `cipherface enroll` opening one book at once), not SQLite's default 5 s,
-            # which a loaded host exceeded.
-            self._db = sqlite3.connect(
-                ":memory:" if path is None else str(path),
-                check_same_thread=False,
-                timeout=BUSY_TIMEOUT,
-            )
-            # A removed template's embedding is overwritten with zeros, not left in
-            # freed pages; `remove` also truncates the WAL that held its last copy.
-            self._db.execute("PRAGMA secure_delete=ON")
-            if path is not None:
-                self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_BOOK_SCHEMA)
-            self._check_meta()
+            self._db = open_shared(self.path, self._prepare)
             self.shards = ShardIndex(self._db, self.capacity)
             self._load_index()
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the enrollment book at {path}: {exc}") from exc
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        # A removed template's embedding is overwritten with zeros, not left in
+        # freed pages; `remove` also truncates the WAL that held its last copy.
+        db.execute("PRAGMA secure_delete=ON")
+        if self.path is not None:
+            db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(_BOOK_SCHEMA)
+        self._check_meta()
 
     def _changes_seen(self) -> int:
         return int(self._db.execute("PRAGMA data_version").fetchone()[0])
