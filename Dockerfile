@@ -4,6 +4,9 @@ FROM python:3.11-slim
 WORKDIR /app
 # DeepFace's weights live in the image, readable by the runtime user.
 ENV DEEPFACE_HOME=/opt/deepface CIPHERFACE_DATA_DIR=/data
+# numba caches the gallery kernel's compiled loops; site-packages and $HOME are not
+# the runtime user's to write.
+ENV NUMBA_CACHE_DIR=/tmp/numba-cache
 COPY pyproject.toml README.md ./
 COPY cipherface ./cipherface
 COPY agents ./agents

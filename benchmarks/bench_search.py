@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         probe = probes[0]
         cloud, scores = _timed(lambda p=probe: gallery.search(p), args.repeat)
         on_prem, matches = _timed(lambda s=scores: rank(keys, book, s, top_k=5), args.repeat)
-        batch, _ = _timed(lambda p=probes: gallery.search_many(list(p)), 1)
+        batch, _ = _timed(lambda p=probes: gallery.search_many(list(p)), args.repeat)
         edge_probe = encrypt_probe(public, probe, metric)
         edge, edge_scores = _timed(lambda p=edge_probe: gallery.search(p))
         check = prove_probe(public, conjugation, edge_probe)

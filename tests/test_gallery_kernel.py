@@ -12,7 +12,13 @@ import tenseal.sealapi as sealapi
 from cipherface.crypto import Keyring, Metric, prepare_embedding
 from cipherface.exceptions import CiphertextError, ConfigError
 from cipherface.gallery import EncryptedGallery, EnrollmentBook, rank
-from cipherface.gallery.kernel import ModularProduct, Writer, coefficients, limb_planes
+from cipherface.gallery.kernel import (
+    _FUSED_PROBES,
+    ModularProduct,
+    Writer,
+    coefficients,
+    limb_planes,
+)
 from cipherface.gallery.packing import _Seal, _weights
 from cipherface.wire.payloads import EncryptedBlock
 
@@ -20,14 +26,15 @@ from cipherface.wire.payloads import EncryptedBlock
 PRIME = 1152921504606748673
 
 
+@pytest.mark.parametrize("probes", [1, _FUSED_PROBES, _FUSED_PROBES + 1, 33])
 @pytest.mark.parametrize("bits", [20, 29, 31, 36])
-def test_modular_product_is_exact_against_python_integers(bits: int) -> None:
-    """Small weights take the paired-limb path, large ones the per-limb path and
-    several column groups; signs both ways."""
-    rng = np.random.default_rng(bits)
+def test_modular_product_is_exact_against_python_integers(bits: int, probes: int) -> None:
+    """Both kernels (the fused loop for a few probes, BLAS for more), small weights
+    and large ones that need several column groups; signs both ways."""
+    rng = np.random.default_rng(bits + probes)
     product = ModularProduct(PRIME)
     columns = rng.integers(0, PRIME, size=(40, 64), dtype=np.uint64)
-    weights = rng.integers(-(2**bits), 2**bits, size=(5, 40), dtype=np.int64)
+    weights = rng.integers(-(2**bits), 2**bits, size=(probes, 40), dtype=np.int64)
     expected = [
         [
             sum(int(w) * int(c) for w, c in zip(row, columns[:, k], strict=True)) % PRIME
@@ -91,7 +98,10 @@ def test_search_many_equals_seal_bit_for_bit(
         vectors *= 2.5
     book = EnrollmentBook(keys, metric, 32)
     book.add_many((f"s{i}", v, f"t{i}") for i, v in enumerate(vectors))
-    probes = [vectors[i] + 0.01 * rng.standard_normal(32) for i in (7, 8200, 40)]
+    # More probes than the fused loop takes: the batch runs on BLAS, `alone` fused.
+    rows = (7, 8200, 40, 1, 2, 3, 4, 5)
+    assert len(rows) > _FUSED_PROBES
+    probes = [vectors[i] + 0.01 * rng.standard_normal(32) for i in rows]
     seal = _Seal(public)
     blocks = list(book.encrypt_blocks())
     with EncryptedGallery(public, workers=workers) as gallery:
@@ -99,7 +109,7 @@ def test_search_many_equals_seal_bit_for_bit(
             gallery.put(block)
         batched = gallery.search_many(probes)
         alone = gallery.search(probes[1])
-    assert [len(b) for b in batched] == [2, 2, 2]
+    assert [len(b) for b in batched] == [2] * len(rows)
     for probe, scores in zip(probes, batched, strict=True):
         for block, result in zip(blocks, scores, strict=True):
             assert (result.block_id, result.version) == (block.block_id, block.version)

@@ -42,6 +42,9 @@ from cipherface.gallery.packing import (
 
 __all__: list[str] = []
 
+#: Distinct constants kept encoded (euclidean's ``||p||^2`` differs per probe).
+_CACHED_CONSTANTS = 64
+
 _worker_seal: list[tuple[_Seal, Metric]] = []
 
 
@@ -71,10 +74,14 @@ class _Engine:
         self.blocks: dict[int, tuple[int, np.ndarray, bool]] = {}
         prime = self.seal.context.last_context_data().parms().coeff_modulus()[0].value()
         self.product = ModularProduct(prime)
+        self.product.warm()
         #: Serializers of a score, a column (scale 2^25) and a norm column (2^50).
         self.writer: Writer | None = None
         self._column_writer: Writer | None = None
         self._norm_writer: Writer | None = None
+        #: A metric's constant (2 for euclidean_l2, 1 for cosine) is every probe's:
+        #: encoded once, not once per probe.
+        self._constants: dict[float, np.ndarray] = {}
 
     def put(
         self, block_id: int, version: int, columns: Sequence[bytes], norms: bytes | None
@@ -195,7 +202,14 @@ class _Engine:
         """NTT coefficients of the plaintext ``value (1 + i)`` at scale 2^50 (zeros for 0)."""
         if not value:
             return np.zeros(self.seal.slots * 2, dtype=np.uint64)
-        return plain_coefficients(self.seal.plain(value * _BOTH_PARTS, _SCORE_SCALE))
+        cached = self._constants.get(value)
+        if cached is None:
+            plain = self.seal.plain(value * _BOTH_PARTS, _SCORE_SCALE)
+            cached = plain_coefficients(self.seal, plain)
+            if len(self._constants) >= _CACHED_CONSTANTS:
+                self._constants.clear()
+            self._constants[value] = cached
+        return cached
 
     def _combine(self, columns: list[Any], probe: list[Any], encrypted: bool) -> Any:
         evaluator = self.seal.evaluator
