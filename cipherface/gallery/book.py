@@ -17,7 +17,7 @@ import secrets
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,20 +322,26 @@ class EnrollmentBook:
         return decoy_rows(self._decoy_seed, block_id, positions, self.dimensions)
 
     def embeddings(
-        self, block_id: int, positions: Sequence[int]
-    ) -> dict[int, tuple[str, np.ndarray]]:
-        """Position -> (template id, embedding) for those of ``positions`` holding a template."""
-        found: dict[int, tuple[str, np.ndarray]] = {}
-        wanted = sorted(set(positions))
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for slot, template_id, blob in self._db.execute(
-                f"SELECT slot, template_id, embedding FROM templates "
-                f"WHERE block = ? AND slot IN ({marks})",
-                (block_id, *chunk),
+        self, wanted: Mapping[int, Iterable[int]]
+    ) -> dict[tuple[int, int], tuple[str, np.ndarray]]:
+        """(block, position) -> (template id, embedding), for the positions holding one.
+
+        ``wanted`` maps block ids to positions. One indexed query covers every block:
+        the consistency fit samples two or three positions in each of 123 blocks at
+        a million templates, and a query per block cost 15 ms of each probe.
+        """
+        pairs = sorted({(block, slot) for block, slots in wanted.items() for slot in slots})
+        found: dict[tuple[int, int], tuple[str, np.ndarray]] = {}
+        for start in range(0, len(pairs), 500):
+            chunk = pairs[start : start + 500]
+            rows = ",".join(["(?, ?)"] * len(chunk))
+            for block, slot, template_id, blob in self._db.execute(
+                f"WITH wanted(block, slot) AS (VALUES {rows}) "
+                "SELECT t.block, t.slot, t.template_id, t.embedding FROM wanted "
+                "JOIN templates AS t ON t.block = wanted.block AND t.slot = wanted.slot",
+                [value for pair in chunk for value in pair],
             ):
-                found[slot] = (template_id, np.frombuffer(blob, dtype=np.float64))
+                found[(block, slot)] = (template_id, np.frombuffer(blob, dtype=np.float64))
         return found
 
     def _ship(

@@ -135,24 +135,30 @@ def _check_fit(
     if not decrypted:
         return
     per_block = max(fit_sample_size(book.dimensions) // len(decrypted), 1)
+    enrolled: dict[int, list[int]] = {}
+    empty: dict[int, list[int]] = {}
+    for item in decrypted:
+        block_id, ids = item.block.block_id, item.layout.template_ids
+        positions = set(sample(book.capacity, per_block).tolist()) | released.get(block_id, set())
+        enrolled[block_id] = sorted(k for k in positions if k < len(ids) and ids[k])
+        empty[block_id] = sorted(k for k in positions if k >= len(ids) or not ids[k])
+    held = book.embeddings(enrolled)
     vectors: list[np.ndarray] = []
     values: list[float] = []
     for item in decrypted:
         block_id, ids = item.block.block_id, item.layout.template_ids
-        positions = set(sample(book.capacity, per_block).tolist()) | released.get(block_id, set())
-        held = book.embeddings(block_id, [k for k in positions if k < len(ids) and ids[k]])
-        empty = sorted(k for k in positions if k >= len(ids) or not ids[k])
-        if empty:
+        if empty[block_id]:
             rows = (
-                book.decoys(block_id, empty)
+                book.decoys(block_id, empty[block_id])
                 if item.layout.decoys
-                else np.zeros((len(empty), book.dimensions))
+                else np.zeros((len(empty[block_id]), book.dimensions))
             )
             vectors.extend(rows)
-            values.extend(item.values[empty])
-        for position, (template_id, vector) in held.items():
-            if template_id == ids[position]:  # not replaced since it was shipped
-                vectors.append(vector)
+            values.extend(item.values[empty[block_id]])
+        for position in enrolled[block_id]:
+            entry = held.get((block_id, position))
+            if entry is not None and entry[0] == ids[position]:  # not replaced since shipped
+                vectors.append(entry[1])
                 values.append(float(item.values[position]))
     check_consistency(book.metric, np.asarray(vectors), np.asarray(values), edge=edge)
 

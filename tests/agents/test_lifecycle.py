@@ -51,7 +51,7 @@ async def test_remove_republishes_erases_and_list_shows_versions(
     onprem, cloud = deployment.agents[0], deployment.agents[1]
     assert isinstance(onprem, OnPremAgent) and isinstance(cloud, CloudAgent)
     block, slot = onprem.book.slot_of("A")
-    [(_, embedding)] = onprem.book.embeddings(block, [slot]).values()
+    [(_, embedding)] = onprem.book.embeddings({block: [slot]}).values()
     needle = embedding.tobytes()
     # Sanity: the scan finds the embedding while it is enrolled.
     assert _files_holding(deployment.settings.onprem_dir, needle)
