@@ -1,8 +1,8 @@
 """Install time and size: ``pip install .`` into a fresh venv, as a user would.
 
 Prints the wall time of the install (pip's cache as it is: warm after
-``make install``) and the size of the venv it produced, the figures the README
-quotes.
+``make install``), the size of the venv it produced and its largest packages,
+the figures the README quotes.
 
 Run:  python benchmarks/bench_install.py [--extras bench]
 """
@@ -48,11 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         elapsed = time.perf_counter() - start
         size = _size(venv)
+        [site] = venv.glob("lib/python*/site-packages")
+        largest = sorted(((_size(p), p.name) for p in site.iterdir() if p.is_dir()), reverse=True)
     print(
         f"install (pip install {'.[' + args.extras + ']' if args.extras else '.'}, Python "
         f"{sys.version_info.major}.{sys.version_info.minor}, pip cache as found): "
         f"{elapsed:.0f} s, {size / 1e6:.0f} MB"
     )
+    print("largest packages: " + ", ".join(f"{n} {b / 1e6:.0f} MB" for b, n in largest[:8]))
     return 0
 
 
