@@ -7,9 +7,10 @@ The cloud holds only a public keyring. Measured on the 2-core benchmark machine
   of a block's 128 columns as an exact matrix product mod q, about 2.2 ms per
   block of 8192 templates for one probe (a compiled loop reading the block once;
   BLAS took 6 ms, SEAL's 128 ``multiply_plain`` 8 ms) and about 24 ms for 32
-  probes in one pass (BLAS), on one idle core, blocks out of cache. Workers keep each block once, as 16-bit limb planes (about 2.1 KB
-  per 128-d template in memory: 1.1 GB per million per worker, not 2.6 GB as
-  when SEAL ciphertexts were kept beside them).
+  probes in one pass (BLAS), on one idle core, blocks out of cache. Workers keep
+  each block once, as 16-bit limb planes (about 2.1 KB per 128-d template in
+  memory: 1.1 GB per million per worker, not 2.6 GB as when SEAL ciphertexts
+  were kept beside them).
   An encrypted probe (``d`` ciphertexts, each one probe component in every slot,
   made with the public key at the edge) costs 128 ciphertext products, left
   unrelinearised, on the block's ciphertexts rebuilt from its planes for the

@@ -15,8 +15,8 @@ Exactness: coefficients (< 2^60) are split into four 16-bit limbs; a limb
 product summed over a group of columns stays below 2^53, so float64 arithmetic
 is exact, in any order of summation. Limbs recombine as
 ``S0 + 2^16 (S1 + 2^16 (S2 + 2^16 S3)) mod q`` with ``2^60 mod q`` small (SEAL's
-60-bit primes sit just below 2^60). The result is
-the very residue SEAL computes: tests compare it bit for bit.
+60-bit primes sit just below 2^60). The result is the very residue SEAL computes:
+tests compare it bit for bit.
 
 The cloud keeps each block's coefficients resident as 16-bit limb planes
 (`limb_planes`) and nothing else: the same eight bytes per coefficient as a SEAL
@@ -134,7 +134,7 @@ class ModularProduct:
 
     Two exact kernels, chosen by the number of probes: a few probes (one is the
     usual live search) are memory-bound, so `_fused` reads the 16-bit planes once
-    and accumulates in registers, with no float64 copy of the block; many probes
+    into float64 sums that stay in cache, with no float64 copy of the block; many probes
     are compute-bound, so BLAS forms each limb's sums and `_recombine` reduces
     them in one pass instead of a dozen numpy passes over int64 arrays.
     """
