@@ -209,7 +209,7 @@ def _answer(
         subject=None,
         faces=(wire.FaceScores(box=None, confidence=1.0, scores=blocks),),
         request=wire.request_digest(probe_id.encode()),
-        submitted_at=float(round(time.time())),  # the same in both shards answers
+        submitted_at=time.time(),
         timings={},
         shard=cloud.shards.shard,
         map_version=onprem.book.shards.version,
@@ -229,25 +229,34 @@ async def test_a_forged_shard_answer_is_an_error_never_a_decision(
     vector = _vectors()[1]["ann"]
     [own0] = r0.gallery.search(vector)  # type: ignore[union-attr]
     [own1] = r1.gallery.search(vector)  # type: ignore[union-attr]
+    # Both shards' answers to a probe carry the same submission time, or on-prem
+    # refuses them as disagreeing before the check under test: fixed once, here.
+    submitted_at = float(round(time.time()))
+
+    def answer(
+        cloud: CloudAgent, probe_id: str, blocks: tuple[BlockScores, ...], **changes: object
+    ) -> bytes:
+        return _answer(onprem, cloud, probe_id, blocks, submitted_at=submitted_at, **changes)
+
     forged = {
         # shard 1 scores shard 0's block
-        "other": [_answer(onprem, r0, "other", (own0,)), _answer(onprem, r1, "other", (own0,))],
+        "other": [answer(r0, "other", (own0,)), answer(r1, "other", (own0,))],
         # a block that is nobody's
         "wrong": [
-            _answer(onprem, r0, "wrong", (own0,)),
-            _answer(onprem, r1, "wrong", (dataclasses.replace(own1, block_id=42),)),
+            answer(r0, "wrong", (own0,)),
+            answer(r1, "wrong", (dataclasses.replace(own1, block_id=42),)),
         ],
         # shard 0 answers twice, on other blocks
-        "twice": [_answer(onprem, r0, "twice", (own0,)), _answer(onprem, r0, "twice", ())],
+        "twice": [answer(r0, "twice", (own0,)), answer(r0, "twice", ())],
         # a map version on-prem never issued
         "old": [
-            _answer(onprem, r0, "old", (own0,), map_version=7),
-            _answer(onprem, r1, "old", (own1,), map_version=7),
+            answer(r0, "old", (own0,), map_version=7),
+            answer(r1, "old", (own1,), map_version=7),
         ],
         # shard 0's replica answers for shard 1, with shard 1's own scores
         "posing": [
-            _answer(onprem, r0, "posing", (own1,), shard=1),
-            _answer(onprem, r0, "posing", (own0,)),
+            answer(r0, "posing", (own1,), shard=1),
+            answer(r0, "posing", (own0,)),
         ],
     }
     reasons = {
@@ -267,8 +276,8 @@ async def test_a_forged_shard_answer_is_an_error_never_a_decision(
         assert not event.verified and event.distance is None and not event.faces
     # Past the grace for blocks just shipped, an answer missing one of its blocks.
     onprem.shards.router.grace = 0.0
-    await _result(deployment, _answer(onprem, r0, "short", (own0,)))
-    await _result(deployment, _answer(onprem, r1, "short", ()))
+    await _result(deployment, answer(r0, "short", (own0,)))
+    await _result(deployment, answer(r1, "short", ()))
     event = await watch.event("short")
     assert event.error and "misses block" in event.error, event
 
