@@ -27,6 +27,7 @@ know which library failed underneath::
     │   ├── ChunkError                a block chunk that does not fit its block
     │   ├── PartError                 a part of a probe's scores that does not fit its probe
     │   └── SubjectsError             parts of a shard map's subjects that do not make it
+    ├── GalleryWorkerError            a gallery worker died on a request, twice
     ├── ProbeTimeout(TimeoutError)    no event for a probe within the time given
     ├── TransportError                the broker could not be reached or used
     │   └── MissingResourceError      a queue/exchange another role declares is absent
@@ -43,6 +44,7 @@ __all__ = [
     "CryptoError",
     "EmbeddingCrashedError",
     "EmbeddingError",
+    "GalleryWorkerError",
     "ImageDecodeError",
     "IntegrityError",
     "KeyMismatchError",
@@ -184,6 +186,15 @@ class EmbeddingCrashedError(EmbeddingError):
 
     The image may be what crashed it, so the probe is answered with this error
     rather than retried; the replica itself keeps running.
+    """
+
+
+class GalleryWorkerError(CipherFaceError):
+    """A gallery worker process died (killed, out of memory, a native fault).
+
+    The gallery starts a new worker, reinstalls that worker's blocks from its
+    store and tries the request once more; this is raised when the new worker
+    dies on it too (the request itself is what kills it).
     """
 
 

@@ -7,16 +7,23 @@ bit for bit, what SEAL computes on the ciphertexts on-prem shipped.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import signal
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import tenseal.sealapi as sealapi
 
 from cipherface.crypto import Keyring, Metric
-from cipherface.gallery import EnrollmentBook, encrypt_probe
+from cipherface.exceptions import CiphertextError
+from cipherface.gallery import EncryptedGallery, EnrollmentBook, encrypt_probe, rank
 from cipherface.gallery.kernel import coefficients, coefficients_of, limb_planes
 from cipherface.gallery.packing import _Seal, _weights
 from cipherface.gallery.workers import _Engine
+from cipherface.store import GalleryStore
 from cipherface.wire.payloads import EncryptedBlock
 
 _VALUE, _SCORE = 2.0**25, 2.0**50
@@ -102,3 +109,50 @@ def _products(seal: _Seal, block: EncryptedBlock, matrix: np.ndarray) -> Any:
         seal.evaluator.multiply_plain(seal.load(column), seal.plain(row.tolist(), _VALUE), term)
         terms.append(term)
     return _sum(seal, terms)
+
+
+def _two_blocks(keys: Keyring) -> tuple[EnrollmentBook, np.ndarray]:
+    rng = np.random.default_rng(12)
+    vectors = rng.standard_normal((8192 + 10, 16))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    book = EnrollmentBook(keys, Metric.EUCLIDEAN_L2, 16)
+    book.add_many((f"s{i}", v, f"t{i}") for i, v in enumerate(vectors))
+    return book, vectors
+
+
+def test_a_failed_search_leaves_no_reply_behind(keys: Keyring, public: Keyring) -> None:
+    """A forged edge probe's bytes fail in both workers, and the next probes get their own
+    scores: the second worker's error reply used to stay in its pipe and answer the next
+    search, so every later probe was ranked on the scores of the probe before it."""
+    book, vectors = _two_blocks(keys)
+    probe = encrypt_probe(public, vectors[3], Metric.EUCLIDEAN_L2)
+    forged = dataclasses.replace(probe, columns=tuple(b"not a ciphertext" for _ in probe.columns))
+    with EncryptedGallery(public, workers=2) as gallery:
+        for block in book.encrypt_blocks():
+            gallery.put(block)
+        with pytest.raises(CiphertextError):
+            gallery.search(forged)
+        for target in (7, 8200, 9):
+            scores = gallery.search(vectors[target])
+            assert rank(keys, book, scores)[0].subject == f"s{target}"
+
+
+def test_a_killed_worker_is_replaced_with_its_blocks(
+    keys: Keyring, public: Keyring, tmp_path: Path
+) -> None:
+    """kill -9 of a gallery worker: the search that meets it is answered all the same, over
+    every block, by a new worker holding the dead one's blocks again (from the store)."""
+    book, vectors = _two_blocks(keys)
+    with (
+        GalleryStore(tmp_path / "gallery.sqlite3") as store,
+        EncryptedGallery(public, store, workers=2) as gallery,
+    ):
+        for block in book.encrypt_blocks():
+            gallery.put(block)
+        victim = gallery._shards[1]._process
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(timeout=10)
+        scores = gallery.search(vectors[8200])
+        assert [s.block_id for s in scores] == [0, 1]
+        assert rank(keys, book, scores)[0].subject == "s8200"
+        assert gallery._shards[1]._process.pid != victim.pid

@@ -29,6 +29,7 @@ The cloud holds only a public keyring. Measured on the 2-core benchmark machine
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from cipherface.crypto import Keyring, Metric, prepare_embedding
-from cipherface.exceptions import ConfigError
+from cipherface.exceptions import CipherFaceError, ConfigError, GalleryWorkerError
 from cipherface.gallery.batching import SearchBatcher
 from cipherface.gallery.book import _Shipped
 from cipherface.gallery.packing import _check_norm, _weights
@@ -45,6 +46,8 @@ from cipherface.store import GalleryStore
 from cipherface.wire.payloads import BlockScores, EncryptedBlock, EncryptedProbe
 
 __all__ = ["EncryptedGallery"]
+
+log = logging.getLogger(__name__)
 
 
 class EncryptedGallery:
@@ -145,9 +148,18 @@ class EncryptedGallery:
         for block_id in block_ids:
             by_shard.setdefault(block_id % len(self._shards), []).append(block_id)
         with self._lock:
-            for index, ids in by_shard.items():
-                self._shards[index].send(method, *args, ids)
-            replies = [self._shards[index].receive() for index in by_shard]
+            try:
+                replies = self._exchange(method, args, by_shard)
+            except GalleryWorkerError:
+                # The dead worker was replaced, holding its blocks again: one more try,
+                # so a search outlives a worker killed under it (one that kills it
+                # again fails). Blocks that could not come back are not asked for.
+                held = {
+                    index: kept
+                    for index, ids in by_shard.items()
+                    if (kept := [b for b in ids if b in self._layouts])
+                }
+                replies = self._exchange(method, args, held)
         if probes == 1 and method == "score":
             replies = [[reply] for reply in replies]
         return [
@@ -161,6 +173,58 @@ class EncryptedGallery:
             )
             for p in range(probes)
         ]
+
+    def _exchange(
+        self, method: str, args: tuple[Any, ...], by_shard: dict[int, list[int]]
+    ) -> list[Any]:
+        """Send to every shard, then read every reply before raising the first error.
+
+        A reply left unread would answer the shard's next request: after one failed
+        search (a forged edge probe's bytes), every later search got the reply to the
+        one before. A dead worker is replaced (`_restart`) before the error is raised.
+        """
+        failure: CipherFaceError | None = None
+        dead: list[int] = []
+        sent: list[int] = []
+        for index, ids in by_shard.items():
+            try:
+                self._shards[index].send(method, *args, ids)
+                sent.append(index)
+            except GalleryWorkerError as exc:
+                failure, dead = failure or exc, [*dead, index]
+        replies = []
+        for index in sent:
+            try:
+                replies.append(self._shards[index].receive())
+            except GalleryWorkerError as exc:
+                failure, dead = failure or exc, [*dead, index]
+            except CipherFaceError as exc:
+                failure = failure or exc
+        for index in dead:
+            self._restart(index)
+        if failure is not None:
+            raise failure
+        return replies
+
+    def _restart(self, index: int) -> None:
+        """A new worker for shard ``index``, holding its blocks again, read from the store.
+
+        Without a store its blocks cannot come back: they leave the gallery, and
+        searches report the gallery partial until on-prem ships them again.
+        """
+        log.warning("gallery worker %d died; starting a new one", index)
+        self._shards[index].close()
+        shard = self._shards[index] = _Shard(self.keyring, True)
+        count = len(self._shards)
+        if self.store is None:
+            for block_id in [b for b in self._layouts if b % count == index]:
+                self._layouts.pop(block_id, None)
+            return
+        for block in self.store.iter_blocks():
+            held = self._layouts.get(block.block_id)
+            if block.block_id % count == index and held and held.version == block.version:
+                shard.send("put", block.block_id, block.version, block.columns, block.norms)
+                shard.receive()
 
     def search(
         self,

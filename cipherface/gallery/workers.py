@@ -21,7 +21,7 @@ import tenseal.sealapi as sealapi
 from threadpoolctl import threadpool_limits
 
 from cipherface.crypto import Keyring, Metric
-from cipherface.exceptions import CipherFaceError, CiphertextError
+from cipherface.exceptions import CipherFaceError, CiphertextError, GalleryWorkerError
 from cipherface.gallery.kernel import (
     ModularProduct,
     Writer,
@@ -256,6 +256,11 @@ def _serve(conn: Connection, context: bytes) -> None:
             conn.send(("ok", getattr(engine, name)(*args)))
         except CipherFaceError as exc:
             conn.send(("error", str(exc)))
+        except Exception as exc:
+            # SEAL's bindings raise ValueError/RuntimeError on inputs that got past
+            # the checks (a NaN once did): that request fails alone, the worker
+            # and the blocks it holds stay up.
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
 class _Shard:
@@ -280,17 +285,27 @@ class _Shard:
 
     def send(self, name: str, *args: Any) -> None:
         if self._engine is not None:
-            self._result = getattr(self._engine, name)(*args)
-        else:
+            try:
+                self._result = ("ok", getattr(self._engine, name)(*args))
+            except CipherFaceError as exc:
+                self._result = ("error", str(exc))
+            return
+        try:
             self._conn.send((name, args))
+        except OSError:
+            raise GalleryWorkerError("a gallery worker process died") from None
 
     def receive(self) -> Any:
+        """The reply to the last `send`, or its error raised; a dead worker raises
+        `GalleryWorkerError`. Every `send` must be answered by one `receive`, errors
+        included, or the next request would read this one's reply."""
         if self._engine is not None:
-            return self._result
-        try:
-            status, value = self._conn.recv()
-        except EOFError:
-            raise CiphertextError("a gallery worker process died") from None
+            status, value = self._result
+        else:
+            try:
+                status, value = self._conn.recv()
+            except (EOFError, OSError):
+                raise GalleryWorkerError("a gallery worker process died") from None
         if status != "ok":
             raise CiphertextError(value)
         return value
