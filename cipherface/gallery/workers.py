@@ -288,7 +288,7 @@ class _Shard:
             try:
                 self._result = ("ok", getattr(self._engine, name)(*args))
             except CipherFaceError as exc:
-                self._result = ("error", str(exc))
+                self._result = ("raise", exc)  # raised by `receive`, as a worker's would be
             return
         try:
             self._conn.send((name, args))
@@ -306,6 +306,8 @@ class _Shard:
                 status, value = self._conn.recv()
             except (EOFError, OSError):
                 raise GalleryWorkerError("a gallery worker process died") from None
+        if status == "raise":
+            raise value
         if status != "ok":
             raise CiphertextError(value)
         return value
