@@ -156,3 +156,20 @@ def test_a_killed_worker_is_replaced_with_its_blocks(
         assert [s.block_id for s in scores] == [0, 1]
         assert rank(keys, book, scores)[0].subject == "s8200"
         assert gallery._shards[1]._process.pid != victim.pid
+
+
+def test_a_block_put_on_a_killed_worker_lands_on_its_replacement(
+    keys: Keyring, public: Keyring
+) -> None:
+    """Installing a block goes through the same replies as a search: a dead worker is
+    replaced and the block put there (it used to fail on the broken pipe)."""
+    book, vectors = _two_blocks(keys)
+    with EncryptedGallery(public, workers=2) as gallery:
+        victim = gallery._shards[1]._process
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(timeout=10)
+        for block in book.encrypt_blocks():
+            assert gallery.put(block)
+        scores = gallery.search(vectors[8200])
+        assert [s.block_id for s in scores] == [0, 1]
+        assert rank(keys, book, scores)[0].subject == "s8200"

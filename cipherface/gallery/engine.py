@@ -125,16 +125,15 @@ class EncryptedGallery:
                 f"this gallery holds {self.dimensions}-d {self.metric.value} templates, "
                 f"not {block.dimensions}-d {metric.value}"
             )
+        calls = {block.block_id % len(self._shards): _put_args(block)}
         with self._lock:
-            shard = self._shard(block.block_id)
-            shard.send("put", block.block_id, block.version, block.columns, block.norms)
-            shard.receive()
+            try:
+                self._exchange("put", calls)
+            except GalleryWorkerError:  # the worker was replaced: put the block there
+                self._exchange("put", calls)
         self._layouts[block.block_id] = _Shipped(
             version=block.version, template_ids=block.template_ids, subjects=block.subjects
         )
-
-    def _shard(self, block_id: int) -> _Shard:
-        return self._shards[block_id % len(self._shards)]
 
     def _fan_out(self, request: tuple[Any, ...], block_ids: Iterable[int]) -> list[BlockScores]:
         [results] = self._call_shards("score", (request,), block_ids)
@@ -149,17 +148,17 @@ class EncryptedGallery:
             by_shard.setdefault(block_id % len(self._shards), []).append(block_id)
         with self._lock:
             try:
-                replies = self._exchange(method, args, by_shard)
+                replies = self._exchange(method, {i: (*args, ids) for i, ids in by_shard.items()})
             except GalleryWorkerError:
                 # The dead worker was replaced, holding its blocks again: one more try,
                 # so a search outlives a worker killed under it (one that kills it
                 # again fails). Blocks that could not come back are not asked for.
                 held = {
-                    index: kept
+                    index: (*args, kept)
                     for index, ids in by_shard.items()
                     if (kept := [b for b in ids if b in self._layouts])
                 }
-                replies = self._exchange(method, args, held)
+                replies = self._exchange(method, held)
         if probes == 1 and method == "score":
             replies = [[reply] for reply in replies]
         return [
@@ -174,36 +173,37 @@ class EncryptedGallery:
             for p in range(probes)
         ]
 
-    def _exchange(
-        self, method: str, args: tuple[Any, ...], by_shard: dict[int, list[int]]
-    ) -> list[Any]:
-        """Send to every shard, then read every reply before raising the first error.
+    def _exchange(self, method: str, calls: dict[int, tuple[Any, ...]]) -> list[Any]:
+        """``method(*calls[i])`` on each shard ``i``; every reply is read before the first
+        error is raised.
 
         A reply left unread would answer the shard's next request: after one failed
         search (a forged edge probe's bytes), every later search got the reply to the
         one before. A dead worker is replaced (`_restart`) before the error is raised.
         """
-        failure: CipherFaceError | None = None
+        failures: list[CipherFaceError] = []
         dead: list[int] = []
         sent: list[int] = []
-        for index, ids in by_shard.items():
+        for index, args in calls.items():
             try:
-                self._shards[index].send(method, *args, ids)
+                self._shards[index].send(method, *args)
                 sent.append(index)
             except GalleryWorkerError as exc:
-                failure, dead = failure or exc, [*dead, index]
+                failures.append(exc)
+                dead.append(index)
         replies = []
         for index in sent:
             try:
                 replies.append(self._shards[index].receive())
             except GalleryWorkerError as exc:
-                failure, dead = failure or exc, [*dead, index]
+                failures.append(exc)
+                dead.append(index)
             except CipherFaceError as exc:
-                failure = failure or exc
+                failures.append(exc)
         for index in dead:
             self._restart(index)
-        if failure is not None:
-            raise failure
+        if failures:
+            raise failures[0]
         return replies
 
     def _restart(self, index: int) -> None:
@@ -223,7 +223,7 @@ class EncryptedGallery:
         for block in self.store.iter_blocks():
             held = self._layouts.get(block.block_id)
             if block.block_id % count == index and held and held.version == block.version:
-                shard.send("put", block.block_id, block.version, block.columns, block.norms)
+                shard.send("put", *_put_args(block))
                 shard.receive()
 
     def search(
@@ -404,3 +404,8 @@ class EncryptedGallery:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _put_args(block: EncryptedBlock) -> tuple[Any, ...]:
+    """A worker's `put` of ``block``: id, version, columns, norm column."""
+    return (block.block_id, block.version, block.columns, block.norms)
