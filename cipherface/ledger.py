@@ -28,6 +28,7 @@ from pathlib import Path
 
 from cipherface.exceptions import StoreError
 from cipherface.private import private_file
+from cipherface.sqlite import open_shared
 
 __all__ = ["PRUNE_EVERY", "Claim", "ProbeLedger"]
 
@@ -59,28 +60,13 @@ class ProbeLedger:
         self.window = window
         self.max_events = max_events
         self._since_prune = 0
-        target = ":memory:" if path is None else str(path)
         try:
             if path is not None:
                 # On-prem's folder is private (0700, files 0600): see cipherface.private.
                 private_file(path)
-            self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS answered (probe_id TEXT, request TEXT, at REAL,"
-                " PRIMARY KEY (probe_id, request))"
-            )
-            self._db.execute("CREATE INDEX IF NOT EXISTS answered_at ON answered (at)")
-            if self._db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'emitted'"
-            ).fetchone():
-                # A ledger from before request digests: its probes count under digest ''.
-                self._db.execute(
-                    "INSERT OR IGNORE INTO answered SELECT probe_id, '', at FROM emitted"
-                )
-                self._db.execute("DROP TABLE emitted")
+            self._db = open_shared(path, self._prepare, autocommit=True)
         except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"cannot open the probe ledger at {target}: {exc}") from exc
+            raise StoreError(f"cannot open the probe ledger at {path}: {exc}") from exc
         self._lock = threading.Lock()
         #: Probes whose event is being decided right now: the ledger row is only
         #: written once the event is out, and a second delivery of the same result
@@ -89,6 +75,24 @@ class ProbeLedger:
         #: Duplicates suppressed since start (reported in logs and tests).
         self.duplicates = 0
         self.prune(time.time())
+
+    @staticmethod
+    def _prepare(db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS answered (probe_id TEXT, request TEXT, at REAL,"
+            " PRIMARY KEY (probe_id, request))"
+        )
+        db.execute("CREATE INDEX IF NOT EXISTS answered_at ON answered (at)")
+        old = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'emitted'"
+        if db.execute(old).fetchone():
+            # A ledger from before request digests: its probes count under digest ''.
+            # One opener migrates; another, waiting on the lock, finds nothing left.
+            db.execute("BEGIN IMMEDIATE")
+            if db.execute(old).fetchone():
+                db.execute("INSERT OR IGNORE INTO answered SELECT probe_id, '', at FROM emitted")
+                db.execute("DROP TABLE emitted")
+            db.execute("COMMIT")
 
     def seen(self, probe_id: str, request: str | None = None) -> bool:
         """True when an event for this probe id (and this request, if given) is out."""

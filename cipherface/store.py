@@ -17,6 +17,7 @@ from pathlib import Path
 import msgpack
 
 from cipherface.exceptions import StoreError, WireFormatError
+from cipherface.sqlite import open_shared
 from cipherface.wire.payloads import EncryptedBlock
 
 __all__ = ["GalleryStore"]
@@ -56,18 +57,21 @@ class GalleryStore:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL is durable across application crashes in WAL mode; only a power
-            # loss may drop the last commits, which on-prem re-ships by version.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(context)")}
-            for name, kind in _ADDED_COLUMNS:
-                if name not in columns:  # a store written before the column existed
-                    self._db.execute(f"ALTER TABLE context ADD COLUMN {name} {kind}")
+            self._db = open_shared(path, self._prepare, autocommit=True)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the gallery store at {path}: {exc}") from exc
+
+    @staticmethod
+    def _prepare(db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is durable across application crashes in WAL mode; only a power
+        # loss may drop the last commits, which on-prem re-ships by version.
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(context)")}
+        for name, kind in _ADDED_COLUMNS:
+            if name not in columns:  # a store written before the column existed
+                db.execute(f"ALTER TABLE context ADD COLUMN {name} {kind}")
 
     def save_context(self, data: bytes, fingerprint: str, conjugation_key: bytes = b"") -> None:
         """Keep the public context the blocks were encrypted for (replacing any other).

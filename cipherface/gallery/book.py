@@ -31,9 +31,9 @@ from cipherface.exceptions import ConfigError, KeyMismatchError, SecretKeyError,
 from cipherface.gallery.consistency import decoy_rows
 from cipherface.gallery.packing import _check_norm, _encrypt_columns, _Seal
 from cipherface.gallery.shards import ShardIndex
-from cipherface.gallery.sqlite import open_shared
 from cipherface.gallery.workers import _encrypt_in_worker, _init_encryptor
 from cipherface.private import private_file
+from cipherface.sqlite import open_shared
 from cipherface.wire.payloads import EncryptedBlock
 
 __all__ = ["EnrollmentBook"]

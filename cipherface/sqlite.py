@@ -1,5 +1,7 @@
-"""Opening an SQLite database that another process may be opening at the same moment
-(the on-prem daemon and ``cipherface enroll`` on one enrollment book)."""
+"""Opening an SQLite database that another process may be opening at the same moment:
+the on-prem daemon and ``cipherface enroll``, started together, both open the
+enrollment book and the probe ledger; a replica and ``cipherface`` commands open
+its gallery store."""
 
 from __future__ import annotations
 
@@ -17,17 +19,24 @@ _ATTEMPTS = 20
 
 
 def open_shared(
-    path: Path | None, prepare: Callable[[sqlite3.Connection], None]
+    path: Path | None,
+    prepare: Callable[[sqlite3.Connection], None],
+    *,
+    autocommit: bool = False,
 ) -> sqlite3.Connection:
     """A connection to ``path`` (None: in memory) on which ``prepare`` (pragmas, schema,
-    first rows: idempotent steps) has run.
+    first rows: idempotent steps) has run; ``autocommit``: every statement commits
+    on its own (``isolation_level=None``) unless the caller opens a transaction.
 
     SQLite answers "database is locked" at once, without waiting out the busy timeout,
     where waiting could deadlock, as when connections open a new file together and
     turn it to WAL; the steps then start again, after a short pause.
     """
     db = sqlite3.connect(
-        ":memory:" if path is None else str(path), check_same_thread=False, timeout=BUSY_TIMEOUT
+        ":memory:" if path is None else str(path),
+        check_same_thread=False,
+        timeout=BUSY_TIMEOUT,
+        isolation_level=None if autocommit else "",
     )
     attempt = 1
     while True:
