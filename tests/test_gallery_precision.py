@@ -1,12 +1,13 @@
 """The packed path's error against numpy, pinned at the measured level.
 
 Measured on this machine (n8192, unit vectors, euclidean_l2 so scores span [0, 4]):
-a plaintext probe's scores (the batched kernel, exact mod q) are within
-``PLAIN_ERROR`` of float64 numpy, an edge-encrypted probe's within ``EDGE_ERROR``,
-at 128-d and at 512-d. The bounds are about twice the largest error seen over
-several runs (plain 4.5e-5, edge 4.5e-4): a change that adds noise (fewer scale
-bits, dropped coefficient bits) fails here before it shows as a wrong decision.
-`SCORE_TOLERANCE` and `FIT_TOLERANCE` (integrity) sit above these.
+a plaintext probe's scores (the batched kernel, exact mod q, then compressed to
+`compact.SCORE_BITS`) are within ``PLAIN_ERROR`` of float64 numpy, an
+edge-encrypted probe's within ``EDGE_ERROR``, at 128-d and at 512-d. The bounds
+are about twice the largest error seen over several runs (plain 4.3e-4, of which
+compression is most: 4.5e-5 before it; edge 4.5e-4): a change that adds noise
+(fewer scale bits, fewer bits kept) fails here before it shows as a wrong
+decision. `SCORE_TOLERANCE` and `FIT_TOLERANCE` (integrity) sit above these.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from cipherface.gallery import EncryptedGallery, EnrollmentBook, encrypt_probe, 
 from cipherface.gallery.consistency import FIT_TOLERANCE
 from cipherface.gallery.integrity import SCORE_TOLERANCE, conjugation_key, prove_probe
 
-PLAIN_ERROR = 1e-4
+PLAIN_ERROR = 8e-4
 EDGE_ERROR = 8e-4
 
 

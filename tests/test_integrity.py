@@ -1,12 +1,12 @@
 """What on-prem decrypts and releases: range checks, the one-probe fit, edge-probe proofs.
 
 A malicious but trusted replica (it signs its scores) is played here by adding
-chosen plaintexts to honest score ciphertexts, the way the replica computes
-them: homomorphically, at the right level and scale, so that only what the
-values say can give it away.
+chosen plaintexts to honest score ciphertexts (`tests.forging`).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -14,10 +14,12 @@ import pytest
 from cipherface.crypto import Keyring, Metric
 from cipherface.exceptions import IntegrityError
 from cipherface.gallery import EncryptedGallery, EnrollmentBook, encrypt_probe, rank
+from cipherface.gallery.compact import SCORE_BITS, compressed_size
 from cipherface.gallery.consistency import FIT_TOLERANCE, MAX_FIT_DIMENSIONS
 from cipherface.gallery.integrity import FLOOD_SIGMA, flood, prove_probe
 from cipherface.gallery.packing import _SCORE_SCALE, _VALUE_SCALE, _Seal
 from cipherface.wire.payloads import BlockScores, EncryptedProbe
+from tests.forging import ciphertext_of, resent
 
 DIMENSIONS = 128
 
@@ -54,7 +56,7 @@ def _near(vectors: np.ndarray) -> np.ndarray:
 def _shift(public: Keyring, scores: BlockScores, deltas: dict[int, float]) -> BlockScores:
     """What a malicious replica can do: add chosen values at chosen positions."""
     seal = _Seal(public)
-    ciphertext = seal.load(scores.scores)
+    ciphertext = ciphertext_of(seal, scores)
     packed = np.zeros(seal.slots, dtype=np.complex128)
     for position, delta in deltas.items():
         if position < seal.slots:
@@ -63,9 +65,7 @@ def _shift(public: Keyring, scores: BlockScores, deltas: dict[int, float]) -> Bl
             packed[position - seal.slots] += 1j * delta
     plain = seal.plain(packed.tolist(), _SCORE_SCALE)
     seal.evaluator.add_plain_inplace(ciphertext, plain)
-    return BlockScores(
-        block_id=scores.block_id, version=scores.version, scores=seal.dump(ciphertext)
-    )
+    return resent(seal, scores, ciphertext)
 
 
 def test_honest_scores_pass_and_match_numpy(keys: Keyring, world: tuple) -> None:
@@ -193,3 +193,57 @@ def test_flooding_keeps_the_decision_and_hides_the_last_digits() -> None:
         assert len({round(d, 4) for d in draws}) > 20  # not the exact value, every time
     spread = np.std([flood(0.5, threshold, False) for _ in range(2000)])
     assert spread == pytest.approx(FLOOD_SIGMA, rel=0.15)
+
+
+def test_compressed_scores_rank_as_their_seal_serialization_does(
+    keys: Keyring, public: Keyring, world: tuple
+) -> None:
+    """Replicas send plaintext-probe scores compressed; the same ciphertext as SEAL
+    writes it (older replicas, batched 1:1) is read alike."""
+    _metric, book, gallery, vectors = world
+    [scores] = gallery.search(_near(vectors))
+    seal = _Seal(public)
+    assert scores.bits == SCORE_BITS
+    assert len(scores.scores) == compressed_size(2 * seal.slots) == 64_512
+    as_seal = BlockScores(
+        block_id=scores.block_id,
+        version=scores.version,
+        scores=seal.dump(ciphertext_of(seal, scores)),
+    )
+    ranked = [rank(keys, book, [s], top_k=3) for s in (scores, as_seal)]
+    assert [m.template_id for m in ranked[0]] == [m.template_id for m in ranked[1]]
+    assert ranked[0][0].template_id == "t7"
+
+
+@pytest.mark.parametrize(
+    ("change", "refused_by"),
+    [
+        ({"scores": b"\x00"}, "compressed scores of 1 bytes"),
+        ({"bits": (30, 33)}, r"compressed to \(30, 33\) bits"),
+        ({"bits": (60, 60)}, r"compressed to \(60, 60\) bits"),
+    ],
+)
+def test_misshapen_compressed_scores_are_refused(
+    keys: Keyring, world: tuple, change: dict, refused_by: str
+) -> None:
+    _metric, book, gallery, vectors = world
+    [scores] = gallery.search(_near(vectors))
+    if "scores" in change:
+        change = {"scores": scores.scores + change["scores"]}
+        refused_by = f"compressed scores of {len(scores.scores) + 1} bytes"
+    with pytest.raises(IntegrityError, match=refused_by):
+        rank(keys, book, [dataclasses.replace(scores, **change)], top_k=3)
+
+
+def test_compressed_scores_answering_an_edge_probe_are_refused(
+    keys: Keyring, public: Keyring, conjugation: bytes
+) -> None:
+    """An edge probe's scores are three-component products, never compressed: two
+    compressed components would be a plaintext probe's scores passed off as its."""
+    vectors, book, gallery = _cosine_gallery(keys, public, seed=8)
+    honest = encrypt_probe(public, vectors[3], Metric.COSINE)
+    check = prove_probe(public, conjugation, honest)
+    plaintext_scores = gallery.search(vectors[3])
+    with pytest.raises(IntegrityError, match="compressed"):
+        rank(keys, book, plaintext_scores, top_k=3, probe_check=check)
+    assert rank(keys, book, gallery.search(honest), probe_check=check)[0].subject == "s3"

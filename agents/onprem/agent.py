@@ -43,7 +43,7 @@ from cipherface.exceptions import (
     KeyMismatchError,
     SignatureError,
 )
-from cipherface.gallery import EnrollmentBook
+from cipherface.gallery import EnrollmentBook, compact
 from cipherface.ledger import Claim, ProbeLedger
 from cipherface.metrics import (
     DEAD_LETTERS,
@@ -149,6 +149,9 @@ class OnPremAgent:
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
         """Serve sync requests and results."""
+        # The reader of compressed scores compiles (or loads from numba's cache) here,
+        # not on the first probe's result.
+        await asyncio.to_thread(compact.warm)
         topology = self.transport.topology
         self._consumers.append(
             await self.transport.consume(

@@ -40,6 +40,7 @@ from cipherface.crypto import Keyring, Metric, prepare_embedding
 from cipherface.exceptions import CipherFaceError, ConfigError, GalleryWorkerError
 from cipherface.gallery.batching import SearchBatcher
 from cipherface.gallery.book import _Shipped
+from cipherface.gallery.compact import SCORE_BITS
 from cipherface.gallery.packing import _check_norm, _weights
 from cipherface.gallery.workers import _Shard
 from cipherface.store import GalleryStore
@@ -161,10 +162,12 @@ class EncryptedGallery:
                 replies = self._exchange(method, held)
         if probes == 1 and method == "score":
             replies = [[reply] for reply in replies]
+        # The kernel's scores leave compressed; SEAL's (edge probes, pairs) as SEAL wrote them.
+        bits = SCORE_BITS if method == "score_many" else ()
         return [
             sorted(
                 (
-                    BlockScores(block_id=b, version=v, scores=s)
+                    BlockScores(block_id=b, version=v, scores=s, bits=bits)
                     for reply in replies
                     for b, v, s in reply[p]
                 ),

@@ -4,12 +4,12 @@ Why: SEAL scores a plaintext probe with ``d`` `multiply_plain` and ``d``
 additions per block, so P waiting probes read the whole gallery P times. With
 real scalar weights a probe's score ciphertext is ``sum_j w_j C_j`` (plus
 constants), where ``w_j = round(2^25 x weight_j)`` is the constant polynomial SEAL
-encodes a real scalar as, and in NTT form a product by a constant polynomial
-is a coefficient-wise product. At the lowest level a column is two arrays of
-``N`` coefficients modulo one prime ``q``, so for P probes and a block of ``d``
-columns the scores are ``W (P x d) @ C (d x 2N) mod q``: one pass over the
-block for all P probes (on BLAS when P is large, in a compiled loop that reads
-the block once when it is small; see `ModularProduct`).
+encodes a real scalar as, and a product by a constant polynomial scales every
+coefficient alike, in NTT form and in coefficient form. At the lowest level a
+column is two arrays of ``N`` coefficients modulo one prime ``q``, so for P
+probes and a block of ``d`` columns the scores are ``W (P x d) @ C (d x 2N) mod
+q``: one pass over the block for all P probes (on BLAS when P is large, in a
+compiled loop that reads the block once when it is small; see `ModularProduct`).
 
 Exactness: coefficients (< 2^60) are split into four 16-bit limbs; a limb
 product summed over a group of columns stays below 2^53, so float64 arithmetic
@@ -24,8 +24,10 @@ ciphertext, so holding both doubled a worker's memory (2.6 GB instead of 1.1 GB
 per million 128-d templates). The paths SEAL must still compute (edge probes,
 ciphertext x ciphertext; batched 1:1, slot-wise plaintexts) rebuild a block's
 ciphertexts from its planes for one request (`coefficients_of`, then `Writer`):
-the very ciphertexts received, bit for bit. Results are written as SEAL
-serializations (`Writer`) that on-prem loads and checks as before.
+the very ciphertexts received, bit for bit. Planes hold columns in coefficient
+form (SEAL transforms each column once, when its block is installed), so a sum is
+a score ciphertext in coefficient form: what `cipherface.gallery.compact` rounds
+for the wire, with no transform per probe.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import numpy as np
 from cipherface.crypto import Keyring, Metric, decision
 from cipherface.exceptions import IntegrityError
 from cipherface.gallery.book import EnrollmentBook, _Shipped
+from cipherface.gallery.compact import read_scores
 from cipherface.gallery.consistency import (
     MAX_FIT_DIMENSIONS,
     check_consistency,
@@ -112,7 +113,12 @@ def _decrypted(
             continue
         if len(block.pairs) > book.capacity:
             raise IntegrityError(f"{len(block.pairs)} pairs scored in a block of {book.capacity}")
-        values = seal.decrypt(seal.load_checked(block.scores, size=size))
+        if block.bits and size == 2:
+            values = seal.decrypt(read_scores(seal, block.scores, block.bits))
+        elif block.bits:
+            raise IntegrityError("an edge probe's scores arrived compressed; they never are")
+        else:
+            values = seal.decrypt(seal.load_checked(block.scores, size=size))
         scored = _occupied(block.block_id, layout, values.size)
         if block.pairs:
             # Batched 1:1: only the positions a pair owns carry a meaningful score.

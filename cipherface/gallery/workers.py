@@ -12,7 +12,7 @@ blocks over worker processes that each deserialize and keep their share (an
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from cipherface.crypto import Keyring, Metric
 from cipherface.exceptions import CipherFaceError, CiphertextError, GalleryWorkerError
+from cipherface.gallery import compact
 from cipherface.gallery.kernel import (
     ModularProduct,
     Writer,
@@ -60,25 +61,30 @@ def _encrypt_in_worker(matrix: np.ndarray) -> tuple[tuple[bytes, ...], bytes | N
 
 
 class _Engine:
-    """One shard's blocks, held once as limb planes, and the arithmetic on them.
+    """One shard's blocks, held once as limb planes in coefficient form, and the
+    arithmetic on them.
 
     Plaintext probes (1:N and 1:1 by subject) are scored on the planes by the
-    kernel. Edge probes and batched 1:1 need SEAL's own products: `_ciphertexts`
-    rebuilds one block's ciphertexts for the request and lets them go, so a
-    worker never holds a block twice.
+    kernel, and the sums, in coefficient form already, are compressed
+    (`cipherface.gallery.compact`) with no transform per probe. Edge probes and
+    batched 1:1 need SEAL's own products: `_ciphertexts` rebuilds one block's
+    ciphertexts (NTT form again) for the request and lets them go, so a worker
+    never holds a block twice.
     """
 
     def __init__(self, keyring: Keyring) -> None:
         self.seal = _Seal(keyring)
         #: block id -> (version, coefficients of columns [+ norms] as `limb_planes`, has norms).
         self.blocks: dict[int, tuple[int, np.ndarray, bool]] = {}
-        prime = self.seal.context.last_context_data().parms().coeff_modulus()[0].value()
-        self.product = ModularProduct(prime)
+        self.modulus = self.seal.context.last_context_data().parms().coeff_modulus()[0].value()
+        self.product = ModularProduct(self.modulus)
         self.product.warm()
-        #: Serializers of a score, a column (scale 2^25) and a norm column (2^50).
-        self.writer: Writer | None = None
+        compact.warm()
+        #: Serializers of a column (scale 2^25) and a norm column (2^50), coefficient
+        #: form, and of a two-component ciphertext in NTT form (for constants).
         self._column_writer: Writer | None = None
         self._norm_writer: Writer | None = None
+        self._ntt_writer = Writer(self.seal, self.seal.load(self.seal.encrypt_public(0.0, 1.0)))
         #: A metric's constant (2 for euclidean_l2, 1 for cosine) is every probe's:
         #: encoded once, not once per probe.
         self._constants: dict[float, np.ndarray] = {}
@@ -95,11 +101,8 @@ class _Engine:
         # One SEAL ciphertext at a time: only its coefficients are kept.
         for data, scale in scaled:
             ciphertext = self._column(data, scale)
-            if self.writer is None:
-                score = sealapi.Ciphertext()
-                one = self.seal.plain(1.0, _VALUE_SCALE)
-                self.seal.evaluator.multiply_plain(ciphertext, one, score)
-                self.writer = Writer(self.seal, score)
+            self.seal.evaluator.transform_from_ntt_inplace(ciphertext)
+            if self._column_writer is None:
                 self._column_writer = Writer(self.seal, ciphertext)
             elif scale == _SCORE_SCALE and self._norm_writer is None:
                 self._norm_writer = Writer(self.seal, ciphertext)
@@ -111,7 +114,7 @@ class _Engine:
         self, planes: np.ndarray, has_norms: bool, used: slice, with_norms: bool
     ) -> tuple[list[Any], Any]:
         """Columns ``used`` of a block (and its norm column if ``with_norms``) as SEAL
-        ciphertexts, bit for bit those received.
+        ciphertexts, bit for bit those received (NTT form again: 0.17 ms a column).
 
         Only what the request reads is rebuilt: an edge probe's piece covers a range
         of dimensions, and rebuilding every column for each of its 5-17 pieces cost
@@ -120,14 +123,19 @@ class _Engine:
         assert self._column_writer is not None
         dimensions = planes.shape[2] - has_norms
         loaded = [
-            self.seal.load(self._column_writer(c))
+            self._ntt(self._column_writer(c))
             for c in coefficients_of(planes[:, :, :dimensions][:, :, used])
         ]
         norm = None
         if has_norms and with_norms:
             assert self._norm_writer is not None
-            norm = self.seal.load(self._norm_writer(coefficients_of(planes[:, :, -1:])[0]))
+            norm = self._ntt(self._norm_writer(coefficients_of(planes[:, :, -1:])[0]))
         return loaded, norm
+
+    def _ntt(self, data: bytes) -> Any:
+        ciphertext = self.seal.load(data)
+        self.seal.evaluator.transform_to_ntt_inplace(ciphertext)
+        return ciphertext
 
     def _column(self, data: bytes, scale: float) -> Any:
         """A column as on-prem encrypts it (two components, NTT form, ``scale``), or refused.
@@ -180,32 +188,41 @@ class _Engine:
     def score_many(
         self, weights: np.ndarray, consts: Sequence[float], block_ids: Sequence[int]
     ) -> list[list[tuple[int, int, bytes]]]:
-        """Scores of P plaintext probes (``weights`` P x d, one constant each) in one pass.
+        """Compressed scores (`compact.SCORE_BITS`) of P plaintext probes (``weights``
+        P x d, one constant each) in one pass."""
+        out: list[list[tuple[int, int, bytes]]] = [[] for _ in consts]
+        for block_id, version, sums in self.sums(weights, consts, block_ids):
+            for index, row in enumerate(sums):
+                out[index].append((block_id, version, compact.compress(row, self.modulus)))
+        return out
 
-        Bit for bit what `score` gives each probe alone (see `cipherface.gallery.kernel`).
-        """
+    def sums(
+        self, weights: np.ndarray, consts: Sequence[float], block_ids: Sequence[int]
+    ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Each block's P score ciphertexts, (P, 2, N) in coefficient form: bit for bit
+        SEAL's, transformed from NTT form (see `cipherface.gallery.kernel`)."""
         integer = integer_weights(weights, _VALUE_SCALE)
         constants = np.stack([self._constant(c) for c in consts])
-        out: list[list[tuple[int, int, bytes]]] = [[] for _ in consts]
-        assert self.writer is not None or not block_ids
         for block_id in block_ids:
             version, planes, has_norms = self.blocks[block_id]
             block_weights = integer
             if has_norms:  # at scale 2^50 already: weight one
                 block_weights = np.hstack([integer, np.ones((len(consts), 1), dtype=np.int64)])
-            sums = weighted_sums(self.product, planes, block_weights, constants)
-            for index, row in enumerate(sums):
-                out[index].append((block_id, version, self.writer(row)))
-        return out
+            yield block_id, version, weighted_sums(self.product, planes, block_weights, constants)
 
     def _constant(self, value: float) -> np.ndarray:
-        """NTT coefficients of the plaintext ``value (1 + i)`` at scale 2^50 (zeros for 0)."""
+        """Coefficients of the plaintext ``value (1 + i)`` at scale 2^50 (zeros for 0), as
+        SEAL's encoder rounds them: its NTT form, transformed back by SEAL."""
         if not value:
             return np.zeros(self.seal.slots * 2, dtype=np.uint64)
         cached = self._constants.get(value)
         if cached is None:
             plain = self.seal.plain(value * _BOTH_PARTS, _SCORE_SCALE)
-            cached = plain_coefficients(self.seal, plain)
+            coefficients_ntt = plain_coefficients(self.seal, plain)
+            # SEAL transforms ciphertexts only, and refuses one whose c1 is zero.
+            carrier = self.seal.load(self._ntt_writer(np.stack([coefficients_ntt] * 2)))
+            self.seal.evaluator.transform_from_ntt_inplace(carrier)
+            cached = coefficients(self.seal, carrier)[0]
             if len(self._constants) >= _CACHED_CONSTANTS:
                 self._constants.clear()
             self._constants[value] = cached

@@ -1,7 +1,8 @@
 """A probe's scores as parts under the message size limit, and their gathering.
 
-One face's scores are about 131 KB per gallery block (n8192), so a 1:N probe over
-more than about 31 blocks would not fit one 4 MiB message. The replica sends its
+One face's scores are about 64.5 KB per gallery block (n8192, compressed; an edge
+probe's 131 KB), so a 1:N probe over more than about 64 blocks would not fit one
+4 MiB message. The replica sends its
 `ScoresReady` as ``parts`` messages, each carrying, for every face, the scores of
 a consecutive range of blocks (and the whole probe's other fields), each signed on
 its own. On-prem's `PartGatherer` puts them back together before anything is

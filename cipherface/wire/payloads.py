@@ -148,6 +148,9 @@ class BlockScores:
     version: int
     scores: bytes
     pairs: tuple[int, ...] = ()
+    #: Empty: ``scores`` is a SEAL serialization. Else the bits kept of each
+    #: coefficient of ``c0`` and ``c1`` (`cipherface.gallery.compact`).
+    bits: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         """msgpack-native form."""
@@ -156,19 +159,25 @@ class BlockScores:
             "version": self.version,
             "scores": self.scores,
             "pairs": list(self.pairs),
+            "bits": list(self.bits),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> BlockScores:
         """Inverse of `to_dict`; raises `WireFormatError`."""
-        pairs = field(data, "pairs", (list, tuple)) if "pairs" in data else ()
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in pairs):
-            raise WireFormatError("field 'pairs' must hold integers")
+        lists = {
+            name: field(data, name, (list, tuple)) if name in data else ()
+            for name in ("pairs", "bits")
+        }
+        for name, values in lists.items():
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in values):
+                raise WireFormatError(f"field '{name}' must hold integers")
         return cls(
             block_id=field(data, "block_id", int),
             version=field(data, "version", int),
             scores=field(data, "scores", bytes),
-            pairs=tuple(pairs),
+            pairs=tuple(lists["pairs"]),
+            bits=tuple(lists["bits"]),
         )
 
 

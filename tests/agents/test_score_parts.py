@@ -34,12 +34,13 @@ from tests.agents.trust import (
 from tests.rabbitnode import RabbitNode
 
 CAP = 1024 * 1024
-FACES = 4
+#: Six faces' compressed scores of three blocks (6 x 3 x 64.5 KB) pass 1 MiB.
+FACES = 6
 
 
 class FourFaces:
     """Stands in for DeepFace: an "image" names a subject; its faces are that subject's
-    vector and three strangers', so one probe's scores are four faces' worth."""
+    vector and strangers', so one probe's scores are `FACES` faces' worth."""
 
     def __init__(self, vectors: dict[str, np.ndarray]) -> None:
         self.vectors = vectors
@@ -224,8 +225,8 @@ async def _many_faces_probe(
 async def test_one_blocks_scores_of_too_many_faces_for_the_cap_get_an_error_event(
     deployment: Deployment,
 ) -> None:
-    # 9 faces x ~131 KB of one block's scores > 1 MiB: no part can hold them.
-    event = await _many_faces_probe(deployment, cap=CAP, faces=9)
+    # 17 faces x 64.5 KB of one block's compressed scores > 1 MiB: no part can hold them.
+    event = await _many_faces_probe(deployment, cap=CAP, faces=17)
     assert event.error is not None and event.error.startswith("MessageTooLargeError"), event
     assert event.distance is None and not event.faces
 
@@ -233,7 +234,7 @@ async def test_one_blocks_scores_of_too_many_faces_for_the_cap_get_an_error_even
 async def test_onprem_reads_scores_up_to_its_configured_cap_not_the_default(
     deployment: Deployment, tmp_path: Path
 ) -> None:
-    # 40 faces x ~131 KB: one part of ~5.3 MB, over the 4 MiB default, under an 8 MiB cap.
+    # 80 faces x 64.5 KB: one part of ~5.2 MB, over the 4 MiB default, under an 8 MiB cap.
     with contextlib.ExitStack() as stack:
         if deployment.url:
             # The shared broker refuses messages over 4 MiB in CI (.ci/run): a private
@@ -243,8 +244,8 @@ async def test_onprem_reads_scores_up_to_its_configured_cap_not_the_default(
             )
             deployment.url = node.amqp_url()
         try:
-            event = await _many_faces_probe(deployment, cap=8 * CAP, faces=40)
+            event = await _many_faces_probe(deployment, cap=8 * CAP, faces=80)
         finally:
             await deployment.close()  # before its node stops
     assert event.error is None and event.verified and event.subject == "bob", event
-    assert len(event.faces) == 40 and event.face == 0
+    assert len(event.faces) == 80 and event.face == 0

@@ -32,6 +32,7 @@ from tests.agents.trust import (
     _signed_by_replica,
     _submit,
 )
+from tests.forging import ciphertext_of, resent
 
 # -- forged edge probes -------------------------------------------------------------
 
@@ -99,7 +100,7 @@ async def test_scores_at_another_scale_are_refused(rig: tuple[Deployment, Watch]
     deployment, watch = rig
     honest = _honest_block_scores(deployment)
     seal = _Seal(_public(deployment))
-    ciphertext = seal.load(honest.scores)
+    ciphertext = ciphertext_of(seal, honest)
     ciphertext.scale = 1.0
     tampered = BlockScores(
         block_id=honest.block_id, version=honest.version, scores=seal.dump(ciphertext)
@@ -159,14 +160,12 @@ async def test_in_range_scores_shifted_by_a_trusted_replica_are_refused(
     cloud = deployment.agents[1]
     [honest] = cloud.gallery.search(_people()["B"], subject="A")  # type: ignore[union-attr]
     seal = _Seal(_public(deployment))
-    ciphertext = seal.load(honest.scores)
+    ciphertext = ciphertext_of(seal, honest)
     position = 0  # A is the first template of the block
     shift = [0j] * seal.slots
     shift[position] = -0.03 + 0j
     seal.evaluator.add_plain_inplace(ciphertext, seal.plain(shift, _SCORE_SCALE))
-    shifted = BlockScores(
-        block_id=honest.block_id, version=honest.version, scores=seal.dump(ciphertext)
-    )
+    shifted = resent(seal, honest, ciphertext)
     message = wire.ScoresReady(
         probe_id="shifted",
         subject="A",

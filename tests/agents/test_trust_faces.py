@@ -34,6 +34,7 @@ from tests.agents.trust import (
     _signed_by_replica,
     gallery_rig,
 )
+from tests.forging import ciphertext_of, resent
 
 
 @pytest.fixture
@@ -116,13 +117,11 @@ async def test_one_tampered_face_beside_an_honest_one_refuses_the_probe(
     deployment, watch = rig
     honest = _honest_block_scores(deployment)
     seal = _Seal(_public(deployment))
-    ciphertext = seal.load(honest.scores)
+    ciphertext = ciphertext_of(seal, honest)
     shift = [0j] * seal.slots
     shift[0] = -0.03 + 0j  # A's position
     seal.evaluator.add_plain_inplace(ciphertext, seal.plain(shift, _SCORE_SCALE))
-    shifted = BlockScores(
-        block_id=honest.block_id, version=honest.version, scores=seal.dump(ciphertext)
-    )
+    shifted = resent(seal, honest, ciphertext)
     await _result(deployment, _faces(deployment, "mixed", [(honest,), (shifted,)]))
     _refused(await watch.event("mixed"), "one probe")
 
