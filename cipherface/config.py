@@ -115,6 +115,11 @@ class Settings:
     #: runs one image at a time per process, so 2 on a 2-core replica embeds two
     #: probes at once. 0: in the replica's own process (no extra memory, one core).
     embed_workers: int = 0
+    #: Whether a replica sends a plaintext probe's scores compressed (63 bits per
+    #: coefficient pair: 7.9 MB per probe at a million templates, 16.1 MB without),
+    #: `cipherface.gallery.compact`. On-prem then turns each block's scores to NTT
+    #: form itself (about 0.3 ms a block); uncompressed, the replica's workers do.
+    compress_scores: bool = True
     #: File holding the broker password, put into `amqp_url` at connect time, so the
     #: URL in the environment carries none (`cipherface broker-setup` writes these).
     amqp_password_file: Path | None = None
@@ -274,6 +279,9 @@ class Settings:
 
 #: Optional fields that name files.
 _PATHS = ("amqp_password_file", "tls_ca", "tls_cert", "tls_key", "onprem_key")
+#: Fields read as yes/no from the environment, and the words that say so.
+_BOOLS = ("compress_scores",)
+_TRUTH = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 #: Fields read as numbers from the environment.
@@ -307,6 +315,12 @@ def _convert(name: str, raw: str) -> object:
             return float(raw)
         except ValueError:
             raise ConfigError(f"CIPHERFACE_{name.upper()} must be a number, got {raw!r}") from None
+    if name in _BOOLS:
+        if raw.strip().lower() not in _TRUTH:
+            raise ConfigError(
+                f"CIPHERFACE_{name.upper()} must be one of {', '.join(_TRUTH)}, got {raw!r}"
+            )
+        return _TRUTH[raw.strip().lower()]
     if name in _INTS:
         try:
             return int(raw)

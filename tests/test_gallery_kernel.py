@@ -65,9 +65,8 @@ def test_writer_round_trips_through_seal(keys: Keyring) -> None:
 
 def _seal_reference(
     seal: _Seal, block: EncryptedBlock, metric: Metric, probe: np.ndarray
-) -> np.ndarray:
-    """A block's scores for ``probe`` computed by SEAL alone, as the engine once did,
-    in coefficient form."""
+) -> sealapi.Ciphertext:
+    """A block's scores for ``probe`` computed by SEAL alone, as the engine once did."""
     vector = prepare_embedding(probe, metric)
     factor, const = _weights(metric)
     total = None
@@ -83,8 +82,7 @@ def _seal_reference(
         const = float(vector @ vector)
     if const:
         seal.evaluator.add_plain_inplace(total, seal.plain(const * (1 + 1j), 2.0**50))
-    seal.evaluator.transform_from_ntt_inplace(total)
-    return coefficients(seal, total)
+    return total
 
 
 @pytest.mark.parametrize(
@@ -94,8 +92,9 @@ def _seal_reference(
 def test_search_many_equals_seal_bit_for_bit(
     keys: Keyring, public: Keyring, metric: Metric, workers: int
 ) -> None:
-    """Each probe's batched sums are the ciphertext SEAL computes (coefficient form),
-    they leave as that ciphertext compressed, and `search` agrees."""
+    """Each probe's batched sums are the ciphertext SEAL computes (coefficient form);
+    they leave as that ciphertext compressed, or uncompressed bit for bit SEAL's
+    serialization, and `search` agrees."""
     rng = np.random.default_rng(5)
     vectors = rng.standard_normal((8192 + 300, 32))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -109,7 +108,12 @@ def test_search_many_equals_seal_bit_for_bit(
     probes = [vectors[i] + 0.01 * rng.standard_normal(32) for i in rows]
     seal = _Seal(public)
     blocks = list(book.encrypt_blocks())
-    references = [[_seal_reference(seal, b, metric, p) for b in blocks] for p in probes]
+    ciphertexts = [[_seal_reference(seal, b, metric, p) for b in blocks] for p in probes]
+    ntt_form = [[coefficients(seal, c) for c in row] for row in ciphertexts]
+    for row in ciphertexts:
+        for ciphertext in row:
+            seal.evaluator.transform_from_ntt_inplace(ciphertext)
+    references = [[coefficients(seal, c) for c in row] for row in ciphertexts]
     engine = _Engine(public)
     for block in blocks:
         engine.put(block.block_id, block.version, block.columns, block.norms)
@@ -125,6 +129,14 @@ def test_search_many_equals_seal_bit_for_bit(
             gallery.put(block)
         batched = gallery.search_many(probes)
         alone = gallery.search(probes[1])
+    with EncryptedGallery(public, workers=workers, compress=False) as gallery:
+        for block in blocks:
+            gallery.put(block)
+        uncompressed = gallery.search_many(probes)
+    for expected, scores in zip(ntt_form, uncompressed, strict=True):
+        for coefficients_ntt, result in zip(expected, scores, strict=True):
+            assert result.bits == ()
+            assert np.array_equal(coefficients(seal, seal.load(result.scores)), coefficients_ntt)
     assert [len(b) for b in batched] == [2] * len(rows)
     for reference, scores in zip(references, batched, strict=True):
         for block, expected, result in zip(blocks, reference, scores, strict=True):
@@ -132,8 +144,9 @@ def test_search_many_equals_seal_bit_for_bit(
             assert result.bits == SCORE_BITS
             assert result.scores == compress(expected, PRIME)
     assert [a.scores for a in alone] == [b.scores for b in batched[1]]
-    # And on-prem accepts and ranks them as usual.
+    # And on-prem accepts and ranks both as usual.
     assert rank(keys, book, batched[1])[0].subject == "s8200"
+    assert rank(keys, book, uncompressed[1])[0].subject == "s8200"
 
 
 def test_concurrent_searches_share_passes_and_a_bad_probe_fails_alone(

@@ -111,7 +111,9 @@ def test_scores_of_a_scaled_plaintext_probe_are_refused(keys: Keyring, world: tu
         assert rank(keys, book, gallery.search(probe), top_k=3)[0].template_id == "t7"
         return
     factor, const = (-1.0, 1.0) if metric is Metric.COSINE else (-2.0, 2.0)
-    [scores] = gallery._call_shards("score_many", (np.array([factor * probe]), [const]), [0])
+    [scores] = gallery._call_shards(
+        "score_many", (np.array([factor * probe]), [const], gallery.compress), [0]
+    )
     with pytest.raises(IntegrityError, match="norm"):
         rank(keys, book, scores, top_k=3)
 

@@ -125,8 +125,12 @@ def test_settings_are_checked_and_read_from_the_environment() -> None:
         "CIPHERFACE_LOG_FORMAT": "json",
         "CIPHERFACE_METRICS_ADDRESS": "0.0.0.0",
         "CIPHERFACE_MAX_FACES": "4",
+        "CIPHERFACE_COMPRESS_SCORES": "No",
     }
     settings = Settings.from_env(env)
+    assert settings.compress_scores is False and Settings().compress_scores is True
+    with pytest.raises(ConfigError, match="COMPRESS_SCORES must be one of"):
+        Settings.from_env({"CIPHERFACE_COMPRESS_SCORES": "maybe"})
     assert (settings.probe_ttl, settings.ledger_max, settings.log_format) == (60.0, 10, "json")
     assert settings.max_faces == 4
     with pytest.raises(ConfigError, match="max_faces must be at least 1"):

@@ -277,7 +277,12 @@ class CloudAgent:
             self._store_path.unlink()
             self.store = GalleryStore(self._store_path)
         self.store.save_context(data, keyring.fingerprint, conjugation_key)
-        self.gallery = EncryptedGallery(keyring, self.store, workers=self.settings.workers)
+        self.gallery = EncryptedGallery(
+            keyring,
+            self.store,
+            workers=self.settings.workers,
+            compress=self.settings.compress_scores,
+        )
         self._conjugation_key = conjugation_key
         self.keyring = keyring
         self._context = data

@@ -38,5 +38,7 @@ def stage(settings: Settings, data: bytes, conjugation_key: bytes, claimed: str)
     path.unlink(missing_ok=True)
     store = GalleryStore(path)
     store.save_context(data, keyring.fingerprint, conjugation_key)
-    gallery = EncryptedGallery(keyring, store, workers=settings.workers)
+    gallery = EncryptedGallery(
+        keyring, store, workers=settings.workers, compress=settings.compress_scores
+    )
     return Staged(keyring, store, gallery, data, conjugation_key)

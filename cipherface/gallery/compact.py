@@ -13,11 +13,12 @@ How: in coefficient form each coefficient is rounded to ``k`` bits,
 adds an error of at most ``q / 2^(k0+1)`` to ``m``; rounding ``c1`` adds ``e1 s``, a
 sum over the ``N`` coefficients of ``s``, about 21 times larger at N=8192, and in
 the slots a *product* (each slot of ``e1`` times that slot of ``s``), whose tail is
-heavier than a Gaussian's. So ``c1`` keeps 7 bits more than ``c0``. Measured over
-737,280 slot values (3 keys): 62 bits as (28, 34) gave an rms error of 1.1e-4 and
-a largest of 7.5e-4; `SCORE_BITS` (28, 35) gives 8.2e-5 and 4.4e-4, under half the
-consistency fit's tolerance (`consistency.FIT_TOLERANCE`, 1e-3), in 64,512 bytes
-per ciphertext instead of 131,072 (7.93 MB per probe at a million templates).
+heavier than a Gaussian's. So ``c1`` keeps 7 bits more than ``c0``. Measured by
+``benchmarks/bench_score_bits.py`` (49,152 values, 3 keys): 62 bits as (28, 34)
+give an rms error of 1.1e-4 and a largest of 6.0e-4; `SCORE_BITS` (28, 35) gives
+8.1e-5 and 3.7e-4, well under the consistency fit's tolerance
+(`consistency.FIT_TOLERANCE`, 1e-3), in 64,512 bytes per ciphertext instead of
+131,072 (7.93 MB per probe at a million templates).
 
 The cloud's workers hold the gallery in coefficient form, so the kernel's sums
 are already what is rounded here: compressing costs one pass over the result and

@@ -37,9 +37,9 @@ from cipherface.metric import Metric
 
 __all__ = ["FIT_TOLERANCE", "check_consistency", "decoy_rows", "fit_sample_size"]
 
-#: Largest residual of an honest fit: plaintext-probe scores are within 4.4e-4 of the
-#: exact values (most of it from `compact`'s rounding, measured over 737,280 values)
-#: and edge-probe scores within 4.5e-4 (tests pin both); over twice that.
+#: Largest residual of an honest fit: plaintext-probe scores are within 4.3e-4 of the
+#: exact values (most of it `compact`'s rounding) and edge-probe scores within 4.5e-4
+#: (tests pin both); over twice that.
 FIT_TOLERANCE = {False: 1e-3, True: 3e-3}
 #: A cosine/euclidean_l2 probe is a unit vector: the fit's norm may miss 1 by this.
 FIT_NORM_TOLERANCE = 5e-3

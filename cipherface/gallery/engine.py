@@ -60,10 +60,17 @@ class EncryptedGallery:
     """
 
     def __init__(
-        self, keyring: Keyring, store: GalleryStore | None = None, *, workers: int = 1
+        self,
+        keyring: Keyring,
+        store: GalleryStore | None = None,
+        *,
+        workers: int = 1,
+        compress: bool = True,
     ) -> None:
         self.keyring = keyring
         self.store = store
+        #: Plaintext probes' scores leave compressed (`cipherface.gallery.compact`).
+        self.compress = compress
         self.metric: Metric | None = None
         self.dimensions: int | None = None
         self._layouts: dict[int, _Shipped] = {}
@@ -162,8 +169,8 @@ class EncryptedGallery:
                 replies = self._exchange(method, held)
         if probes == 1 and method == "score":
             replies = [[reply] for reply in replies]
-        # The kernel's scores leave compressed; SEAL's (edge probes, pairs) as SEAL wrote them.
-        bits = SCORE_BITS if method == "score_many" else ()
+        # The kernel's scores may leave compressed; SEAL's (edge probes, pairs) as SEAL wrote them.
+        bits = SCORE_BITS if method == "score_many" and self.compress else ()
         return [
             sorted(
                 (
@@ -309,7 +316,7 @@ class EncryptedGallery:
             weights.append(factor * vector)
             consts.append(float(vector @ vector) if self.metric is Metric.EUCLIDEAN else const)
         return self._call_shards(
-            "score_many", (np.asarray(weights), consts), block_ids, len(probes)
+            "score_many", (np.asarray(weights), consts, self.compress), block_ids, len(probes)
         )
 
     def verify_pairs(

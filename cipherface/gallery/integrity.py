@@ -60,7 +60,7 @@ __all__ = [
     "prove_probe",
 ]
 
-#: Slack on a decrypted score's range. Honest scores are within 4.4e-4 (plaintext
+#: Slack on a decrypted score's range. Honest scores are within 4.3e-4 (plaintext
 #: probe, compressed) and 4.5e-4 (edge probe) of the exact value on scores of order
 #: 1, 9e-4 on raw euclidean distances near 10 (tests pin these): 1e-2 is ten times that.
 SCORE_TOLERANCE = 1e-2

@@ -35,7 +35,7 @@ Measured on the 2-core benchmark machine (N=8192, 128-d):
   230 KB seed-style (one ciphertext per template).
 - Precision, the same in both parts of a slot: plaintext probes decrypt within
   ~5e-5 of numpy on scores of order 1 (1e-4 on raw euclidean distances near 10)
-  before their scores are compressed for the wire, within ~4.4e-4 after
+  before their scores are compressed for the wire, within ~4.3e-4 after
   (`cipherface.gallery.compact`); encrypted probes within ~4e-4 (9e-4), from
   public-key encryption noise at scale 2^25. Scores must stay below 2^9 in
   magnitude, which limits euclidean embeddings to ``||x||^2 <= MAX_SQUARED_NORM``.

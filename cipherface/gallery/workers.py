@@ -85,6 +85,10 @@ class _Engine:
         self._column_writer: Writer | None = None
         self._norm_writer: Writer | None = None
         self._ntt_writer = Writer(self.seal, self.seal.load(self.seal.encrypt_public(0.0, 1.0)))
+        score = self.seal.load(self.seal.encrypt_public(0.0, _SCORE_SCALE))
+        self.seal.evaluator.transform_from_ntt_inplace(score)
+        #: A score in coefficient form, to serialize one uncompressed.
+        self._score_writer = Writer(self.seal, score)
         #: A metric's constant (2 for euclidean_l2, 1 for cosine) is every probe's:
         #: encoded once, not once per probe.
         self._constants: dict[float, np.ndarray] = {}
@@ -186,14 +190,23 @@ class _Engine:
         return out
 
     def score_many(
-        self, weights: np.ndarray, consts: Sequence[float], block_ids: Sequence[int]
+        self,
+        weights: np.ndarray,
+        consts: Sequence[float],
+        compress: bool,
+        block_ids: Sequence[int],
     ) -> list[list[tuple[int, int, bytes]]]:
-        """Compressed scores (`compact.SCORE_BITS`) of P plaintext probes (``weights``
-        P x d, one constant each) in one pass."""
+        """Scores of P plaintext probes (``weights`` P x d, one constant each) in one
+        pass: compressed (`compact.SCORE_BITS`), or as SEAL serializes them, bit for
+        bit what SEAL computes (turned to NTT form here, 0.3 ms a score)."""
         out: list[list[tuple[int, int, bytes]]] = [[] for _ in consts]
         for block_id, version, sums in self.sums(weights, consts, block_ids):
             for index, row in enumerate(sums):
-                out[index].append((block_id, version, compact.compress(row, self.modulus)))
+                if compress:
+                    data = compact.compress(row, self.modulus)
+                else:
+                    data = self.seal.dump(self._ntt(self._score_writer(row)))
+                out[index].append((block_id, version, data))
         return out
 
     def sums(

@@ -231,6 +231,20 @@ async def test_one_blocks_scores_of_too_many_faces_for_the_cap_get_an_error_even
     assert event.distance is None and not event.faces
 
 
+@pytest.mark.parametrize("compress", [True, False])
+async def test_a_replica_compresses_scores_unless_told_not_to(
+    deployment: Deployment, compress: bool
+) -> None:
+    """9 faces of one block: 9 x 64.5 KB compressed fit a 1 MiB part; 9 x 131 KB as SEAL
+    writes them (``CIPHERFACE_COMPRESS_SCORES=false``) do not."""
+    deployment.settings = dataclasses.replace(deployment.settings, compress_scores=compress)
+    event = await _many_faces_probe(deployment, cap=CAP, faces=9)
+    if compress:
+        assert event.error is None and event.verified and event.subject == "bob", event
+    else:
+        assert event.error is not None and event.error.startswith("MessageTooLargeError"), event
+
+
 async def test_onprem_reads_scores_up_to_its_configured_cap_not_the_default(
     deployment: Deployment, tmp_path: Path
 ) -> None:
