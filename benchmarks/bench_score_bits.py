@@ -25,10 +25,16 @@ import numpy as np
 from cipherface.crypto import Keyring, Metric, prepare_embedding
 from cipherface.embedding import threshold
 from cipherface.gallery import EnrollmentBook
-from cipherface.gallery.compact import SCORE_BITS, compress, compressed_size, expand
+from cipherface.gallery.compact import (
+    SCORE_BITS,
+    compress,
+    compressed_size,
+    expand,
+    score_writer,
+)
 from cipherface.gallery.consistency import FIT_TOLERANCE
 from cipherface.gallery.kernel import Writer
-from cipherface.gallery.packing import _SCORE_SCALE, _Seal, _weights
+from cipherface.gallery.packing import _Seal, _weights
 from cipherface.gallery.workers import _Engine
 
 __all__ = ["main"]
@@ -68,26 +74,26 @@ def main() -> int:
         factor, const = _weights(Metric.EUCLIDEAN_L2)
         weights = factor * prepare_embedding(probe, Metric.EUCLIDEAN_L2)[None]
         [(_, _, [sums])] = list(engine.sums(weights, [const], [block.block_id]))
-        template = seal.load(seal.encrypt_public(0.0, _SCORE_SCALE))
-        seal.evaluator.transform_from_ntt_inplace(template)
-        writer = Writer(seal, template)
+        writer = score_writer(seal)
         exact = _decrypt(seal, writer, sums)
         for split in _SPLITS:
             got = _decrypt(seal, writer, expand(compress(sums, prime, split), prime, 8192, split))
             errors[split].append(np.abs(got - exact))
             flipped[split] += int(np.sum((got <= limit) != (exact <= limit)))
     print(
-        f"bits kept (c0, c1) | MB/probe at 1M | max error | rms error "
+        f"bits kept (c0, c1) | B/block | MB/probe at 1M | max error | rms error "
         f"| decisions flipped (of {8192 * args.keys})"
     )
-    print("--- | --- | --- | --- | ---")
-    print(f"60, 60 (uncompressed) | {_BLOCKS_AT_1M * 2 * 8192 * 8 / 1e6:.2f} | 0 | 0 | 0")
+    print("--- | --- | --- | --- | --- | ---")
+    full = 2 * 8192 * 8
+    print(f"60, 60 (uncompressed) | {full:,} | {_BLOCKS_AT_1M * full / 1e6:.2f} | 0 | 0 | 0")
     for split in _SPLITS:
         error = np.concatenate(errors[split])
         shipped = " (shipped)" if split == SCORE_BITS else ""
-        megabytes = _BLOCKS_AT_1M * compressed_size(8192, split) / 1e6
+        size = compressed_size(8192, split)
         print(
-            f"{split[0]}, {split[1]}{shipped} | {megabytes:.2f} | {error.max():.2e}"
+            f"{split[0]}, {split[1]}{shipped} | {size:,} | {_BLOCKS_AT_1M * size / 1e6:.2f}"
+            f" | {error.max():.2e}"
             f" | {np.sqrt(np.mean(error**2)):.2e} | {flipped[split]}"
         )
     print(f"integrity fit tolerance (plaintext probe): {FIT_TOLERANCE[False]:g}")

@@ -14,9 +14,9 @@ adds an error of at most ``q / 2^(k0+1)`` to ``m``; rounding ``c1`` adds ``e1 s`
 sum over the ``N`` coefficients of ``s``, about 21 times larger at N=8192, and in
 the slots a *product* (each slot of ``e1`` times that slot of ``s``), whose tail is
 heavier than a Gaussian's. So ``c1`` keeps 7 bits more than ``c0``. Measured by
-``benchmarks/bench_score_bits.py`` (49,152 values, 3 keys): 62 bits as (28, 34)
-give an rms error of 1.1e-4 and a largest of 6.0e-4; `SCORE_BITS` (28, 35) gives
-8.1e-5 and 3.7e-4, well under the consistency fit's tolerance
+``benchmarks/bench_score_bits.py`` (49,152 values, 3 keys, two runs): 62 bits as
+(28, 34) give an rms error of 1.1e-4 and a largest of 6.0-6.8e-4; `SCORE_BITS`
+(28, 35) gives 8.1e-5 and 3.6-3.7e-4, well under the consistency fit's tolerance
 (`consistency.FIT_TOLERANCE`, 1e-3), in 64,512 bytes per ciphertext instead of
 131,072 (7.93 MB per probe at a million templates).
 
@@ -42,7 +42,15 @@ from cipherface.exceptions import ConfigError, IntegrityError
 from cipherface.gallery.kernel import Writer
 from cipherface.gallery.packing import _SCORE_SCALE, _Seal
 
-__all__ = ["SCORE_BITS", "compress", "compressed_size", "expand", "read_scores", "warm"]
+__all__ = [
+    "SCORE_BITS",
+    "compress",
+    "compressed_size",
+    "expand",
+    "read_scores",
+    "score_writer",
+    "warm",
+]
 
 #: Bits kept of each coefficient of ``c0`` and of ``c1``.
 SCORE_BITS: tuple[int, int] = (28, 35)
@@ -143,16 +151,21 @@ def _unpack(
         bit += width
 
 
+def score_writer(seal: _Seal) -> Writer:
+    """Serializes (2, N) coefficients as a score ciphertext in *coefficient* form: two
+    components at the lowest level and scale 2^50, as the protocol makes them."""
+    template = seal.load(seal.encrypt_public(0.0, _SCORE_SCALE))
+    seal.evaluator.transform_from_ntt_inplace(template)
+    return Writer(seal, template)
+
+
 class ScoreReader:
     """On-prem: compressed scores back into SEAL ciphertexts ready to decrypt."""
 
     def __init__(self, seal: _Seal) -> None:
         self.modulus = int(seal.context.last_context_data().parms().coeff_modulus()[0].value())
-        template = seal.load(seal.encrypt_public(0.0, _SCORE_SCALE))
-        seal.evaluator.transform_from_ntt_inplace(template)
-        #: A two-component score at the lowest level and scale 2^50, coefficient form.
-        self._writer = Writer(seal, template)
-        self._degree = template.poly_modulus_degree()
+        self._writer = score_writer(seal)
+        self._degree = 2 * seal.slots
         warm()
 
     def __call__(self, seal: _Seal, data: bytes, bits: tuple[int, ...]) -> Any:

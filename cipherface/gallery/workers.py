@@ -85,10 +85,8 @@ class _Engine:
         self._column_writer: Writer | None = None
         self._norm_writer: Writer | None = None
         self._ntt_writer = Writer(self.seal, self.seal.load(self.seal.encrypt_public(0.0, 1.0)))
-        score = self.seal.load(self.seal.encrypt_public(0.0, _SCORE_SCALE))
-        self.seal.evaluator.transform_from_ntt_inplace(score)
         #: A score in coefficient form, to serialize one uncompressed.
-        self._score_writer = Writer(self.seal, score)
+        self._score_writer = compact.score_writer(self.seal)
         #: A metric's constant (2 for euclidean_l2, 1 for cosine) is every probe's:
         #: encoded once, not once per probe.
         self._constants: dict[float, np.ndarray] = {}
