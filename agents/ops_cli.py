@@ -89,7 +89,7 @@ async def _list(args: argparse.Namespace) -> None:
             }
         )
     finally:
-        keys.book.close()
+        keys.close()
 
 
 async def _remove(args: argparse.Namespace) -> None:
@@ -162,7 +162,7 @@ async def _restore(args: argparse.Namespace) -> None:
     # The keys load and the book is theirs (its fingerprint is checked on opening).
     keys = KeySet.load(settings.key_dir, settings)
     templates = len(keys.book)
-    keys.book.close()
+    keys.close()
     print_json({"restored": files, "fingerprint": keys.fingerprint, "templates": templates})
 
 

@@ -115,6 +115,12 @@ class Settings:
     #: runs one image at a time per process, so 2 on a 2-core replica embeds two
     #: probes at once. 0: in the replica's own process (no extra memory, one core).
     embed_workers: int = 0
+    #: Processes on-prem decrypts a probe's score blocks in, instead of its own
+    #: (`cipherface.gallery.decryption`), for galleries of at least
+    #: `decryption.MIN_BLOCKS` blocks. 0: in on-prem's process. Each costs about
+    #: 220 MB and holds the secret context (sent over a local pipe); on 2 cores
+    #: they did not make ranking faster (`benchmarks/bench_rank.py`).
+    decrypt_workers: int = 0
     #: Whether a replica sends a plaintext probe's scores compressed (63 bits per
     #: coefficient pair: 7.9 MB per probe at a million templates, 16.1 MB without),
     #: `cipherface.gallery.compact`. On-prem then turns each block's scores to NTT
@@ -145,8 +151,8 @@ class Settings:
             raise ConfigError(f"unknown preset {self.preset!r}; choose {', '.join(PRESETS)}")
         if min(self.prefetch, self.top_k, self.workers, self.max_faces) < 1:
             raise ConfigError("prefetch, top_k, workers and max_faces must be at least 1")
-        if self.embed_workers < 0:
-            raise ConfigError(f"embed_workers must be 0 or more, got {self.embed_workers}")
+        if min(self.embed_workers, self.decrypt_workers) < 0:
+            raise ConfigError("embed_workers and decrypt_workers must be 0 or more")
         for name in _PATHS:
             value = getattr(self, name)
             if value is not None:
@@ -299,6 +305,7 @@ _INTS = (
     "metrics_port",
     "workers",
     "embed_workers",
+    "decrypt_workers",
     "ledger_max",
     "max_image_side",
     "max_faces",

@@ -14,15 +14,14 @@ pool is rebuilt for the next one.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
-import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from cipherface.config import Settings
 from cipherface.embedding import Embedder, Face
 from cipherface.exceptions import EmbeddingCrashedError
+from cipherface.spawned import SpawnedPool
 
 __all__ = ["EmbeddingPool", "probe_embedder"]
 
@@ -56,8 +55,9 @@ class EmbeddingPool:
             raise ValueError(f"an embedding pool needs at least one worker, got {workers}")
         self.embedder = embedder
         self.workers = workers
-        self._lock = threading.Lock()
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool = SpawnedPool(
+            workers, _start, (embedder.model, embedder.detector, embedder.max_side)
+        )
 
     @property
     def model(self) -> str:
@@ -65,15 +65,7 @@ class EmbeddingPool:
         return self.embedder.model
 
     def _executor(self) -> ProcessPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(
-                    max_workers=self.workers,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_start,
-                    initargs=(self.embedder.model, self.embedder.detector, self.embedder.max_side),
-                )
-            return self._pool
+        return self._pool.executor()
 
     def embed(
         self, image: bytes | str | os.PathLike[str], *, name: str | None = None
@@ -84,27 +76,17 @@ class EmbeddingPool:
         try:
             return pool.submit(_embed, source, name).result()
         except BrokenProcessPool as exc:
-            self._discard(pool)
+            self._pool.discard(pool)
+            log.warning("an embedding worker died; starting a new pool for the next image")
             label = name or "image"
             raise EmbeddingCrashedError(
                 f"{label}: the embedding worker died while embedding it ({exc}); "
                 "the image was not embedded"
             ) from None
 
-    def _discard(self, pool: ProcessPoolExecutor) -> None:
-        """Forget a broken pool (the next call starts a new one)."""
-        with self._lock:
-            if self._pool is pool:
-                self._pool = None
-        pool.shutdown(wait=False, cancel_futures=True)
-        log.warning("an embedding worker died; starting a new pool for the next image")
-
     def close(self) -> None:
         """Stop the workers (waiting for images being embedded)."""
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.close()
 
 
 def probe_embedder(settings: Settings) -> Embedder | EmbeddingPool:

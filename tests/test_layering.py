@@ -138,6 +138,7 @@ def test_the_cycle_finder_finds_cycles() -> None:
         ("cipherface.fields", "cipherface.wire"),
         ("cipherface.metric", "cipherface.crypto"),
         ("cipherface.store", "cipherface.gallery"),
+        ("cipherface.spawned", "cipherface.gallery"),
     ],
 )
 def test_lower_layers_never_reach_higher_ones(lower: str, higher: str) -> None:

@@ -126,8 +126,12 @@ def test_settings_are_checked_and_read_from_the_environment() -> None:
         "CIPHERFACE_METRICS_ADDRESS": "0.0.0.0",
         "CIPHERFACE_MAX_FACES": "4",
         "CIPHERFACE_COMPRESS_SCORES": "No",
+        "CIPHERFACE_DECRYPT_WORKERS": "2",
     }
     settings = Settings.from_env(env)
+    assert settings.decrypt_workers == 2 and Settings().decrypt_workers == 0
+    with pytest.raises(ConfigError, match="decrypt_workers must be 0 or more"):
+        Settings(decrypt_workers=-1)
     assert settings.compress_scores is False and Settings().compress_scores is True
     with pytest.raises(ConfigError, match="COMPRESS_SCORES must be one of"):
         Settings.from_env({"CIPHERFACE_COMPRESS_SCORES": "maybe"})

@@ -152,6 +152,9 @@ class OnPremAgent:
         # The reader of compressed scores compiles (or loads from numba's cache) here,
         # not on the first probe's result.
         await asyncio.to_thread(compact.warm)
+        if self.current.decryptor is not None:
+            pids = await asyncio.to_thread(self.current.decryptor.warm)
+            log.info("decryption workers started: %s", sorted(pids))
         topology = self.transport.topology
         self._consumers.append(
             await self.transport.consume(
@@ -192,7 +195,7 @@ class OnPremAgent:
         async with self._publishing:  # an enrollment's publishing, if one runs
             self.ledger.close()
             for keys in self.keys.values():
-                keys.book.close()
+                keys.close()
 
     async def _housekeeping(self) -> None:
         """Gauges, and a rotation requested by ``cipherface rotate-keys``, every few seconds."""
@@ -415,6 +418,7 @@ class OnPremAgent:
                         merged.scores,
                         top_k=self.settings.top_k,
                         max_faces=self.settings.max_faces,
+                        decryptor=keys.decryptor,
                     )
                 except IntegrityError as exc:
                     # Nothing derived from a tampered decryption leaves on-prem: the

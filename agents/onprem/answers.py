@@ -17,6 +17,7 @@ from cipherface import wire
 from cipherface.crypto import Keyring, Metric
 from cipherface.exceptions import IntegrityError
 from cipherface.gallery import EnrollmentBook, Match, accept, rank
+from cipherface.gallery.decryption import DecryptionPool
 from cipherface.gallery.integrity import flood
 
 __all__ = ["CLOUD_STAGES", "Answer", "cloud_timings", "decide", "rank_faces"]
@@ -46,11 +47,13 @@ def rank_faces(
     *,
     top_k: int,
     max_faces: int,
+    decryptor: DecryptionPool | None = None,
 ) -> list[list[Match]]:
     """Each face's candidates, nearest first; `IntegrityError` if any face's scores are
     tampered with (one forged face refuses the whole probe), or if there are more
     than ``max_faces`` faces (the cloud refuses such a probe: each face costs a
-    decryption and a fit here), checked before anything is decrypted."""
+    decryption and a fit here), checked before anything is decrypted.
+    ``decryptor`` (under ``keyring``) decrypts large galleries in its workers."""
     if len(result.faces) > max_faces:
         raise IntegrityError(f"{len(result.faces)} faces scored, at most {max_faces} per probe")
     return [
@@ -61,6 +64,7 @@ def rank_faces(
             subject=result.subject,
             top_k=top_k,
             probe_check=result.probe_check,
+            decryptor=decryptor,
         )
         for face in result.faces
     ]

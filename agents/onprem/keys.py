@@ -10,6 +10,7 @@ from cipherface.crypto import Keyring
 from cipherface.embedding import model_spec
 from cipherface.exceptions import ConfigError
 from cipherface.gallery import EnrollmentBook
+from cipherface.gallery.decryption import DecryptionPool
 from cipherface.gallery.integrity import conjugation_key
 from cipherface.private import private_dir, write_private
 from cipherface.signing import SigningKey
@@ -34,11 +35,19 @@ class KeySet:
     book: EnrollmentBook
     conjugation_key: bytes
     folder: Path
+    #: Worker processes decrypting under this key (`Settings.decrypt_workers`).
+    decryptor: DecryptionPool | None = None
 
     @property
     def fingerprint(self) -> str:
         """The key's fingerprint."""
         return self.keyring.fingerprint
+
+    def close(self) -> None:
+        """Stop the decryption workers and close the book."""
+        if self.decryptor is not None:
+            self.decryptor.close()
+        self.book.close()
 
     @classmethod
     def load(cls, folder: Path, settings: Settings) -> KeySet:
@@ -50,7 +59,9 @@ class KeySet:
             model_spec(settings.model).dimensions,
             path=folder / "book.sqlite",
         )
-        return cls(keyring, book, (folder / "conjugation.key").read_bytes(), folder)
+        workers = settings.decrypt_workers
+        decryptor = DecryptionPool(keyring, workers) if workers else None
+        return cls(keyring, book, (folder / "conjugation.key").read_bytes(), folder, decryptor)
 
 
 def generate_keys(settings: Settings, *, overwrite: bool = False) -> Keyring:

@@ -263,7 +263,7 @@ class KeyRotation:
         async with self._released:
             await self._released.wait_for(lambda: not self._in_use[old.fingerprint])
             self.agent.keys.pop(old.fingerprint, None)
-            old.book.close()
+            old.close()
         await asyncio.to_thread(_delete_keys, old.folder, self.settings.onprem_dir)
         self._update(phase="done", retired_at=time.time())
 

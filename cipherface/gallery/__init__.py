@@ -10,6 +10,7 @@ module        runs on     owns
 `kernel`      cloud       exact mod-q matrix product: many plaintext probes in one pass
 `batching`    cloud       `SearchBatcher`: concurrent probes share a pass (a 5 ms window)
 `ranking`     on-prem     `Match`, `accept`, `rank`, `rank_pairs`: decrypt and decide
+`decryption`  on-prem     `DecryptionPool`: score blocks decrypted in worker processes
 ============  ==========  ===============================================================
 
 The payloads that travel between them (`EncryptedBlock`, `BlockScores`,

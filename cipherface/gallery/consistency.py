@@ -69,9 +69,18 @@ def fit_sample_size(dimensions: int) -> int:
     return 2 * dimensions + 64
 
 
-def sample(population: int, count: int) -> np.ndarray:
-    """``count`` distinct positions out of ``population``, unpredictable to the cloud."""
-    rng = np.random.default_rng(secrets.randbits(128))
+def sampler() -> np.random.Generator:
+    """A generator seeded from the OS CSPRNG: its samples are unpredictable to the cloud."""
+    return np.random.default_rng(secrets.randbits(128))
+
+
+def sample(population: int, count: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """``count`` distinct positions out of ``population``, unpredictable to the cloud.
+
+    Pass one `sampler` for many blocks: seeding a generator per block cost more
+    than the draws (4.5 ms against 1 ms for 123 blocks).
+    """
+    rng = sampler() if rng is None else rng
     return np.sort(rng.choice(population, size=min(count, population), replace=False))
 
 
@@ -94,7 +103,21 @@ def check_consistency(
         # The probe's ||p||^2 is one more unknown.
         design = np.hstack([-2.0 * vectors, np.ones((count, 1))])
         target = scores - np.einsum("ij,ij->i", vectors, vectors)
-    solution, *_ = np.linalg.lstsq(design, target, rcond=None)
+    try:
+        # The normal equations: 0.7 ms where `lstsq`'s SVD takes 6-14 ms (a few
+        # hundred rows x 128), on every probe.
+        solution = np.linalg.solve(design.T @ design, design.T @ target)
+        _verify_fit(metric, design, target, solution, edge=edge)
+    except (np.linalg.LinAlgError, IntegrityError):
+        # Duplicate or nearly dependent rows (a gallery of few distinct faces) make
+        # them singular or inexact: only the SVD's answer may refuse the scores.
+        solution, *_ = np.linalg.lstsq(design, target, rcond=None)
+        _verify_fit(metric, design, target, solution, edge=edge)
+
+
+def _verify_fit(
+    metric: Metric, design: np.ndarray, target: np.ndarray, solution: np.ndarray, *, edge: bool
+) -> None:
     residual = float(np.max(np.abs(design @ solution - target)))
     if residual > FIT_TOLERANCE[edge]:
         raise IntegrityError(
