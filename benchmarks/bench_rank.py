@@ -14,7 +14,7 @@ prints, for a gallery of ``--blocks`` blocks of synthetic 128-d unit vectors
 - the same SEAL steps in one process alone and in two processes at once: how far
   two cores speed decryption up on this machine;
 - `rank` with 0, 1 and 2 decryption workers (`CIPHERFACE_DECRYPT_WORKERS`), the
-  median over interleaved rounds, and the same per block.
+  median over interleaved rounds, per block, and the blocks' decryption alone.
 
 Run:  python benchmarks/bench_rank.py [--blocks 32] [--repeat 15]
 """
@@ -167,23 +167,29 @@ def main(argv: list[str] | None = None) -> int:
 
     pools = {workers: DecryptionPool(keys, workers) for workers in (1, 2)}
     pids = set().union(*(pool.warm() for pool in pools.values()))
-    runs: dict[str, Callable[[], object]] = {"0 (in-process)": lambda: rank(keys, book, scores)}
+    sealed = [Sealed(block.scores, tuple(block.bits), 2) for block in scores]
+    runs: dict[tuple[str, str], Callable[[], object]] = {
+        ("0 (in-process)", "rank"): lambda: rank(keys, book, scores),
+        ("0 (in-process)", "decrypt"): lambda: [decrypt_scores(seal, s) for s in sealed],
+    }
     for workers, pool in pools.items():
-        runs[str(workers)] = lambda p=pool: rank(keys, book, scores, decryptor=p)
-    times: dict[str, list[float]] = {name: [] for name in runs}
+        runs[str(workers), "rank"] = lambda p=pool: rank(keys, book, scores, decryptor=p)
+        runs[str(workers), "decrypt"] = lambda p=pool: p.decrypt(seal, sealed)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
     for _ in range(args.repeat):
-        for name, fn in runs.items():
+        for key, fn in runs.items():
             start = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[key].append(time.perf_counter() - start)
     peaks = sorted(_peak_mb(pid) for pid in pids)
     for pool in pools.values():
         pool.close()
-    print(f"\nrank, {len(scores)} blocks (median of {args.repeat} interleaved rounds)")
-    print("decryption workers    ms   ms/block")
-    for name, measured in times.items():
-        ms = 1e3 * statistics.median(measured)
-        print(f"{name:<18} {ms:6.1f}   {ms / len(scores):7.3f}")
+    print(f"\n{len(scores)} blocks, ms (median of {args.repeat} interleaved rounds)")
+    print("decryption workers  rank ms  ms/block  decryption alone ms")
+    for name in dict.fromkeys(name for name, _ in runs):
+        ranked = 1e3 * statistics.median(times[name, "rank"])
+        alone = 1e3 * statistics.median(times[name, "decrypt"])
+        print(f"{name:<18} {ranked:8.1f}  {ranked / len(scores):8.3f}  {alone:19.1f}")
     print(f"peak RSS per decryption worker (VmHWM): {', '.join(f'{mb:.0f}' for mb in peaks)} MB")
     return 0
 

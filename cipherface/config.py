@@ -118,8 +118,8 @@ class Settings:
     #: Processes on-prem decrypts a probe's score blocks in, instead of its own
     #: (`cipherface.gallery.decryption`), for galleries of at least
     #: `decryption.MIN_BLOCKS` blocks. 0: in on-prem's process. Each costs about
-    #: 220 MB and holds the secret context (sent over a local pipe); on 2 cores
-    #: they did not make ranking faster (`benchmarks/bench_rank.py`).
+    #: 180-220 MB and holds the secret context (sent over a local pipe); on 2 cores,
+    #: 2 ranked about 1.2x faster and 1 slower (`benchmarks/bench_rank.py`).
     decrypt_workers: int = 0
     #: Whether a replica sends a plaintext probe's scores compressed (63 bits per
     #: coefficient pair: 7.9 MB per probe at a million templates, 16.1 MB without),

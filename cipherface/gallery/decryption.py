@@ -18,9 +18,9 @@ workers costs more than it saves. A worker that dies (killed, out of memory)
 costs no probe: that call decrypts in-process and the next starts a new pool.
 
 What it buys depends on the host: on the 2-core benchmark machine two processes
-decrypt about twice as fast as one, yet moving the shares and their values
-through the executor's pipes ate the gain, and `rank` was no faster with workers
-than without (`benchmarks/bench_rank.py`). Hence opt-in
+decrypt about twice as fast as one, yet through the executor `rank` gained about
+1.2x with two workers and lost with one, and the figures moved with the order the
+calls ran in (`benchmarks/bench_rank.py`). Hence opt-in
 (`Settings.decrypt_workers`), for on-prem hosts with cores to spare.
 """
 
