@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import tenseal.sealapi as sealapi
+from bench_core import median_ms  # a sibling script: benchmarks/ is sys.path[0]
 
 from cipherface.crypto import Keyring, Metric
 from cipherface.gallery import EncryptedGallery, EnrollmentBook, compact, rank
@@ -43,16 +44,6 @@ from cipherface.gallery.ranking import _lowest
 __all__ = ["main"]
 
 DIMENSIONS = 128
-
-
-def _median_ms(fn: Callable[[], object], repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def _steps(seal: _Seal, data: bytes, bits: tuple[int, ...], repeat: int) -> list[tuple[str, float]]:
@@ -79,8 +70,7 @@ def _steps(seal: _Seal, data: bytes, bits: tuple[int, ...], repeat: int) -> list
         ("all of it (decrypt_scores)", lambda: decrypt_scores(seal, Sealed(data, bits, 2))),
     ]
     return [
-        (name, _median_ms(lambda f=f: [f() for _ in range(50)], repeat) / 50)
-        for name, f in per_call
+        (name, median_ms(lambda f=f: [f() for _ in range(50)], repeat) / 50) for name, f in per_call
     ]
 
 
@@ -157,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     ]
     for name, fn in fixed:
-        print(f"  {name:<40} {_median_ms(fn, args.repeat):7.3f}")
+        print(f"  {name:<40} {median_ms(fn, args.repeat):7.3f}")
 
     one, two = _parallel(keys, first.scores, tuple(first.bits))
     print("\ndecrypt_scores, ms per block, processes running at once")

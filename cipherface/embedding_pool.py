@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from cipherface.config import Settings
@@ -64,14 +63,11 @@ class EmbeddingPool:
         """The DeepFace model name."""
         return self.embedder.model
 
-    def _executor(self) -> ProcessPoolExecutor:
-        return self._pool.executor()
-
     def embed(
         self, image: bytes | str | os.PathLike[str], *, name: str | None = None
     ) -> list[Face]:
         """Embed every face in ``image`` in a worker process (see `Embedder.embed`)."""
-        pool = self._executor()
+        pool = self._pool.executor()
         source = os.fspath(image) if isinstance(image, os.PathLike) else image
         try:
             return pool.submit(_embed, source, name).result()

@@ -73,7 +73,7 @@ def test_a_worker_killed_mid_image_fails_that_image_only(faces_dir: Path) -> Non
 
 
 def _worker_pids(pool: EmbeddingPool) -> list[int]:
-    executor = pool._executor()
+    executor = pool._pool.executor()
     return list(executor._processes)  # type: ignore[attr-defined]
 
 

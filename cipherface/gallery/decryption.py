@@ -108,7 +108,6 @@ class DecryptionPool:
         if workers < 1:
             raise ConfigError(f"a decryption pool needs at least one worker, got {workers}")
         self.fingerprint = keyring.fingerprint
-        self.workers = workers
         self.min_blocks = min_blocks
         self._pool = SpawnedPool(workers, _start, (keyring.secret_bytes(),))
 
@@ -123,8 +122,10 @@ class DecryptionPool:
         pool = self._pool.executor()
         deadline = time.monotonic() + timeout
         seen: set[int] = set()
-        while len(seen) < self.workers and time.monotonic() < deadline:
-            seen.update(f.result() for f in [pool.submit(_ready) for _ in range(self.workers)])
+        while len(seen) < self._pool.workers and time.monotonic() < deadline:
+            seen.update(
+                f.result() for f in [pool.submit(_ready) for _ in range(self._pool.workers)]
+            )
         return seen
 
     def decrypt(self, seal: _Seal, blocks: Sequence[Sealed]) -> list[np.ndarray]:
@@ -139,7 +140,7 @@ class DecryptionPool:
         pool = self._pool.executor()
         # The calling process only waits: decrypting a share itself, it would hold the
         # GIL that the executor's threads need to move the other shares through pipes.
-        step = -(-len(blocks) // self.workers)
+        step = -(-len(blocks) // self._pool.workers)
         try:
             futures = [
                 pool.submit(_decrypt_share, list(blocks[i : i + step]))
