@@ -8,7 +8,7 @@ face; a photo without a face makes its pairs wrong), and the median time per pho
 Both before ("raw") and after the detector's `FACE_FILTERS` entry. Detectors that
 cannot run offline here are listed with the reason.
 
-    python benchmarks/bench_detectors.py [--faces DIR] [--detectors opencv,dlib,...]
+    python benchmarks/bench_detectors.py [--faces DIR] [--detectors opencv,dlib,dlib/0,...]
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ class Row:
     multi: dict[str, list[str]] = field(default_factory=dict)
     accuracy: float = 0.0
     seconds: list[float] = field(default_factory=list)
+    #: CPU seconds of this process (all threads): what a shared machine does not inflate.
+    cpu: list[float] = field(default_factory=list)
 
 
 def holds(face: Face, centre: tuple[int, int]) -> bool:
@@ -96,23 +98,26 @@ def holds(face: Face, centre: tuple[int, int]) -> bool:
 
 def detect(embedder: Embedder, path: Path, row: Row) -> list[Face]:
     """Every detection (no filter), timed."""
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     try:
         faces = embedder.embed(path)
     except NoFaceError:
         faces = []
     row.seconds.append(time.perf_counter() - started)
+    row.cpu.append(time.process_time() - cpu)
     return faces
 
 
 def measure(spec: str, faces_dir: Path, portraits: list[str], pairs: list[tuple]) -> Row:
-    """Run one detector (``name`` or ``name@max_side``) over all the photos."""
-    detector, _, side = spec.partition("@")
+    """Run one detector (``name[/upsample][@max_side]``) over all the photos."""
+    named, _, side = spec.partition("@")
+    detector, _, upsample = named.partition("/")
     embedder = Embedder(
         "Dlib",
         detector,
         max_side=int(side or MAX_IMAGE_SIDE),
         face_filter=FaceFilter(min_side=0, min_fraction=0),
+        upsample=int(upsample) if upsample else None,
     )
     chosen = FACE_FILTERS.get(detector, FaceFilter())
     row = Row(detector=spec, portraits=len(portraits))
@@ -157,7 +162,7 @@ def available(detectors: list[str]) -> list[str]:
     needs = {"dlib": "dlib", "mediapipe": "mediapipe"}
     usable = []
     for name in detectors:
-        module = needs.get(name.partition("@")[0])
+        module = needs.get(name.partition("@")[0].partition("/")[0])
         if module and importlib.util.find_spec(module) is None:
             print(f"# {name}: not installed here (pip install {module})", file=sys.stderr)
             continue
@@ -174,7 +179,8 @@ def main() -> None:
     parser.add_argument(
         "--detectors",
         default="opencv@1920,opencv,dlib@1920,dlib,mediapipe",
-        help="comma-separated DeepFace detectors, each optionally @max_side",
+        help="comma-separated DeepFace detectors, each name[/upsample][@max_side] "
+        "(upsample: dlib's doublings before the scan)",
     )
     args = parser.parse_args()
     with (args.faces / "pairs.csv").open(newline="") as handle:
@@ -195,16 +201,17 @@ def main() -> None:
     print(
         "| detector | portraits with 1 face | portraits with none | false faces (all photos) "
         "| couple.jpg | selfie-many-people.jpg | img11_reflection.jpg "
-        "| accuracy, 520 pairs | s/photo |"
+        "| accuracy, 520 pairs | s/photo | CPU s/photo |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         multi = " | ".join(" -> ".join(r.multi[n]) for n in MULTI_FACE)
         print(
             f"| {r.detector} | {r.portraits_one['raw']} -> {r.portraits_one['filtered']} "
             f"| {r.missed['raw']} -> {r.missed['filtered']} "
             f"| {r.extra['raw']} -> {r.extra['filtered']} | {multi} "
-            f"| {100 * r.accuracy:.1f}% | {statistics.median(r.seconds):.2f} |"
+            f"| {100 * r.accuracy:.1f}% | {statistics.median(r.seconds):.2f} "
+            f"| {statistics.median(r.cpu):.2f} |"
         )
     print()
     for name, reason in OFFLINE_BLOCKERS.items():

@@ -11,15 +11,36 @@ dlib's HOG upsamples 2x on top: 4096x4096 scanned for a 1,024 px image instead o
 alignment and embedding run on the faces it found. Other detectors keep the
 border (`BORDERS`): the Haar cascade found 2 fewer faces and 1 false one in
 selfie-many-people.jpg without it (benchmarks/bench_detectors.py).
+
+dlib's detector is run here rather than through DeepFace, which always doubles the
+image before scanning (``upsample`` 1): that finds faces down to about 40 px but
+costs about 4x a scan at the image's own size, which finds them down to about 80 px
+and was 70% of a portrait's embedding time (README, "Face detection": `upsample`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["BORDERS", "DEFAULT_BORDER", "Detection", "detect_and_embed"]
+from cipherface.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    # Imported where used: DeepFace imports cv2, whose pixel cap
+    # cipherface.embedding sets first.
+    from deepface.models.Detector import FacialAreaRegion
+
+__all__ = [
+    "BORDERS",
+    "DEFAULT_BORDER",
+    "DLIB_UPSAMPLE",
+    "UPSAMPLE_RANGE",
+    "Detection",
+    "detect_and_embed",
+    "detector_upsample",
+]
 
 #: The black border added on each side before detection, as a fraction of the
 #: image's width and height: DeepFace's, unless measured to be unneeded.
@@ -27,6 +48,29 @@ DEFAULT_BORDER = 0.5
 #: Per detector, by benchmarks/bench_detectors.py: dlib found the same faces on the
 #: shared photos without it (same accuracy on the 520 pairs), at a quarter of the pixels.
 BORDERS = {"dlib": 0.0}
+#: How often dlib's HOG detector doubles the image before scanning, unless asked
+#: otherwise: DeepFace's choice, so every face it found is still found.
+DLIB_UPSAMPLE = 1
+#: The doublings before dlib's scan `Embedder` accepts: each one finds faces half
+#: as large at 4x the cost, so 2 already scans 16x the pixels of 0.
+UPSAMPLE_RANGE = range(3)
+
+
+def detector_upsample(detector: str, upsample: int | None) -> int:
+    """The doublings before ``detector``'s scan: ``upsample``, or dlib's default for None.
+
+    Only dlib's HOG detector has the step; asking another detector for it is a
+    `ConfigError` rather than a setting silently ignored.
+    """
+    if upsample is None:
+        return DLIB_UPSAMPLE
+    if detector != "dlib":
+        raise ConfigError(f"upsampling before detection is dlib's; the detector is {detector!r}")
+    if upsample not in UPSAMPLE_RANGE:
+        raise ConfigError(
+            f"upsample must be {UPSAMPLE_RANGE.start} to {UPSAMPLE_RANGE.stop - 1}, got {upsample}"
+        )
+    return upsample
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,12 +84,16 @@ class Detection:
     confidence: float
 
 
-def detect_and_embed(pixels: np.ndarray, *, model: str, detector: str) -> list[Detection]:
+def detect_and_embed(
+    pixels: np.ndarray, *, model: str, detector: str, upsample: int = DLIB_UPSAMPLE
+) -> list[Detection]:
     """Every face ``detector`` finds in BGR ``pixels``, aligned and embedded by ``model``.
 
     What ``DeepFace.represent(pixels, model, detector)`` returns, but with the border
-    of `BORDERS`; no face is an empty list. DeepFace's errors propagate (a weight
-    file it cannot download is a ``ValueError``): the caller names the input.
+    of `BORDERS` and, for dlib, ``upsample`` doublings before the scan (other
+    detectors have no such step: `cipherface.embedding.Embedder` refuses it for
+    them); no face is an empty list. DeepFace's errors propagate (a weight file it
+    cannot download is a ``ValueError``): the caller names the input.
     """
     # cv2 only here: cipherface.embedding sets OpenCV's pixel cap before its first import.
     import cv2
@@ -58,7 +106,11 @@ def detect_and_embed(pixels: np.ndarray, *, model: str, detector: str) -> list[D
     canvas = cv2.copyMakeBorder(
         pixels, down, down, across, across, cv2.BORDER_CONSTANT, value=(0, 0, 0)
     )
-    found = modeling.build_model(task="face_detector", model_name=detector).detect_faces(canvas)
+    found = (
+        _dlib_regions(canvas, upsample)
+        if detector == "dlib"
+        else modeling.build_model(task="face_detector", model_name=detector).detect_faces(canvas)
+    )
     faces = []
     for region in found:
         # Boxes and eyes come back in the working image's pixels (the border taken off).
@@ -100,3 +152,41 @@ def detect_and_embed(pixels: np.ndarray, *, model: str, detector: str) -> list[D
             )
         )
     return faces
+
+
+def _dlib_regions(image: np.ndarray, upsample: int) -> list[FacialAreaRegion]:
+    """dlib's HOG faces in ``image`` as DeepFace's dlib detector reports them.
+
+    The same boxes (clipped to the image), eye centres (the 5-point shape
+    predictor's two points per eye) and confidence (the HOG score clamped to
+    [0, 1]); only the number of doublings before the scan is ours to choose.
+    """
+    from deepface.models.Detector import FacialAreaRegion
+    from deepface.modules import modeling
+
+    parts = modeling.build_model(task="face_detector", model_name="dlib").model
+    rectangles, scores, _ = parts["face_detector"].run(image, upsample)
+    height, width = image.shape[:2]
+    regions = []
+    for rectangle, score in zip(rectangles, scores, strict=True):
+        x, y = max(0, rectangle.left()), max(0, rectangle.top())
+        marks = parts["sp"](image, rectangle)
+        regions.append(
+            FacialAreaRegion(
+                x=x,
+                y=y,
+                w=min(rectangle.right(), width) - x,
+                h=min(rectangle.bottom(), height) - y,
+                # The person's left eye: points 0-1 of dlib's 5-point model.
+                left_eye=_midpoint(marks, 0, 1),
+                right_eye=_midpoint(marks, 2, 3),
+                confidence=min(max(0.0, score), 1.0),
+            )
+        )
+    return regions
+
+
+def _midpoint(marks: Any, first: int, second: int) -> tuple[int, int]:
+    """The middle of two of a dlib shape's points, in whole pixels."""
+    a, b = marks.part(first), marks.part(second)
+    return ((a.x + b.x) // 2, (a.y + b.y) // 2)

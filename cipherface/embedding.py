@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cipherface.detection import detect_and_embed
+from cipherface.detection import detect_and_embed, detector_upsample
 from cipherface.exceptions import (
     ConfigError,
     EmbeddingError,
@@ -405,6 +405,7 @@ class Embedder:
         *,
         max_side: int = MAX_IMAGE_SIDE,
         face_filter: FaceFilter | None = None,
+        upsample: int | None = None,
     ) -> None:
         if max_side < MIN_IMAGE_SIDE:
             raise ConfigError(f"max_side must be at least {MIN_IMAGE_SIDE} px, got {max_side}")
@@ -412,6 +413,9 @@ class Embedder:
         self.detector = detector
         #: Detection runs on images downscaled to this longest side.
         self.max_side = max_side
+        #: dlib: doublings before the scan (`detector_upsample`; 0 finds faces down to
+        #: about 80 px of the working image at a quarter of the cost of 1, about 40 px).
+        self.upsample = detector_upsample(detector, upsample)
         self.face_filter = face_filter or FACE_FILTERS.get(detector, FaceFilter())
 
     @property
@@ -435,7 +439,10 @@ class Embedder:
         try:
             with _deepface_lock:
                 results = detect_and_embed(
-                    picture.pixels, model=self.spec.name, detector=self.detector
+                    picture.pixels,
+                    model=self.spec.name,
+                    detector=self.detector,
+                    upsample=self.upsample,
                 )
         except ValueError as exc:
             if "download" in str(exc):

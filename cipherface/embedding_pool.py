@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 _embedder: Embedder | None = None
 
 
-def _start(model: str, detector: str, max_side: int) -> None:
+def _start(model: str, detector: str, max_side: int, upsample: int) -> None:
     global _embedder
-    _embedder = Embedder(model, detector, max_side=max_side)
+    _embedder = Embedder(model, detector, max_side=max_side, upsample=upsample)
 
 
 def _embed(image: bytes | str, name: str | None) -> list[Face]:
@@ -55,7 +55,9 @@ class EmbeddingPool:
         self.embedder = embedder
         self.workers = workers
         self._pool = SpawnedPool(
-            workers, _start, (embedder.model, embedder.detector, embedder.max_side)
+            workers,
+            _start,
+            (embedder.model, embedder.detector, embedder.max_side, embedder.upsample),
         )
 
     @property
@@ -87,5 +89,5 @@ class EmbeddingPool:
 
 def probe_embedder(settings: Settings) -> Embedder | EmbeddingPool:
     """What a replica embeds probes with: a pool when `Settings.embed_workers` asks."""
-    embedder = Embedder(settings.model, settings.detector, max_side=settings.max_image_side)
+    embedder = settings.embedder()
     return EmbeddingPool(embedder, settings.embed_workers) if settings.embed_workers else embedder

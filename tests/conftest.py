@@ -26,6 +26,20 @@ def faces_dir() -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def small_portrait(faces_dir: Path) -> bytes:
+    """img1.jpg as a 160 px high PNG: a 62 px face, which dlib's HOG finds only in
+    the image doubled (`cipherface.embedding.Embedder.upsample`)."""
+    import cv2
+
+    portrait = cv2.imread(str(faces_dir / "img1.jpg"))
+    ratio = 160 / max(portrait.shape[:2])
+    size = (round(portrait.shape[1] * ratio), round(portrait.shape[0] * ratio))
+    ok, encoded = cv2.imencode(".png", cv2.resize(portrait, size, interpolation=cv2.INTER_AREA))
+    assert ok
+    return encoded.tobytes()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def deepface_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A private ``DEEPFACE_HOME`` holding the Dlib weights, so no test reads the user's home.

@@ -36,6 +36,16 @@ def test_the_pool_finds_the_faces_the_replica_would(pool: EmbeddingPool, faces_d
         np.testing.assert_allclose(a.embedding, b.embedding, atol=1e-6)
 
 
+def test_the_workers_scan_as_their_embedder_asks(small_portrait: bytes) -> None:
+    assert Embedder("Dlib", "dlib").embed(small_portrait)
+    pool = EmbeddingPool(Embedder("Dlib", "dlib", upsample=0), workers=1)
+    try:
+        with pytest.raises(NoFaceError):
+            pool.embed(small_portrait, name="small")
+    finally:
+        pool.close()
+
+
 def test_errors_cross_the_process_boundary_with_their_type(pool: EmbeddingPool) -> None:
     with pytest.raises(UnsupportedImageError, match="probe p1: unsupported image format GIF"):
         pool.embed(GIF, name="probe p1")

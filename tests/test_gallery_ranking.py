@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from cipherface.exceptions import IntegrityError
 from cipherface.gallery.consistency import check_consistency
@@ -78,3 +79,24 @@ def test_a_fit_of_dependent_rows_is_still_accepted_when_honest() -> None:
     scores[7] += 0.01
     with pytest.raises(IntegrityError, match="misses the fit"):
         check_consistency(Metric.EUCLIDEAN_L2, rows, scores, edge=False)
+
+
+def test_the_fit_runs_on_one_blas_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a busy machine OpenBLAS's threads wait for each other on a system this small
+    (profiled under benchmarks/bench_throughput.py: about 46 ms a probe, 0.25 ms idle)."""
+    threads: list[int] = []
+    solve = np.linalg.solve
+
+    def spy(*args: Any) -> np.ndarray:
+        threads.extend(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
+        return solve(*args)
+
+    monkeypatch.setattr(np.linalg, "solve", spy)
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((200, 128))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    with threadpool_limits(2, user_api="blas"):
+        check_consistency(Metric.COSINE, rows, 1.0 - rows @ rows[0], edge=False)
+        after = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    assert threads and set(threads) == {1}
+    assert set(after) == {2}  # the caller's setting is back

@@ -36,7 +36,7 @@ from cipherface import wire
 from cipherface.config import Settings
 from cipherface.crypto import Keyring
 from cipherface.daemon import cancel_and_wait
-from cipherface.embedding import Embedder, threshold
+from cipherface.embedding import threshold
 from cipherface.exceptions import (
     ConfigError,
     IntegrityError,
@@ -107,7 +107,7 @@ class OnPremAgent:
         self.rotation = KeyRotation(self)
         self.signer = SigningKey.load(settings.signing_key_path, "onprem")
         self.trusted = TrustStore(settings.trust_store_path)
-        self.embedder = Embedder(settings.model, settings.detector)
+        self.embedder = settings.embedder()
         self.threshold = threshold(settings.model, settings.metric.value)
         self.ledger = ProbeLedger(
             settings.ledger_path, window=settings.ledger_window, max_events=settings.ledger_max

@@ -31,6 +31,7 @@ import secrets
 from collections.abc import Sequence
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from cipherface.exceptions import IntegrityError
 from cipherface.metric import Metric
@@ -84,6 +85,10 @@ def sample(population: int, count: int, rng: np.random.Generator | None = None) 
     return np.sort(rng.choice(population, size=min(count, population), replace=False))
 
 
+#: numpy's BLAS, held to one thread for the fit (`check_consistency`).
+_BLAS = ThreadpoolController()
+
+
 def check_consistency(
     metric: Metric, vectors: np.ndarray, scores: np.ndarray, *, edge: bool
 ) -> None:
@@ -103,16 +108,22 @@ def check_consistency(
         # The probe's ||p||^2 is one more unknown.
         design = np.hstack([-2.0 * vectors, np.ones((count, 1))])
         target = scores - np.einsum("ij,ij->i", vectors, vectors)
-    try:
-        # The normal equations: 0.7 ms where `lstsq`'s SVD takes 6-14 ms (a few
-        # hundred rows x 128), on every probe.
-        solution = np.linalg.solve(design.T @ design, design.T @ target)
-        _verify_fit(metric, design, target, solution, edge=edge)
-    except (np.linalg.LinAlgError, IntegrityError):
-        # Duplicate or nearly dependent rows (a gallery of few distinct faces) make
-        # them singular or inexact: only the SVD's answer may refuse the scores.
-        solution, *_ = np.linalg.lstsq(design, target, rcond=None)
-        _verify_fit(metric, design, target, solution, edge=edge)
+    # One BLAS thread: a few hundred rows x 128 gain nothing from a second, and on
+    # a machine whose cores are busy (embedding beside on-prem, decryption workers)
+    # OpenBLAS's threads wait for each other: profiled (py-spy) under
+    # benchmarks/bench_throughput.py, the normal equations took about 46 ms a probe,
+    # against 0.25 ms idle.
+    with _BLAS.limit(limits=1, user_api="blas"):
+        try:
+            # The normal equations: 0.3-0.7 ms where `lstsq`'s SVD takes 3-14 ms (a
+            # few hundred rows x 128), on every probe.
+            solution = np.linalg.solve(design.T @ design, design.T @ target)
+            _verify_fit(metric, design, target, solution, edge=edge)
+        except (np.linalg.LinAlgError, IntegrityError):
+            # Duplicate or nearly dependent rows (a gallery of few distinct faces) make
+            # them singular or inexact: only the SVD's answer may refuse the scores.
+            solution, *_ = np.linalg.lstsq(design, target, rcond=None)
+            _verify_fit(metric, design, target, solution, edge=edge)
 
 
 def _verify_fit(

@@ -16,9 +16,12 @@ from pathlib import Path
 import cv2
 import pytest
 
-from agents.onprem.agent import OnPremAgent
+from agents.onprem.agent import OnPremAgent, generate_keys
 from cipherface import wire
+from cipherface.config import Settings
+from cipherface.embedding_pool import probe_embedder
 from cipherface.exceptions import ConfigError
+from cipherface.transport import MemoryBroker, MemoryTransport, Topology
 from tests.agents.conftest import Deployment
 from tests.agents.test_e2e import _collect
 from tests.test_face_detection import side_by_side
@@ -171,3 +174,13 @@ async def test_enrollment_is_incremental_and_refuses_group_photos(
     assert len(onprem.book.template_ids("G01")) == 3
     with pytest.raises(ConfigError, match=re.escape(f"{root / 'missing'}: no such folder")):
         await onprem.enroll(root / "missing", progress=False)
+
+
+def test_both_daemons_detect_as_the_settings_say(tmp_path: Path) -> None:
+    # On-prem's enrollment embedder once ignored CIPHERFACE_MAX_IMAGE_SIDE.
+    settings = Settings(data_dir=tmp_path / "data", max_image_side=800, detect_upsample=0)
+    generate_keys(settings)
+    onprem = OnPremAgent(settings, MemoryTransport(MemoryBroker(), Topology(prefix="faces")))
+    for embedder in (onprem.embedder, probe_embedder(settings)):
+        assert (embedder.max_side, embedder.upsample) == (800, 0)
+    onprem.current.close()
