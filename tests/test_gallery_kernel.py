@@ -17,6 +17,7 @@ from cipherface.gallery.kernel import (
     _FUSED_PROBES,
     ModularProduct,
     Writer,
+    _wide_limbs,
     coefficients,
     limb_planes,
 )
@@ -52,6 +53,20 @@ def test_modular_product_refuses_what_it_cannot_keep_exact() -> None:
         ModularProduct(2**61 - 1)
     with pytest.raises(ConfigError):
         ModularProduct(PRIME)(np.array([[2**40]]), np.ones((4, 1, 4), dtype=np.uint16))
+
+
+def test_wide_limbs_are_the_coefficients_in_20_bit_pieces() -> None:
+    rng = np.random.default_rng(5)
+    columns = rng.integers(0, PRIME, size=(3, 1, 40), dtype=np.uint64)
+    columns[0, 0, :2] = (0, PRIME - 1)
+    limbs = np.empty((3, 3, 32))
+    _wide_limbs(limb_planes(columns)[0], 8, 32, limbs)
+    rebuilt = [
+        [sum(int(limbs[i, j, k]) << (20 * i) for i in range(3)) for k in range(32)]
+        for j in range(3)
+    ]
+    assert rebuilt == columns[:, 0, 8:40].tolist()
+    assert limbs.max() < 2**20
 
 
 def test_writer_round_trips_through_seal(keys: Keyring) -> None:

@@ -11,12 +11,13 @@ probes and a block of ``d`` columns the scores are ``W (P x d) @ C (d x 2N) mod
 q``: one pass over the block for all P probes (on BLAS when P is large, in a
 compiled loop that reads the block once when it is small; see `ModularProduct`).
 
-Exactness: coefficients (< 2^60) are split into four 16-bit limbs; a limb
-product summed over a group of columns stays below 2^53, so float64 arithmetic
-is exact, in any order of summation. Limbs recombine as
-``S0 + 2^16 (S1 + 2^16 (S2 + 2^16 S3)) mod q`` with ``2^60 mod q`` small (SEAL's
-60-bit primes sit just below 2^60). The result is the very residue SEAL computes:
-tests compare it bit for bit.
+Exactness: coefficients (< 2^60) are split into limbs, four of 16 bits (the
+planes' words, read as they lie by the compiled loop) or three of 20 bits (cut
+from them for BLAS: three products instead of four); a limb product summed over
+a group of columns stays below 2^53, so float64 arithmetic is exact, in any
+order of summation. Limbs recombine as ``S0 + 2^b (S1 + 2^b (S2 + ...)) mod q``
+with ``2^60 mod q`` small (SEAL's 60-bit primes sit just below 2^60). The result
+is the very residue SEAL computes: tests compare it bit for bit.
 
 The cloud keeps each block's coefficients resident as 16-bit limb planes
 (`limb_planes`) and nothing else: the same eight bytes per coefficient as a SEAL
@@ -50,10 +51,14 @@ _LIMB_BITS = 16
 _LIMBS = 4
 _PRIME_BITS = 60
 #: A group of columns whose weights' absolute sum (per probe) stays below this keeps
-#: every limb product sum below 2^53: exact in float64.
+#: every 16-bit limb product sum below 2^53: exact in float64.
 _GROUP_WEIGHT = float(2 ** (53 - _LIMB_BITS))
-_LOW_BITS = _PRIME_BITS - _LIMB_BITS
-_LOW_MASK = (1 << _LOW_BITS) - 1
+#: The BLAS path's limbs: 20 bits, so a group's weights must sum below 2^33. A probe
+#: the engine accepts stays below that over any 128 columns (weights are values x
+#: 2^25, squared norm at most `MAX_SQUARED_NORM`; a unit probe sums below 2^29).
+_WIDE_BITS = 20
+_WIDE_LIMBS = _PRIME_BITS // _WIDE_BITS
+_WIDE_GROUP_WEIGHT = float(2 ** (53 - _WIDE_BITS))
 
 
 #: SEAL's serialization header: magic, header size, version, compression mode,
@@ -158,16 +163,17 @@ class ModularProduct:
         for probes in (1, _FUSED_PROBES + 1):
             self(np.ones((probes, 2), dtype=np.int64), planes)
 
-    def _groups(self, weights: np.ndarray) -> list[slice]:
-        """Column ranges in which every probe's absolute weight sum stays below the bound."""
+    @staticmethod
+    def _groups(weights: np.ndarray, bound: float) -> list[slice]:
+        """Column ranges in which every probe's absolute weight sum stays below ``bound``."""
         magnitude = np.abs(weights).astype(np.float64)
-        if magnitude.max(initial=0.0) >= _GROUP_WEIGHT:
+        if magnitude.max(initial=0.0) >= bound:
             raise ConfigError("a probe weight is too large for the exact kernel")
         running = np.cumsum(magnitude, axis=1)
         groups, start = [], 0
         while start < weights.shape[1]:
             base = running[:, start - 1 : start] if start else 0.0
-            over = ((running[:, start:] - base) >= _GROUP_WEIGHT).any(axis=0)
+            over = ((running[:, start:] - base) >= bound).any(axis=0)
             stop = start + int(np.argmax(over)) if over.any() else weights.shape[1]
             groups.append(slice(start, stop))
             start = stop
@@ -177,20 +183,17 @@ class ModularProduct:
         """``weights`` (P, d) int64 times coefficients given as `limb_planes` (4, d, n): (P, n)."""
         count, degree = weights.shape[0], planes.shape[2]
         modulus, wrap = np.int64(self.modulus), np.int64(self._wrap)
+        # A weight too large for 20-bit limbs (none the engine accepts: see
+        # `_WIDE_GROUP_WEIGHT`) is still exact in the 16-bit loop.
+        fused = count <= _FUSED_PROBES or np.abs(weights).max(initial=0) >= _WIDE_GROUP_WEIGHT
         out: np.ndarray | None = None
-        for group in self._groups(weights):
+        for group in self._groups(weights, _GROUP_WEIGHT if fused else _WIDE_GROUP_WEIGHT):
             w = np.ascontiguousarray(weights[:, group], dtype=np.float64)
             part = np.empty((count, degree), dtype=np.int64)
-            if count <= _FUSED_PROBES:
+            if fused:
                 _fused(w, np.ascontiguousarray(planes[:, group]), modulus, wrap, part)
             else:
-                sums = np.empty((_LIMBS, count, _CHUNK))
-                for start in range(0, degree, _CHUNK):
-                    stop = min(start + _CHUNK, degree)
-                    for limb in range(_LIMBS):
-                        block = planes[limb, group, start:stop].astype(np.float64)
-                        np.matmul(w, block, out=sums[limb, :, : stop - start])
-                    _recombine(sums, modulus, wrap, part[:, start:stop])
+                self._wide(w, planes[:, group], part)
             residues = part.view(np.uint64)
             if out is None:
                 out = residues
@@ -200,11 +203,31 @@ class ModularProduct:
         assert out is not None
         return out
 
+    def _wide(self, weights: np.ndarray, planes: np.ndarray, out: np.ndarray) -> None:
+        """The BLAS path: per chunk of positions, three 20-bit limbs, three products.
+
+        Cutting the limbs (one compiled pass over the chunk's 16-bit words) replaced
+        four numpy conversions to float64, and a limb fewer means a quarter fewer
+        products and reductions: 6.5 ms instead of 8.3 for one component of a
+        128-d block and 32 probes, one core.
+        """
+        count, columns, degree = weights.shape[0], planes.shape[1], planes.shape[2]
+        modulus, wrap = np.int64(self.modulus), np.int64(self._wrap)
+        limbs = np.empty((_WIDE_LIMBS, columns, _CHUNK))
+        sums = np.empty((_WIDE_LIMBS, count, _CHUNK))
+        for start in range(0, degree, _CHUNK):
+            width = min(_CHUNK, degree - start)
+            _wide_limbs(planes, start, width, limbs)
+            for limb in range(_WIDE_LIMBS):
+                np.matmul(weights, limbs[limb, :, :width], out=sums[limb, :, :width])
+            _recombine(sums[:, :, :width], modulus, wrap, _WIDE_BITS, out, start)
+
 
 #: Up to this many probes the fused loop is faster (measured at 128-d, one core,
-#: blocks out of cache: 2.2 against 6.2 ms a block for one probe, even at six; at
-#: 32 probes BLAS with `_recombine` takes 24 ms where the fused loop takes 63).
-_FUSED_PROBES = 6
+#: blocks out of cache, ms per component of a block: 1.2 against 3.3 for one probe,
+#: 3.6 against 4.4 at four, 5.5 against 4.7 at six; at 32 probes the BLAS path, cut
+#: into 20-bit limbs, took 8.7 ms).
+_FUSED_PROBES = 4
 #: Coefficient positions per BLAS call: its operands and the four limbs' sums
 #: stay in cache.
 _CHUNK = 2048
@@ -214,18 +237,19 @@ _FUSED_WIDTH = 8192
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _reduced(total: int, limb: float, modulus: int, wrap: int) -> int:
-    """``(total * 2^16 + limb) mod q`` for ``0 <= total < q`` and an exact limb sum.
+def _reduced(total: int, limb: float, modulus: int, wrap: int, bits: int) -> int:
+    """``(total * 2^bits + limb) mod q`` for ``0 <= total < q`` and an exact limb sum.
 
     ``|limb| < 2^53 < q`` (the column groups see to it), so one addition of q makes
-    it a residue. ``total * 2^16``: its top 16 bits wrap to ``2^60 mod q`` (below
-    2^36), so ``rest << 16`` (< 2^60) plus ``top * wrap`` (< 2^52) stays under 2q,
-    in int64.
+    it a residue. ``total * 2^bits`` (16 or 20 bits): its top ``bits`` bits wrap to
+    ``2^60 mod q`` (below 2^36), so ``rest << bits`` (< 2^60) plus ``top * wrap``
+    (< 2^56) stays under 2q, in int64.
     """
     value = np.int64(limb)
     if value < 0:
         value += modulus
-    shifted = ((total & _LOW_MASK) << _LIMB_BITS) + (total >> _LOW_BITS) * wrap
+    low = _PRIME_BITS - bits
+    shifted = ((total & ((np.int64(1) << low) - 1)) << bits) + (total >> low) * wrap
     if shifted >= modulus:
         shifted -= modulus
     total = shifted + value
@@ -235,14 +259,32 @@ def _reduced(total: int, limb: float, modulus: int, wrap: int) -> int:
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _recombine(sums: np.ndarray, modulus: int, wrap: int, out: np.ndarray) -> None:
-    """``out[p, k] = sum_l 2^(16 l) sums[l, p, k] mod q``: four exact limb sums to a residue."""
-    for p in range(out.shape[0]):
-        for k in range(out.shape[1]):
+def _recombine(
+    sums: np.ndarray, modulus: int, wrap: int, bits: int, out: np.ndarray, offset: int
+) -> None:
+    """``out[p, offset + k] = sum_l 2^(bits l) sums[l, p, k] mod q``: exact limb sums
+    to a residue. The offset, not a column slice of ``out``: numba's loop writing a
+    slice (strided rows) took 5x as long."""
+    for p in range(sums.shape[1]):
+        for k in range(sums.shape[2]):
             total = np.int64(0)
-            for limb in range(_LIMBS - 1, -1, -1):
-                total = _reduced(total, sums[limb, p, k], modulus, wrap)
-            out[p, k] = total
+            for limb in range(sums.shape[0] - 1, -1, -1):
+                total = _reduced(total, sums[limb, p, k], modulus, wrap, bits)
+            out[p, offset + k] = total
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _wide_limbs(planes: np.ndarray, start: int, width: int, out: np.ndarray) -> None:
+    """Positions ``start`` to ``start + width`` of (4, d, N) 16-bit planes as three
+    20-bit limbs in float64, ``out`` (3, d, >= width): bits 0-19, 20-39 and 40-59."""
+    for j in range(planes.shape[1]):
+        w0, w1, w2, w3 = planes[0, j], planes[1, j], planes[2, j], planes[3, j]
+        for k in range(width):
+            a, b = np.uint32(w0[start + k]), np.uint32(w1[start + k])
+            c, e = np.uint32(w2[start + k]), np.uint32(w3[start + k])
+            out[0, j, k] = a | ((b & np.uint32(0xF)) << np.uint32(16))
+            out[1, j, k] = (b >> np.uint32(4)) | ((c & np.uint32(0xFF)) << np.uint32(12))
+            out[2, j, k] = (c >> np.uint32(8)) | (e << np.uint32(8))
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"contract", "reassoc"})
@@ -268,7 +310,7 @@ def _fused(
                     target = sums[limb, p]
                     for k in range(width):
                         target[k] += weight * row[k]
-        _recombine(sums[:, :, :width], modulus, wrap, out[:, start : start + width])
+        _recombine(sums[:, :, :width], modulus, wrap, _LIMB_BITS, out, start)
 
 
 def limb_planes(columns: np.ndarray) -> np.ndarray:
@@ -303,6 +345,7 @@ def weighted_sums(
     for component in range(size):
         result[:, component] = product(weights, planes[component])
     modulus = np.uint64(product.modulus)
-    first = result[:, 0] + constants
-    result[:, 0] = np.where(first >= modulus, first - modulus, first)
+    first = result[:, 0]
+    first += constants
+    np.subtract(first, modulus, out=first, where=first >= modulus)
     return result
