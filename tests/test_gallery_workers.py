@@ -173,3 +173,47 @@ def test_a_block_put_on_a_killed_worker_lands_on_its_replacement(
         scores = gallery.search(vectors[8200])
         assert [s.block_id for s in scores] == [0, 1]
         assert rank(keys, book, scores)[0].subject == "s8200"
+
+
+def test_many_probes_scores_come_back_through_the_outbox_as_in_process(
+    keys: Keyring, public: Keyring, tmp_path: Path
+) -> None:
+    """Workers write compressed scores into memory shared with the replica (an outbox
+    that grows with the pass): the bytes are those an in-process engine returns, and a
+    worker killed after it mapped one is replaced and maps its own."""
+    book, vectors = _two_blocks(keys)
+    blocks = book.encrypt_blocks()
+    with (
+        EncryptedGallery(public, workers=1) as here,
+        GalleryStore(tmp_path / "gallery.sqlite3") as store,
+        EncryptedGallery(public, store, workers=2) as there,
+    ):
+        for block in blocks:
+            here.put(block)
+            there.put(block)
+
+        def same(count: int) -> None:
+            probes = list(vectors[:count])
+            ours, theirs = here.search_many(probes), there.search_many(probes)
+            assert [[(s.block_id, s.scores) for s in p] for p in ours] == [
+                [(s.block_id, s.scores) for s in p] for p in theirs
+            ]
+
+        same(8)
+        outboxes = [shard._outbox for shard in there._shards]
+        assert all(box is not None and box.size > 0 for box in outboxes)
+        same(300)  # 300 probes x 64.5 KB outgrow the first 16 MiB
+        assert all(
+            shard._outbox is not None and shard._outbox.size > box.size
+            for shard, box in zip(there._shards, outboxes, strict=True)
+            if box is not None
+        )
+
+        victim = there._shards[0]._process
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(timeout=10)
+        probes = list(vectors[[5, 8195]])
+        scores = there.search_many(probes)
+        assert [rank(keys, book, s)[0].subject for s in scores] == ["s5", "s8195"]
+        assert there._shards[0]._process.pid != victim.pid
+        same(8)

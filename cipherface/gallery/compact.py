@@ -45,6 +45,7 @@ from cipherface.gallery.packing import _SCORE_SCALE, _Seal
 __all__ = [
     "SCORE_BITS",
     "compress",
+    "compress_into",
     "compressed_size",
     "expand",
     "read_scores",
@@ -69,11 +70,23 @@ def compressed_size(degree: int, bits: tuple[int, int] = SCORE_BITS) -> int:
 
 def compress(coefficients: np.ndarray, modulus: int, bits: tuple[int, int] = SCORE_BITS) -> bytes:
     """A (2, N) array of residues mod ``modulus`` in coefficient form, rounded to ``bits``."""
+    return _packed(coefficients, modulus, bits).tobytes()
+
+
+def compress_into(
+    coefficients: np.ndarray, modulus: int, out: np.ndarray, bits: tuple[int, int] = SCORE_BITS
+) -> None:
+    """`compress`, written into ``out`` (uint8, exactly `compressed_size` long) rather
+    than returned: a gallery worker's buffer shared with the replica's process."""
+    out[:] = _packed(coefficients, modulus, bits)
+
+
+def _packed(coefficients: np.ndarray, modulus: int, bits: tuple[int, int]) -> np.ndarray:
     c0, c1 = np.ascontiguousarray(coefficients, dtype=np.uint64)
     size = compressed_size(c0.size, bits)
     words = np.zeros(-(-size // 8), dtype="<u8")
     _pack(c0, c1, 2.0 ** bits[0] / modulus, 2.0 ** bits[1] / modulus, bits[0], bits[1], words)
-    return words.tobytes()[:size]
+    return words.view(np.uint8)[:size]
 
 
 def expand(
