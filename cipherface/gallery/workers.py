@@ -334,22 +334,17 @@ class _Outbox:
     over as a file descriptor: nothing named to leak if either process is killed.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, conn: Connection, pid: int, size: int) -> None:
+        """Map ``size`` bytes here and hand them to the worker at ``conn`` (`attach`)."""
         self.size = size
         fd = os.memfd_create("cipherface-scores")
         try:
             os.ftruncate(fd, size)
             self.memory = mmap.mmap(fd, size)
-            self.fd = fd
-        except OSError:
+            conn.send(("outbox", (size,)))
+            reduction.send_handle(conn, fd, pid)
+        finally:
             os.close(fd)
-            raise
-
-    def hand_over(self, conn: Connection, pid: int) -> None:
-        """Send the descriptor to the worker (`attach` takes it), then let it go here."""
-        conn.send(("outbox", (self.size,)))
-        reduction.send_handle(conn, self.fd, pid)
-        os.close(self.fd)
 
     @staticmethod
     def attach(conn: Connection, size: int) -> np.ndarray:
@@ -398,10 +393,11 @@ class _Shard:
                 self._result = ("raise", exc)  # raised by `receive`, as a worker's would be
             return
         try:
-            if name == "score_many" and args[2] and hasattr(os, "memfd_create"):
-                weights, consts, _, block_ids = args
-                self._ensure_outbox(len(consts) * len(block_ids) * self._score_bytes)
-                name, args = "score_into", (weights, consts, block_ids)
+            if name == "score_many" and hasattr(os, "memfd_create"):
+                weights, consts, compress, block_ids = args
+                if compress:
+                    self._ensure_outbox(len(consts) * len(block_ids) * self._score_bytes)
+                    name, args = "score_into", (weights, consts, block_ids)
             self._conn.send((name, args))
             self._reading = name == "score_into"
         except (EOFError, OSError):
@@ -410,8 +406,7 @@ class _Shard:
     def _ensure_outbox(self, size: int) -> None:
         if self._outbox is not None and self._outbox.size >= size:
             return
-        outbox = _Outbox(-(-size // _OUTBOX_STEP) * _OUTBOX_STEP)
-        outbox.hand_over(self._conn, self._process.pid)
+        outbox = _Outbox(self._conn, self._process.pid, -(-size // _OUTBOX_STEP) * _OUTBOX_STEP)
         status, value = self._conn.recv()
         if status != "ok":
             raise CiphertextError(value)
