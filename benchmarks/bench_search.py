@@ -365,7 +365,8 @@ def _targets(row: dict[str, float], concurrent: int, ratio_11: float, context: i
         ("batched / seed-style 1:1", f"{ratio_11:.0f}x", ">= 50x", ratio_11 >= 50),
     ]
     print(
-        f"\ntargets at {row['size']:,} templates (end-to-end probes/s: benchmarks/bench_throughput.py)"
+        f"\ntargets at {row['size']:,} templates "
+        "(end-to-end probes/s: benchmarks/bench_throughput.py)"
     )
     print("| figure | measured | target | verdict |")
     print("| --- | --- | --- | --- |")

@@ -14,8 +14,8 @@ selfie-many-people.jpg without it (benchmarks/bench_detectors.py).
 
 dlib's detector is run here rather than through DeepFace, which always doubles the
 image before scanning (``upsample`` 1): that finds faces down to about 40 px but
-costs about 4x a scan at the image's own size, which finds them down to about 80 px
-and was 70% of a portrait's embedding time (README, "Face detection": `upsample`).
+costs about 4x a scan at the image's own size, which finds them down to about 80 px:
+more than half of a photo's embedding CPU (README, "Face detection": upsampling).
 """
 
 from __future__ import annotations
