@@ -56,12 +56,14 @@ DLIB_UPSAMPLE = 1
 UPSAMPLE_RANGE = range(3)
 
 
-def detector_upsample(detector: str, upsample: int | None) -> int:
+def detector_upsample(detector: str, upsample: int | None) -> int | None:
     """The doublings before ``detector``'s scan: ``upsample``, or dlib's default for None.
 
-    Only dlib's HOG detector has the step; asking another detector for it is a
-    `ConfigError` rather than a setting silently ignored.
+    Only dlib's HOG detector has the step (None for the others); asking another
+    detector for it is a `ConfigError` rather than a setting silently ignored.
     """
+    if detector != "dlib" and upsample is None:
+        return None
     if upsample is None:
         return DLIB_UPSAMPLE
     if detector != "dlib":
@@ -85,15 +87,16 @@ class Detection:
 
 
 def detect_and_embed(
-    pixels: np.ndarray, *, model: str, detector: str, upsample: int = DLIB_UPSAMPLE
+    pixels: np.ndarray, *, model: str, detector: str, upsample: int | None = None
 ) -> list[Detection]:
     """Every face ``detector`` finds in BGR ``pixels``, aligned and embedded by ``model``.
 
     What ``DeepFace.represent(pixels, model, detector)`` returns, but with the border
-    of `BORDERS` and, for dlib, ``upsample`` doublings before the scan (other
-    detectors have no such step: `cipherface.embedding.Embedder` refuses it for
-    them); no face is an empty list. DeepFace's errors propagate (a weight file it
-    cannot download is a ``ValueError``): the caller names the input.
+    of `BORDERS` and, for dlib, ``upsample`` doublings before the scan (None:
+    `DLIB_UPSAMPLE`; other detectors have no such step, and
+    `cipherface.embedding.Embedder` refuses it for them); no face is an empty list.
+    DeepFace's errors propagate (a weight file it cannot download is a
+    ``ValueError``): the caller names the input.
     """
     # cv2 only here: cipherface.embedding sets OpenCV's pixel cap before its first import.
     import cv2
@@ -107,7 +110,7 @@ def detect_and_embed(
         pixels, down, down, across, across, cv2.BORDER_CONSTANT, value=(0, 0, 0)
     )
     found = (
-        _dlib_regions(canvas, upsample)
+        _dlib_regions(canvas, DLIB_UPSAMPLE if upsample is None else upsample)
         if detector == "dlib"
         else modeling.build_model(task="face_detector", model_name=detector).detect_faces(canvas)
     )

@@ -414,7 +414,8 @@ class Embedder:
         #: Detection runs on images downscaled to this longest side.
         self.max_side = max_side
         #: dlib: doublings before the scan (`detector_upsample`; 0 finds faces down to
-        #: about 80 px of the working image at a quarter of the cost of 1, about 40 px).
+        #: about 80 px of the working image at a quarter of the cost of 1, about 40 px);
+        #: None for detectors without the step.
         self.upsample = detector_upsample(detector, upsample)
         self.face_filter = face_filter or FACE_FILTERS.get(detector, FaceFilter())
 

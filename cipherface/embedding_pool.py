@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 _embedder: Embedder | None = None
 
 
-def _start(model: str, detector: str, max_side: int, upsample: int) -> None:
+def _start(model: str, detector: str, max_side: int, upsample: int | None) -> None:
     global _embedder
     _embedder = Embedder(model, detector, max_side=max_side, upsample=upsample)
 

@@ -92,7 +92,10 @@ def test_doublings_are_dlibs_and_bounded() -> None:
         Embedder(detector="opencv", upsample=0)
     with pytest.raises(ConfigError, match="dlib's"):
         Settings(detector="opencv", detect_upsample=1)
-    assert Embedder(detector="opencv").upsample == 1  # unused by the cascade
+    # The cascade has none, and an embedding pool passes on what its embedder holds.
+    cascade = Embedder(detector="opencv")
+    assert cascade.upsample is None
+    assert Embedder(detector="opencv", upsample=cascade.upsample).upsample is None
 
 
 @pytest.mark.parametrize("photo", ["img1.jpg", "couple.jpg", "img12.jpg"])
