@@ -350,9 +350,15 @@ def _targets(row: dict[str, float], concurrent: int, ratio_11: float, context: i
             row["scores_bytes"] <= 8 * _MB,
         ),
         (
-            "edge-encrypted probe, largest piece",
-            f"{row['edge_piece_bytes']:,} B (of {row['edge_bytes'] / _MB:.1f} MB)",
-            f"<= {wire.MAX_MESSAGE_BYTES:,} B (4 MiB)",
+            "edge-encrypted probe",
+            f"{row['edge_bytes'] / _MB:.1f} MB",
+            "<= 4 MB",
+            row["edge_bytes"] <= 4 * _MB,
+        ),
+        (
+            "edge-encrypted probe, largest message (not an issue target)",
+            f"{row['edge_piece_bytes']:,} B",
+            f"<= {wire.MAX_MESSAGE_BYTES:,} B (the broker cap)",
             row["edge_piece_bytes"] <= wire.MAX_MESSAGE_BYTES,
         ),
         (
