@@ -8,7 +8,7 @@ named and whether it is verified. PASS when every enrolled person of a composed
 photo is named and verified, the stranger is not, and no face is reported where
 there is none (the face counts of the README's detector table).
 
-    python benchmarks/bench_faces.py [--faces DIR]
+    python benchmarks/bench_faces.py [--faces DIR] [--upsample N]
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ def compose(folder: Path, groups: dict[str, list[str]], parts: list[tuple[str, f
     return data.tobytes()
 
 
-async def run(folder: Path) -> bool:
+async def run(folder: Path, upsample: int | None) -> bool:
     groups = identity_groups(folder)
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(data_dir=Path(tmp))
+        settings = Settings(data_dir=Path(tmp), detect_upsample=upsample)
         generate_keys(settings)
         root = Path(tmp) / "enroll"
         for group in ENROLLED:
@@ -118,9 +118,12 @@ async def run(folder: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--faces", type=Path, default=default_faces_dir(), help="photo folder")
+    parser.add_argument(
+        "--upsample", type=int, help="dlib's doublings before its scan (CIPHERFACE_DETECT_UPSAMPLE)"
+    )
     args = parser.parse_args()
     install_weights()
-    passed = asyncio.run(run(args.faces))
+    passed = asyncio.run(run(args.faces, args.upsample))
     print(f"verdict per-face answers: {'PASS' if passed else 'FAIL'}")
 
 

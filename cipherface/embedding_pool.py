@@ -53,7 +53,6 @@ class EmbeddingPool:
         if workers < 1:
             raise ValueError(f"an embedding pool needs at least one worker, got {workers}")
         self.embedder = embedder
-        self.workers = workers
         self._pool = SpawnedPool(
             workers,
             _start,
