@@ -22,6 +22,7 @@ from cipherface.exceptions import (
     WireFormatError,
 )
 from cipherface.gallery import EncryptedProbe, encrypt_probe
+from cipherface.gallery.expansion import encrypt_packed_probe
 from cipherface.signing import PinnedKey, VerifyKey
 from cipherface.transport.base import Delivery, Transport
 
@@ -50,10 +51,19 @@ class EdgeEncryptor:
         self.embedder = embedder
         self.metric = metric
 
-    def encrypt(self, image: bytes | str | os.PathLike[str]) -> EncryptedProbe:
-        """The largest face of the image, embedded and encrypted (a few seconds, ~17 MB)."""
+    def encrypt(
+        self, image: bytes | str | os.PathLike[str], *, packed: bool = True
+    ) -> EncryptedProbe:
+        """The largest face of the image, embedded and encrypted (a few seconds).
+
+        ``packed``: one ciphertext (235 KB at n8192) that replicas expand with the
+        Galois keys on-prem ships them (`cipherface.gallery.expansion`); False: one
+        ciphertext per dimension (16.8 MB at 128-d), for deployments whose message
+        cap leaves those keys out.
+        """
         face = largest_face(self.embedder.embed(image))
-        return encrypt_probe(self.public, face.embedding, self.metric)
+        encrypt = encrypt_packed_probe if packed else encrypt_probe
+        return encrypt(self.public, face.embedding, self.metric)
 
 
 class EventStream:
@@ -214,22 +224,36 @@ class Client:
     ) -> str:
         """Queue a probe encrypted at the edge (see `EdgeEncryptor`); return its id.
 
-        It goes in pieces by dimension range, each under the transport's size limit
-        (`cipherface.wire.pieces`: 5 at 128-d under 4 MiB): each piece is a message
-        of its own on the probe queue, named by the whole probe's request digest.
+        A packed probe is one message. One in columns goes in pieces by dimension
+        range, each under the transport's size limit (`cipherface.wire.pieces`: 5 at
+        128-d under 4 MiB): each piece is a message of its own on the probe queue,
+        named by the whole probe's request digest.
         """
         request = wire.EncryptedProbeRequest(
             probe_id=probe_id or wire.new_id(), probe=probe, subject=claimed_subject
         )
-        pieces = wire.split_probe(request, self.transport.max_message_size)
-        digest = pieces[0].request
-        for piece in pieces:
-            body = wire.encode(
-                piece,
+        messages: list[wire.EncryptedProbeRequest] | list[wire.EncryptedProbePart] = (
+            [request]
+            if probe.packed is not None
+            else wire.split_probe(request, self.transport.max_message_size)
+        )
+        bodies = [
+            wire.encode(
+                message,
                 fingerprint=probe.fingerprint,
                 metric=probe.metric,
                 limit=self.transport.max_message_size,
             )
+            for message in messages
+        ]
+        # What names the probe: a piece carries the whole probe's; a message, its own.
+        first = messages[0]
+        digest = (
+            first.request
+            if isinstance(first, wire.EncryptedProbePart)
+            else wire.request_digest(bodies[0])
+        )
+        for body in bodies:
             await self.transport.send(
                 self.transport.topology.probes,
                 body,

@@ -94,8 +94,10 @@ class CloudAgent:
         self._context = b""
         #: When on-prem issued the context this replica holds (a key change must be newer).
         self._issued_at = 0.0
-        #: The Galois key for complex conjugation, with which edge probes are checked.
-        self._conjugation_key = b""
+        #: The Galois keys on-prem ships with the context (``conjugation_key`` on the
+        #: wire): complex conjugation, to prove edge probes' norms, and, when they fit
+        #: on-prem's message cap, the automorphisms that expand packed edge probes.
+        self._edge_keys = b""
         self.gallery: EncryptedGallery | None = None
         self._awaiting: set[int] = set()
         #: Blocks arriving in chunks (`wire.BlockAssembler`), until each is whole.
@@ -264,7 +266,7 @@ class CloudAgent:
         if self.keyring is not None and self.keyring.fingerprint == keyring.fingerprint:
             # The same key, serialized anew: keep the gallery.
             self.store.save_context(data, keyring.fingerprint, conjugation_key)
-            self._context, self._conjugation_key = data, conjugation_key
+            self._context, self._edge_keys = data, conjugation_key
             return
         stored = self.store.context_fingerprint()
         if stored is not None and stored != keyring.fingerprint:
@@ -283,7 +285,7 @@ class CloudAgent:
             workers=self.settings.workers,
             compress=self.settings.compress_scores,
         )
-        self._conjugation_key = conjugation_key
+        self._edge_keys = conjugation_key
         self.keyring = keyring
         self._context = data
 
@@ -305,7 +307,7 @@ class CloudAgent:
         assert staged is not None
         old_gallery, old_store = self.gallery, self.store
         self.keyring, self.gallery, self.store = staged.keyring, staged.gallery, staged.store
-        self._context, self._conjugation_key = staged.context, staged.conjugation_key
+        self._context, self._edge_keys = staged.context, staged.conjugation_key
         self._store_path = staged.store.path
         self.store.save_issued_at(self._issued_at)
         (self.settings.cloud_dir / CURRENT_STORE).write_text(self._store_path.name + "\n")

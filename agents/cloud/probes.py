@@ -16,6 +16,7 @@ from cipherface.crypto import Keyring
 from cipherface.embedding_cache import EmbeddingCache
 from cipherface.exceptions import TooManyFacesError
 from cipherface.gallery import EncryptedGallery
+from cipherface.gallery.expansion import expand_probe
 from cipherface.gallery.integrity import prove_probe
 from cipherface.wire.payloads import EncryptedProbe, ProbeCheck
 
@@ -126,18 +127,28 @@ def embed_faces(
 
 
 def prove_edge(
-    probes: list[Face], keyring: Keyring, conjugation_key: bytes, timings: dict[str, float]
-) -> ProbeCheck | None:
-    """The norm proof of an edge probe among ``probes`` (None for embedded faces),
-    computed where it is searched, from the very ciphertexts searched; its seconds
-    go into ``timings``."""
+    probes: list[Face], keyring: Keyring, edge_keys: bytes, timings: dict[str, float]
+) -> tuple[list[Face], ProbeCheck | None]:
+    """``probes`` with an edge probe that came packed expanded into its columns
+    (`cipherface.gallery.expansion`), and the edge probe's norm proof (None for
+    embedded faces), computed where it is searched, from the very columns searched.
+
+    ``edge_keys`` are the Galois keys on-prem shipped with the context. Seconds go
+    into ``timings``; raises `CiphertextError` or `ConfigError` for a packed probe
+    the replica cannot expand.
+    """
     edges = [probe for _, _, probe in probes if isinstance(probe, EncryptedProbe)]
     if not edges:
-        return None
+        return probes, None
+    [(box, confidence, _)], [edge] = probes, edges  # an edge probe is a face of its own
     started = time.perf_counter()
-    check = prove_probe(keyring, conjugation_key, edges[0])
+    if edge.packed is not None:
+        edge = expand_probe(keyring, edge_keys, edge)
+        timings["expand"] = time.perf_counter() - started
+        started = time.perf_counter()
+    check = prove_probe(keyring, edge_keys, edge)
     timings["check"] = time.perf_counter() - started
-    return check
+    return [(box, confidence, edge)], check
 
 
 def search_faces(

@@ -39,6 +39,7 @@ from agents.cloud.probes import (
 from cipherface import wire
 from cipherface.crypto import Keyring
 from cipherface.exceptions import (
+    CiphertextError,
     ConfigError,
     EmbeddingError,
     KeyMismatchError,
@@ -288,14 +289,21 @@ class ShardRole:
             if self.sharded:  # each shard proves an edge probe itself (`_on_search`)
                 await self._fan_out(request, probes, timings, digest)
                 return
-            check = await asyncio.to_thread(
-                prove_edge, probes, keyring, agent._conjugation_key, timings
+            probes, check = await asyncio.to_thread(
+                prove_edge, probes, keyring, agent._edge_keys, timings
             )
             start = request.start if isinstance(request, wire.EncryptedProbePart) else 0
             faces, seconds = await asyncio.to_thread(
                 search_faces, probes, gallery, request.subject, start
             )
-        except (EmbeddingError, KeyMismatchError, MessageTooLargeError, WireFormatError) as exc:
+        except (
+            CiphertextError,
+            ConfigError,
+            EmbeddingError,
+            KeyMismatchError,
+            MessageTooLargeError,
+            WireFormatError,
+        ) as exc:
             # Bad input from a user gets an answer (an error event), not silence.
             await agent._reject(request, type(exc).__name__, str(exc), keyring, digest)
             return
@@ -312,8 +320,13 @@ class ShardRole:
             [(_, _, probe)] = probes
             assert isinstance(probe, EncryptedProbe)
             # A piece's columns go as a probe of their own (valid on the wire); the
-            # search's piece fields say where they sit in the whole probe.
-            edge = dataclasses.replace(probe, dimensions=len(probe.columns))
+            # search's piece fields say where they sit in the whole probe. A packed
+            # probe is whole: each shard expands it (`prove_edge`).
+            edge = (
+                probe
+                if probe.packed is not None
+                else dataclasses.replace(probe, dimensions=len(probe.columns))
+            )
         faces = (
             ()
             if edge is not None
@@ -371,13 +384,19 @@ class ShardRole:
         try:
             probes = self._probes_of(search, keyring)
             async with agent.searching(gallery):
-                check = await asyncio.to_thread(
-                    prove_edge, probes, keyring, agent._conjugation_key, timings
+                probes, check = await asyncio.to_thread(
+                    prove_edge, probes, keyring, agent._edge_keys, timings
                 )
                 faces, timings["search"] = await asyncio.to_thread(
                     search_faces, probes, gallery, search.subject, search.dims_start
                 )
-        except (KeyMismatchError, ConfigError, TooManyFacesError, WireFormatError) as exc:
+        except (
+            CiphertextError,
+            ConfigError,
+            KeyMismatchError,
+            TooManyFacesError,
+            WireFormatError,
+        ) as exc:
             await agent._reject(search, type(exc).__name__, str(exc), keyring, search.request)
             return
         await self._send(search, faces, check, timings, search.request, keyring, search.map_version)
@@ -404,9 +423,13 @@ class ShardRole:
         keyring.check(edge.fingerprint)
         if search.faces:
             raise ConfigError(f"{name}: an edge probe and faces")
-        columns = len(edge.columns)
         # A whole probe from the queue is fanned out without dimensions (all zero).
         whole = search.pieces == 1 and (search.dims_stop, search.dimensions) == (0, 0)
+        if edge.packed is not None:
+            if not whole:
+                raise ConfigError(f"{name}: a packed probe is never a piece")
+            return [(None, 1.0, edge)]
+        columns = len(edge.columns)
         dimensions = columns if whole else search.dimensions
         if not whole and search.dims_stop != search.dims_start + columns:
             raise ConfigError(f"{name}: the piece's dimensions")

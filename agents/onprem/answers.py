@@ -24,7 +24,7 @@ __all__ = ["CLOUD_STAGES", "Answer", "cloud_timings", "decide", "rank_faces"]
 
 DECIMALS = wire.VerificationEvent.DISTANCE_DECIMALS
 #: The stages a replica times (`agents.cloud.probes.embed_faces`, `prove_edge`, `search_faces`).
-CLOUD_STAGES = ("embed", "check", "search")
+CLOUD_STAGES = ("embed", "expand", "check", "search")
 
 
 def cloud_timings(result: wire.ScoresReady) -> dict[str, float]:

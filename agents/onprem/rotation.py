@@ -66,7 +66,7 @@ REQUEST_FILE = "rotate-request"
 #: Phases during which the gallery must not change.
 IN_PROGRESS = frozenset({"requested", "preparing", "publishing", "waiting", "switched"})
 #: The key files of a key folder (the signing key, ledger and trust store are not).
-_KEY_FILES = ("private.key", "public.key", "conjugation.key", "book.sqlite")
+_KEY_FILES = ("private.key", "public.key", "book.sqlite")
 
 
 def read_state(onprem_dir: Path) -> dict[str, Any]:

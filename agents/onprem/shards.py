@@ -165,7 +165,7 @@ class ShardKeeper:
                 shard_map, subjects = maps[moving_in]
                 context = wire.ContextUpdate(
                     context=public,
-                    conjugation_key=keys.conjugation_key,
+                    conjugation_key=keys.edge_keys,
                     blocks=tuple(blocks),
                     issued_at=time.time(),
                     shard=number,

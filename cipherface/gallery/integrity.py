@@ -55,6 +55,7 @@ __all__ = [
     "SCORE_TOLERANCE",
     "check_probe",
     "check_scores",
+    "conjugation_element",
     "conjugation_key",
     "flood",
     "prove_probe",
@@ -93,17 +94,18 @@ def conjugation_key(keyring: Keyring) -> bytes:
         raise SecretKeyError("Galois keys are made on-prem, with the secret key")
     seal = _Seal(keyring)
     generator = sealapi.KeyGenerator(seal.context, keyring.context.secret_key().data)
-    return seal.dump(generator.create_galois_keys([_conjugation_element(seal)]))
+    return seal.dump(generator.create_galois_keys([conjugation_element(seal)]))
 
 
-def _conjugation_element(seal: _Seal) -> int:
-    return 4 * seal.slots - 1  # 2N - 1
+def conjugation_element(seal: _Seal) -> int:
+    """The Galois element of complex conjugation, ``2N - 1``."""
+    return 4 * seal.slots - 1
 
 
 def _galois(seal: _Seal, data: bytes) -> Any:
     keys = sealapi.GaloisKeys()
     seal.load_into(keys, data)
-    if not keys.has_key(_conjugation_element(seal)):
+    if not keys.has_key(conjugation_element(seal)):
         raise CiphertextError("the context's Galois key is not for complex conjugation")
     return keys
 

@@ -136,7 +136,9 @@ class ContextUpdate(Message):
 
     kind: ClassVar[str] = "context"
     context: bytes = field(repr=False)
-    #: The one Galois key replicas get (complex conjugation), to check edge probes.
+    #: The Galois keys replicas get: complex conjugation, to check edge probes, and,
+    #: when they fit the message cap, those that expand packed edge probes
+    #: (`cipherface.gallery.expansion`). The name predates the second kind.
     conjugation_key: bytes = field(repr=False, default=b"")
     #: Ids of the blocks that follow this message.
     blocks: tuple[int, ...] = ()

@@ -283,11 +283,14 @@ class FaceResult:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EncryptedProbe:
-    """A probe encrypted at the edge with the public context.
+    """A probe encrypted at the edge with the public context, in one of two layouts.
 
-    ``columns[j]`` encrypts the weighted component ``w * p_j`` in every slot (see
-    `cipherface.gallery.packing`), so the cloud multiplies it straight into column ``j``;
-    ``norm`` encrypts ``||p||^2`` for the euclidean metric.
+    Columns: ``columns[j]`` encrypts the weighted component ``w * p_j`` in every slot
+    (see `cipherface.gallery.packing`), so the cloud multiplies it straight into
+    column ``j``. Packed: ``packed`` holds every weight in one ciphertext and
+    ``columns`` is empty; the cloud expands it into the columns first
+    (`cipherface.gallery.expansion`). ``norm`` encrypts ``||p||^2`` for the
+    euclidean metric, in both.
     """
 
     fingerprint: str
@@ -295,6 +298,7 @@ class EncryptedProbe:
     dimensions: int
     columns: tuple[bytes, ...]
     norm: bytes | None
+    packed: bytes | None = None
 
     def to_dict(self) -> dict[str, object]:
         """msgpack-native form."""
@@ -304,6 +308,7 @@ class EncryptedProbe:
             "dimensions": self.dimensions,
             "columns": list(self.columns),
             "norm": self.norm,
+            "packed": self.packed,
         }
 
     @classmethod
@@ -316,9 +321,15 @@ class EncryptedProbe:
             dimensions=field(data, "dimensions", int),
             columns=blobs(data, "columns"),
             norm=field(data, "norm", (bytes, type(None))),
+            # Absent from probes made before the packed layout.
+            packed=of_type(data.get("packed"), (bytes, type(None)), "packed"),
         )
-        if len(probe.columns) != probe.dimensions or probe.dimensions < 1:
+        if probe.dimensions < 1:
+            raise WireFormatError("a probe needs at least one dimension")
+        if probe.packed is None and len(probe.columns) != probe.dimensions:
             raise WireFormatError("a probe needs one ciphertext per dimension")
+        if probe.packed is not None and probe.columns:
+            raise WireFormatError("a packed probe carries no columns")
         if (probe.norm is None) == (metric == Metric.EUCLIDEAN.value):
             raise WireFormatError("the euclidean metric, and only it, carries a probe norm")
         return probe

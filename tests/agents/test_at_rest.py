@@ -42,7 +42,6 @@ def test_every_file_onprem_keeps_is_private(settings: Settings) -> None:
     expected = {
         "private.key",
         "public.key",
-        "conjugation.key",
         "signing.key",
         "signing.pub",
         "book.sqlite",

@@ -34,7 +34,7 @@ def _pieces(deployment: Deployment, probe_id: str) -> list[wire.ScoresReady]:
     for part in wire.split_probe(request, CAP):
         piece = wire.piece_probe(part)
         scores = cloud.gallery.search(piece, start=part.start)  # type: ignore[union-attr]
-        check = prove_probe(cloud.keyring, cloud._conjugation_key, piece)  # type: ignore[union-attr]
+        check = prove_probe(cloud.keyring, cloud._edge_keys, piece)  # type: ignore[union-attr]
         face = wire.FaceScores(box=None, confidence=1.0, scores=tuple(scores))
         out.append(scores_of(part, (face,), check, {"search": 0.01}, part.request))
     return out

@@ -167,7 +167,7 @@ async def test_rotate_keys_with_probes_in_flight(
     # A replica still refuses a context of a key older than the one it holds.
     stale = wire.ContextUpdate(
         context=old.keyring.public_bytes(galois_keys=False, relin_keys=False),
-        conjugation_key=old.conjugation_key,
+        conjugation_key=old.edge_keys,
         blocks=(0, 1),
         issued_at=time.time() - 3600,
     )

@@ -113,7 +113,7 @@ async def test_a_forged_subject_list_moves_no_claim(deployment: Deployment) -> N
     announced, parts = wire.split_subjects(moved, deployment.settings.max_message_size)
     context = wire.ContextUpdate(
         context=onprem.keyring.public_bytes(galois_keys=False, relin_keys=False),
-        conjugation_key=onprem.current.conjugation_key,
+        conjugation_key=onprem.current.edge_keys,
         issued_at=time.time() + 3600,
         shard=0,
         shard_map=dataclasses.replace(announced, version=real.version + 1),

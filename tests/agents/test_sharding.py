@@ -372,7 +372,7 @@ async def test_a_search_or_context_for_another_shard_is_dead_lettered(
     assert str(dead.headers[REASON_HEADER]).startswith("ConfigError")
     context = wire.ContextUpdate(
         context=onprem.keyring.public_bytes(galois_keys=False, relin_keys=False),
-        conjugation_key=onprem.current.conjugation_key,
+        conjugation_key=onprem.current.edge_keys,
         blocks=(),
         shard=0,
         shard_map=onprem.book.shards.shard_map(),

@@ -15,6 +15,7 @@ import pytest
 from cipherface import wire
 from cipherface.crypto import Keyring, Metric
 from cipherface.gallery import encrypt_probe
+from cipherface.gallery.expansion import encrypt_packed_probe, pack_weights
 from cipherface.gallery.packing import _SCORE_SCALE, _Seal
 from cipherface.signing import SigningKey
 from cipherface.transport import REASON_HEADER
@@ -94,6 +95,54 @@ async def test_edge_probe_under_an_attackers_key_relabelled_is_refused(
         event = await watch.event(await _submit(deployment, relabelled, subject))
         assert not event.verified and event.distance is None
         assert event.error and event.error.startswith("IntegrityError")
+
+
+# -- forged packed edge probes (`cipherface.gallery.expansion`) -------------------
+
+
+async def test_honest_packed_edge_probe_of_b_is_verified(rig: tuple[Deployment, Watch]) -> None:
+    deployment, watch = rig
+    probe = encrypt_packed_probe(_public(deployment), _people()["B"], Metric.COSINE)
+    event = await watch.event(await _submit(deployment, probe, "B"))
+    assert event.verified and event.error is None and event.distance is not None
+    assert event.distance < 0.01
+    assert "expand" in event.timings
+
+
+def _packed_probe(keyring: Keyring, coefficients: np.ndarray) -> EncryptedProbe:
+    """A packed probe whose polynomial an attacker chose (`expansion.pack_weights`)."""
+    return EncryptedProbe(
+        fingerprint=keyring.fingerprint,
+        metric=Metric.COSINE.value,
+        dimensions=DIMENSIONS,
+        columns=(),
+        norm=None,
+        packed=pack_weights(_Seal(keyring), coefficients / DIMENSIONS),
+    )
+
+
+async def test_scaled_packed_edge_probe_is_refused(rig: tuple[Deployment, Watch]) -> None:
+    """A's embedding scaled by 1.02 would be accepted as B if it were decrypted."""
+    deployment, watch = rig
+    probe = _packed_probe(_public(deployment), -1.02 * _people()["A"])
+    event = await watch.event(await _submit(deployment, probe, "B"))
+    assert not event.verified and event.distance is None
+    assert event.error and event.error.startswith("IntegrityError")
+
+
+async def test_packed_probe_varying_from_slot_to_slot_is_refused(
+    rig: tuple[Deployment, Watch],
+) -> None:
+    """Coefficients beyond the dimensions fold onto the columns as powers of
+    ``X^128``: each column then differs between slots, B's weights in some and
+    0.98 of them in others, which no single probe makes."""
+    deployment, watch = rig
+    b = _people()["B"]
+    coefficients = np.concatenate([-0.99 * b, -0.01 * b])
+    probe = _packed_probe(_public(deployment), coefficients)
+    event = await watch.event(await _submit(deployment, probe, "B"))
+    assert not event.verified and event.distance is None
+    assert event.error and event.error.startswith("IntegrityError")
 
 
 async def test_scores_at_another_scale_are_refused(rig: tuple[Deployment, Watch]) -> None:
