@@ -84,6 +84,8 @@ def test_a_packed_probe_ranks_as_the_columns_do(
             check = prove_probe(public, galois, expanded)
             matches = rank(keys, book, gallery.search(expanded), top_k=3, probe_check=check)
             ranked[name] = [m.template_id for m in matches]
+        with pytest.raises(ConfigError, match="once expanded"):
+            gallery.search(encrypt_packed_probe(public, probe, Metric.COSINE))
     assert ranked["packed"][0] == "t42"
     assert ranked["packed"] == ranked["columns"]
 

@@ -8,8 +8,9 @@ Trust: the replica is started with on-prem's Ed25519 verify key pinned
 (`Settings.onprem_key`) and takes no context, block or key rotation that key
 did not sign (dead letter with the reason); it signs what it sends on-prem with
 its own key (``signing.key`` in its folder; its ``.pub`` goes into on-prem's
-trust store with ``cipherface trust add``). For an edge-encrypted probe it also
-sends on-prem the probe's encrypted norms, so on-prem can refuse a forged one.
+trust store with ``cipherface trust add``). An edge-encrypted probe that comes
+packed it first expands into columns; for every edge probe it also sends on-prem
+the probe's encrypted norms, so on-prem can refuse a forged one.
 
 Scale-out: every replica has its own durable gallery queue bound to the gallery
 exchange (broadcasts and its own key), so each holds the whole gallery; replicas

@@ -1,7 +1,8 @@
 """The on-prem agent: holds the secret key, enrolls faces, turns encrypted scores into events.
 
-What leaves on-prem: the public context (no secret key; one Galois key, for complex
-conjugation), the encrypted gallery blocks, and verification events carrying only the
+What leaves on-prem: the public context (no secret key; the Galois keys for edge
+probes: complex conjugation and, when they fit, the expansion's automorphisms), the
+encrypted gallery blocks, and verification events carrying only the
 decision and a noise-flooded distance rounded to a few decimals, all signed with
 on-prem's Ed25519 key. Exact decryptions never leave: with CKKS they would help an
 observer recover the secret key, and nothing is decrypted that fails the integrity

@@ -4,6 +4,7 @@
 module        runs on     owns
 ============  ==========  ===============================================================
 `packing`     both        slot layout, scales, SEAL plumbing, `encrypt_probe` (the edge)
+`expansion`   both        packed edge probes: one ciphertext (edge), expanded (cloud)
 `book`        on-prem     `EnrollmentBook`: plaintext templates, slot allocation, versions
 `workers`     both        worker processes: the book's encryption pool, the cloud's shards
 `engine`      cloud       `EncryptedGallery`: blocks held and encrypted search

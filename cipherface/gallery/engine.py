@@ -256,6 +256,8 @@ class EncryptedGallery:
             return []
         if isinstance(probe, EncryptedProbe):
             self.keyring.check(probe.fingerprint)
+            if probe.packed is not None:
+                raise ConfigError("a packed probe is searched once expanded (`expand_probe`)")
             if probe.metric != self.metric.value or probe.dimensions != self.dimensions:
                 raise ConfigError("the probe was encrypted for another metric or dimension")
             if start < 0 or not probe.columns or start + len(probe.columns) > self.dimensions:

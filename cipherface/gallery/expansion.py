@@ -36,17 +36,10 @@ from typing import Any
 import numpy as np
 import tenseal.sealapi as sealapi
 
-from cipherface.crypto import Keyring, Metric, prepare_embedding
+from cipherface.crypto import Keyring, Metric
 from cipherface.exceptions import CiphertextError, ConfigError, SecretKeyError
 from cipherface.gallery.integrity import conjugation_element
-from cipherface.gallery.packing import (
-    _BOTH_PARTS,
-    _SCORE_SCALE,
-    _VALUE_SCALE,
-    _check_norm,
-    _Seal,
-    _weights,
-)
+from cipherface.gallery.packing import _VALUE_SCALE, _edge_weights, _Seal
 from cipherface.wire.payloads import EncryptedProbe
 
 __all__ = [
@@ -109,22 +102,15 @@ def encrypt_packed_probe(keyring: Keyring, embedding: np.ndarray, metric: Metric
     The cloud can expand it only if on-prem shipped the expansion keys (`edge_keys`);
     a replica without them answers with an error event.
     """
-    seal = _Seal(keyring)
-    vector = prepare_embedding(embedding, metric)
-    _check_norm(vector, metric)
-    factor, _ = _weights(metric)
-    levels = len(expansion_elements(keyring, vector.size))
-    packed = pack_weights(seal, factor * vector * 2.0**-levels)
-    norm = None
-    if metric is Metric.EUCLIDEAN:
-        norm = seal.encrypt_public(float(vector @ vector) * _BOTH_PARTS, _SCORE_SCALE)
+    seal, weights, norm = _edge_weights(keyring, embedding, metric)
+    levels = len(expansion_elements(keyring, weights.size))
     return EncryptedProbe(
         fingerprint=keyring.fingerprint,
         metric=metric.value,
-        dimensions=int(vector.size),
+        dimensions=int(weights.size),
         columns=(),
         norm=norm,
-        packed=packed,
+        packed=pack_weights(seal, weights * 2.0**-levels),
     )
 
 

@@ -238,18 +238,26 @@ def encrypt_probe(keyring: Keyring, embedding: np.ndarray, metric: Metric) -> En
     About 0.13 MB per dimension (16.8 MB at 128-d): the price of needing no
     rotation keys at the cloud.
     """
+    seal, weights, norm = _edge_weights(keyring, embedding, metric)
+    return EncryptedProbe(
+        fingerprint=keyring.fingerprint,
+        metric=metric.value,
+        dimensions=int(weights.size),
+        columns=tuple(seal.encrypt_public(float(w), _VALUE_SCALE) for w in weights),
+        norm=norm,
+    )
+
+
+def _edge_weights(
+    keyring: Keyring, embedding: np.ndarray, metric: Metric
+) -> tuple[_Seal, np.ndarray, bytes | None]:
+    """What an edge probe encrypts in either layout: the weights ``w p`` and, for the
+    euclidean metric, ``||p||^2`` already encrypted (both parts of every slot)."""
     seal = _Seal(keyring)
     vector = prepare_embedding(embedding, metric)
     _check_norm(vector, metric)
     factor, _ = _weights(metric)
-    columns = tuple(seal.encrypt_public(factor * float(v), _VALUE_SCALE) for v in vector)
     norm = None
     if metric is Metric.EUCLIDEAN:
         norm = seal.encrypt_public(float(vector @ vector) * _BOTH_PARTS, _SCORE_SCALE)
-    return EncryptedProbe(
-        fingerprint=keyring.fingerprint,
-        metric=metric.value,
-        dimensions=int(vector.size),
-        columns=columns,
-        norm=norm,
-    )
+    return seal, factor * vector, norm
