@@ -235,8 +235,9 @@ def _weights(metric: Metric) -> tuple[float, float]:
 def encrypt_probe(keyring: Keyring, embedding: np.ndarray, metric: Metric) -> EncryptedProbe:
     """Encrypt a probe at the edge (public context suffices) for any gallery of ``metric``.
 
-    About 0.13 MB per dimension (16.8 MB at 128-d): the price of needing no
-    rotation keys at the cloud.
+    In columns: about 0.13 MB per dimension (16.8 MB at 128-d), the price of
+    needing no Galois keys at the cloud beyond conjugation; one ciphertext for the
+    whole probe is `cipherface.gallery.expansion.encrypt_packed_probe`.
     """
     seal, weights, norm = _edge_weights(keyring, embedding, metric)
     return EncryptedProbe(

@@ -236,8 +236,9 @@ class EncryptedProbeRequest(Message):
 class EncryptedProbePart(Message):
     """edge -> cloud: dimensions ``start ..`` of an edge probe, one of its ``pieces``.
 
-    An edge probe is one ciphertext of about 131 KB per dimension (16.8 MB at
-    128-d), over the message size limit; the edge sends it as pieces by dimension
+    An edge probe in columns is one ciphertext of about 131 KB per dimension (16.8
+    MB at 128-d), over the message size limit (a packed one is a single message);
+    the edge sends it as pieces by dimension
     range (`cipherface.wire.pieces`), each on the probe queue on its own, so any
     replica scores any piece. Every piece names the whole probe by ``request``
     (the `request_digest` of the whole probe), on which on-prem gathers them.

@@ -1,11 +1,12 @@
 """An edge probe as pieces by dimension range under the message size limit.
 
-An edge-encrypted probe is one public-key ciphertext of about 131 KB per
-dimension (n8192): 16.8 MB at 128-d, 67 MB at 512-d, 537 MB at 4096-d. The edge
-sends it as `EncryptedProbePart` messages, each holding a run of consecutive
-dimensions; every piece is a probe of its own on the probe queue, so any replica
-scores any piece. A score is a sum over dimensions (`cipherface.gallery.packing`),
-so a piece's scores are partial sums, and so are the norm proofs on-prem checks
+An edge-encrypted probe in columns is one public-key ciphertext of about 131 KB
+per dimension (n8192): 16.8 MB at 128-d, 67 MB at 512-d, 537 MB at 4096-d (a
+packed one, `cipherface.gallery.expansion`, is one message). The edge sends it
+as `EncryptedProbePart` messages, each holding a run of consecutive dimensions;
+every piece is a probe of its own on the probe queue, so any replica scores any
+piece. A score is a sum over dimensions (`cipherface.gallery.packing`), so a
+piece's scores are partial sums, and so are the norm proofs on-prem checks
 (`cipherface.gallery.integrity`): on-prem adds the pieces' ciphertexts up
 (`cipherface.gallery.pieces`) and decrypts only the total, exactly what the
 whole probe would have given (`cipherface.wire.parts.PieceGatherer` checks the

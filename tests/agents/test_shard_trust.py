@@ -21,9 +21,10 @@ async def test_a_forged_search_is_checked_like_a_probe_never_decided_on(
     """Whoever may publish an (unsigned) `search` chooses every field: the shard proves
     an edge probe itself and holds faces to a probe's bounds, so a non-unit edge probe
     (in pieces, as searches carry them), too many faces or a whole probe claiming an
-    offset each get an error event."""
+    offset, or a packed probe posing as a piece each get an error event."""
     from cipherface.crypto import Keyring, Metric
     from cipherface.gallery import encrypt_probe
+    from cipherface.gallery.expansion import encrypt_packed_probe
 
     onprem, clouds, watch = await _sharded(deployment, {"r0": 0, "r1": 1})
     public = Keyring.load(deployment.settings.public_key_path, expect="public")
@@ -56,6 +57,9 @@ async def test_a_forged_search_is_checked_like_a_probe_never_decided_on(
     searches.append({"probe_id": "forged-pieces", "edge": small, "pieces": 0, **stop})
     nan = dataclasses.replace(face, embedding=np.full(DIMENSIONS, np.nan).astype("<f8").tobytes())
     searches.append({"probe_id": "forged-nan", "faces": (nan,)})
+    # A packed probe is always whole: one claiming to be a piece is refused unexpanded.
+    packed = encrypt_packed_probe(public, unit, Metric.COSINE)
+    searches.append({"probe_id": "forged-packed", "edge": packed, "pieces": 2, **stop})
     link = await deployment.link()
     topology = link.topology
     now = time.time()  # one probe's pieces agree on it
@@ -74,13 +78,14 @@ async def test_a_forged_search_is_checked_like_a_probe_never_decided_on(
             }
         )
         await link.publish(topology.shards, topology.shard_key(0), wire.encode(search))
-    names = ("non-unit", "faces", "offset", "pieces", "nan")
+    names = ("non-unit", "faces", "offset", "pieces", "nan", "packed")
     events = {name: await watch.event(f"forged-{name}") for name in names}
     assert (events["non-unit"].error or "").startswith("IntegrityError"), events["non-unit"]
     assert (events["faces"].error or "").startswith("TooManyFacesError"), events["faces"]
     assert "starts at dimension 0" in (events["offset"].error or ""), events["offset"]
     assert "piece 0 of 0" in (events["pieces"].error or ""), events["pieces"]
     assert "not finite" in (events["nan"].error or ""), events["nan"]
+    assert "never a piece" in (events["packed"].error or ""), events["packed"]
     assert not any(e.verified or e.distance is not None for e in events.values())
     # An honest probe small enough for one piece (as with a larger message cap) states
     # its dimensions as one; searched whole (over 4 MiB here: asked of the shard).

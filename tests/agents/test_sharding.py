@@ -159,6 +159,32 @@ async def test_edge_probes_in_pieces_are_answered_across_shards(deployment: Depl
     assert clouds["r0"].shards.searches == 2 * pieces
 
 
+async def test_packed_edge_probes_are_expanded_by_each_shard(deployment: Deployment) -> None:
+    """A packed edge probe is one message, fanned out whole: each shard expands it,
+    proves it and searches its own blocks; 1:N and 1:1 as with columns."""
+    from cipherface.crypto import Keyring
+    from cipherface.gallery.expansion import encrypt_packed_probe
+
+    onprem, clouds, watch = await _sharded(deployment, {"r0": 0, "r1": 1})
+    public = Keyring.load(deployment.settings.public_key_path, expect="public")
+    _, probes = _vectors()
+    far = next(s for s in SUBJECTS if _home(onprem, s) == 1)
+    near = next(s for s in SUBJECTS if _home(onprem, s) == 0)
+    metric = deployment.settings.metric
+    edge = {s: encrypt_packed_probe(public, probes[s], metric) for s in (far, near)}
+    client = await deployment.client()
+    one_to_n = await client.publish_encrypted_probe(edge[far])
+    claim = await client.publish_encrypted_probe(edge[near], near)
+    found, verified = await watch.event(one_to_n), await watch.event(claim)
+    assert found.error is None and found.subject == far and found.verified, found
+    assert not found.partial and found.searched == 1.0
+    assert verified.error is None and verified.verified and verified.subject == near, verified
+    assert "expand" in found.timings
+    # 1:N: one search on each shard; the claim: on its shard only.
+    assert clouds["r1"].shards.searches == 1
+    assert clouds["r0"].shards.searches == 2
+
+
 async def test_a_search_waits_for_a_shard_none_of_whose_replicas_started_yet(
     deployment: Deployment,
 ) -> None:
