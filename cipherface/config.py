@@ -59,7 +59,7 @@ class Settings:
     #: dlib: how often the image is doubled before the detector scans it. None: once,
     #: DeepFace's choice (faces down to about 40 px of the working image); 0 finds
     #: faces down to about 80 px at a quarter of the cost, the difference between
-    #: 4.2 and 7.8 probes/s end to end on 2 cores (README, "Face detection").
+    #: 3.5 and 6.2 probes/s end to end on 2 cores (README, "Face detection").
     detect_upsample: int | None = None
     #: Cosine, because it decides better than euclidean for Dlib (96.2% vs 95.0%).
     metric: Metric = Metric.COSINE

@@ -22,7 +22,7 @@ from cipherface.gallery.expansion import (
     expansion_elements,
     pack_weights,
 )
-from cipherface.gallery.integrity import prove_probe
+from cipherface.gallery.integrity import galois_keys, prove_probe
 from cipherface.gallery.packing import _SCORE_SCALE, _Seal
 from cipherface.wire.payloads import EncryptedProbe
 
@@ -144,6 +144,10 @@ def test_a_packed_probe_under_another_key_is_refused(public: Keyring, galois: by
     other = Keyring.generate("n8192", relin_keys=False).public()
     with pytest.raises(KeyMismatchError):
         expand_probe(public, galois, encrypt_packed_probe(other, _unit(128), Metric.COSINE))
+
+
+def test_the_keys_are_loaded_once_per_key_set(public: Keyring, galois: bytes) -> None:
+    assert galois_keys(public, galois) is galois_keys(public, galois)
 
 
 def test_keys_need_the_secret_and_a_probe_fits_one_ring(keys: Keyring, public: Keyring) -> None:

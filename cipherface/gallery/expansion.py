@@ -38,7 +38,7 @@ import tenseal.sealapi as sealapi
 
 from cipherface.crypto import Keyring, Metric
 from cipherface.exceptions import CiphertextError, ConfigError, SecretKeyError
-from cipherface.gallery.integrity import conjugation_element
+from cipherface.gallery.integrity import conjugation_element, galois_keys
 from cipherface.gallery.packing import _VALUE_SCALE, _edge_weights, _Seal
 from cipherface.wire.payloads import EncryptedProbe
 
@@ -128,9 +128,10 @@ def pack_weights(seal: _Seal, coefficients: np.ndarray) -> bytes:
 def expand_probe(keyring: Keyring, keys: bytes, probe: EncryptedProbe) -> EncryptedProbe:
     """Cloud: the column-layout probe a packed one stands for (a column probe as is).
 
-    ``keys`` are on-prem's `edge_keys`. `CiphertextError` for a packed ciphertext the
-    edge would not make (another level, scale or size, coefficient form) and
-    `ConfigError` when the keys lack an automorphism the probe needs. About 3 ms per
+    ``keys`` are on-prem's `edge_keys` (loaded once, `integrity.galois_keys`).
+    `CiphertextError` for a packed ciphertext the edge would not make (another
+    level, scale or size, coefficient form) and `ConfigError` when the keys lack an
+    automorphism the probe needs. About 3 ms per
     dimension on the benchmark machine (one automorphism each).
     """
     if probe.packed is None:
@@ -138,7 +139,7 @@ def expand_probe(keyring: Keyring, keys: bytes, probe: EncryptedProbe) -> Encryp
     keyring.check(probe.fingerprint)
     seal = _Seal(keyring)
     elements = expansion_elements(keyring, probe.dimensions)
-    galois = seal.load_into(sealapi.GaloisKeys(), keys)
+    galois = galois_keys(keyring, keys)
     missing = [element for element in elements if not galois.has_key(element)]
     if missing:
         raise ConfigError(

@@ -38,6 +38,7 @@ decision bit itself.
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any
 
@@ -58,6 +59,7 @@ __all__ = [
     "conjugation_element",
     "conjugation_key",
     "flood",
+    "galois_keys",
     "prove_probe",
 ]
 
@@ -102,9 +104,18 @@ def conjugation_element(seal: _Seal) -> int:
     return 4 * seal.slots - 1
 
 
-def _galois(seal: _Seal, data: bytes) -> Any:
-    keys = sealapi.GaloisKeys()
-    seal.load_into(keys, data)
+@functools.lru_cache(maxsize=4)
+def galois_keys(keyring: Keyring, data: bytes) -> Any:
+    """The Galois keys on-prem ships to replicas, loaded into SEAL once per key set.
+
+    Cached because the set (conjugation and the expansion's automorphisms, 2.9 MB
+    at 128-d) takes about 20 ms to load through TenSEAL's file-only bindings, and an
+    edge probe needs it twice (`expansion.expand_probe`, then `prove_probe`) on every
+    shard. SEAL reads keys only, so threads share them. `CiphertextError` unless the
+    set holds complex conjugation.
+    """
+    seal = _Seal(keyring)
+    keys = seal.load_into(sealapi.GaloisKeys(), data)
     if not keys.has_key(conjugation_element(seal)):
         raise CiphertextError("the context's Galois key is not for complex conjugation")
     return keys
@@ -116,7 +127,7 @@ def prove_probe(keyring: Keyring, galois_key: bytes, probe: EncryptedProbe) -> P
     About 1 ms per dimension on this machine (128 conjugations and 256 products).
     """
     seal = _Seal(keyring)
-    keys = _galois(seal, galois_key)
+    keys = galois_keys(keyring, galois_key)
     evaluator = seal.evaluator
     squares = norms = None
     for column in probe.columns:

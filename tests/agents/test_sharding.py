@@ -131,38 +131,14 @@ async def test_a_subject_list_over_the_message_cap_still_routes_each_claim_to_on
     assert sum(c.shards.searches for c in clouds.values()) == len(SUBJECTS)
 
 
-async def test_edge_probes_in_pieces_are_answered_across_shards(deployment: Deployment) -> None:
-    """Each shard answers every piece of an edge probe on its own blocks; on-prem adds
-    a shard's pieces up, then gathers the shards: one whole answer, 1:N and 1:1."""
+@pytest.mark.parametrize("packed", [False, True], ids=["columns", "packed"])
+async def test_edge_probes_are_answered_across_shards(deployment: Deployment, packed: bool) -> None:
+    """In columns, each shard answers every piece of an edge probe on its own blocks
+    and on-prem adds a shard's pieces up, then gathers the shards; packed, the probe
+    is one message, fanned out whole, and each shard expands it. One whole answer,
+    1:N and 1:1, either way."""
     from cipherface.crypto import Keyring
     from cipherface.gallery import encrypt_probe
-
-    onprem, clouds, watch = await _sharded(deployment, {"r0": 0, "r1": 1})
-    public = Keyring.load(deployment.settings.public_key_path, expect="public")
-    _, probes = _vectors()
-    far = next(s for s in SUBJECTS if _home(onprem, s) == 1)
-    near = next(s for s in SUBJECTS if _home(onprem, s) == 0)
-    edge = {s: encrypt_probe(public, probes[s], deployment.settings.metric) for s in (far, near)}
-    client = await deployment.client()
-    one_to_n = await client.publish_encrypted_probe(edge[far])
-    claim = await client.publish_encrypted_probe(edge[near], near)
-    found, verified = await watch.event(one_to_n), await watch.event(claim)
-    assert found.error is None and found.subject == far and found.verified, found
-    assert not found.partial and found.searched == 1.0
-    assert verified.error is None and verified.verified and verified.subject == near, verified
-    pieces = len(
-        wire.split_probe(wire.EncryptedProbeRequest(probe_id="p", probe=edge[far]), 4 << 20)
-    )
-    assert pieces > 1  # it did travel in pieces
-    # 1:N: every piece searched on both shards; the claim: on its shard only.
-    assert clouds["r1"].shards.searches == pieces
-    assert clouds["r0"].shards.searches == 2 * pieces
-
-
-async def test_packed_edge_probes_are_expanded_by_each_shard(deployment: Deployment) -> None:
-    """A packed edge probe is one message, fanned out whole: each shard expands it,
-    proves it and searches its own blocks; 1:N and 1:1 as with columns."""
-    from cipherface.crypto import Keyring
     from cipherface.gallery.expansion import encrypt_packed_probe
 
     onprem, clouds, watch = await _sharded(deployment, {"r0": 0, "r1": 1})
@@ -170,8 +146,8 @@ async def test_packed_edge_probes_are_expanded_by_each_shard(deployment: Deploym
     _, probes = _vectors()
     far = next(s for s in SUBJECTS if _home(onprem, s) == 1)
     near = next(s for s in SUBJECTS if _home(onprem, s) == 0)
-    metric = deployment.settings.metric
-    edge = {s: encrypt_packed_probe(public, probes[s], metric) for s in (far, near)}
+    encrypt = encrypt_packed_probe if packed else encrypt_probe
+    edge = {s: encrypt(public, probes[s], deployment.settings.metric) for s in (far, near)}
     client = await deployment.client()
     one_to_n = await client.publish_encrypted_probe(edge[far])
     claim = await client.publish_encrypted_probe(edge[near], near)
@@ -179,10 +155,14 @@ async def test_packed_edge_probes_are_expanded_by_each_shard(deployment: Deploym
     assert found.error is None and found.subject == far and found.verified, found
     assert not found.partial and found.searched == 1.0
     assert verified.error is None and verified.verified and verified.subject == near, verified
-    assert "expand" in found.timings
-    # 1:N: one search on each shard; the claim: on its shard only.
-    assert clouds["r1"].shards.searches == 1
-    assert clouds["r0"].shards.searches == 2
+    assert ("expand" in found.timings) == packed
+    request = wire.EncryptedProbeRequest(probe_id="p", probe=edge[far])
+    searches = 1 if packed else len(wire.split_probe(request, 4 << 20))
+    assert packed or searches > 1  # columns did travel in pieces
+    # 1:N: every piece (or the packed probe) searched on both shards; the claim: on its
+    # shard only.
+    assert clouds["r1"].shards.searches == searches
+    assert clouds["r0"].shards.searches == 2 * searches
 
 
 async def test_a_search_waits_for_a_shard_none_of_whose_replicas_started_yet(
