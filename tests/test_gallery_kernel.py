@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,6 +18,8 @@ from cipherface.gallery.kernel import (
     _FUSED_PROBES,
     ModularProduct,
     Writer,
+    _recombine_fused,
+    _recombine_wide,
     _wide_limbs,
     coefficients,
     limb_planes,
@@ -48,6 +51,63 @@ def test_modular_product_is_exact_against_python_integers(bits: int, probes: int
     assert product(weights, limb_planes(columns[:, None])[0]).tolist() == expected
 
 
+@pytest.mark.parametrize("probes", [1, _FUSED_PROBES + 1])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_modular_product_is_exact_at_the_bounds_of_its_sums(probes: int, sign: int) -> None:
+    """The largest coefficients times weights summing to just under a group's bound
+    (the 16-bit loop's 2^37, BLAS's 2^33), both signs: every limb sum as large as
+    exactness allows, so the fold to a residue meets its extremes."""
+    product = ModularProduct(PRIME)
+    columns = np.full((64, 16), PRIME - 1, dtype=np.uint64)
+    columns[:, ::2] = PRIME - 2**20
+    bound = 2**37 if probes <= _FUSED_PROBES else 2**33
+    weights = np.full((probes, 64), sign * (bound // 64 - 1), dtype=np.int64)
+    expected = [
+        [
+            sum(int(w) * int(c) for w, c in zip(row, columns[:, k], strict=True)) % PRIME
+            for k in range(16)
+        ]
+        for row in weights
+    ]
+    assert product(weights, limb_planes(columns[:, None])[0]).tolist() == expected
+
+
+def _limb_sums(total: int, limbs: int, bits: int) -> list[int]:
+    """Limb sums, each exact in float64, whose fold (`kernel._folded`) is ``total``
+    itself: every limb below the bits that would wrap past 2^60, filled from the top."""
+    sums = [0] * limbs
+    for limb in range(limbs - 1, 0, -1):
+        if total > 0:
+            sums[limb] = min(total >> (bits * limb), 2 ** (60 - bits * limb) - 1)
+            total -= sums[limb] << (bits * limb)
+    sums[0] = total
+    assert abs(total) < 2**53
+    return sums
+
+
+@pytest.mark.parametrize(
+    ("recombine", "limbs", "bits", "modulus", "multiples"),
+    [
+        (_recombine_wide, 3, 20, PRIME, (0, 1, 2)),
+        (_recombine_fused, 4, 16, PRIME, (0, 1, 2)),
+        # No prime, but within 2^20 of 2^59 x 2: its float64 quotient falls one short
+        # next to three times it, where PRIME's only ever overshoots.
+        (_recombine_fused, 4, 16, 2**59 - 129, (3,)),
+    ],
+)
+def test_recombination_lands_on_the_residue_next_to_multiples_of_q(
+    recombine: Callable[..., None], limbs: int, bits: int, modulus: int, multiples: tuple[int, ...]
+) -> None:
+    """Each correction after the fold, exercised: limb sums whose folded total is
+    each value around 0 and a few multiples of the modulus."""
+    totals = [c * modulus + e for c in multiples for e in range(-2, 3)]
+    sums = np.array([_limb_sums(t, limbs, bits) for t in totals], dtype=np.float64)
+    # Side by side, as the kernels lay them out: one position, so width 1.
+    out = np.empty((len(totals), 1), dtype=np.int64)
+    recombine(sums, modulus, 2**60 % modulus, out, 0)
+    assert out[:, 0].tolist() == [t % modulus for t in totals]
+
+
 def test_modular_product_refuses_what_it_cannot_keep_exact() -> None:
     with pytest.raises(ConfigError):
         ModularProduct(2**61 - 1)
@@ -59,10 +119,10 @@ def test_wide_limbs_are_the_coefficients_in_20_bit_pieces() -> None:
     rng = np.random.default_rng(5)
     columns = rng.integers(0, PRIME, size=(3, 1, 40), dtype=np.uint64)
     columns[0, 0, :2] = (0, PRIME - 1)
-    limbs = np.empty((3, 3, 32))
+    limbs = np.empty((3, 3 * 32))
     _wide_limbs(limb_planes(columns)[0], 8, 32, limbs)
     rebuilt = [
-        [sum(int(limbs[i, j, k]) << (20 * i) for i in range(3)) for k in range(32)]
+        [sum(int(limbs[j, 32 * i + k]) << (20 * i) for i in range(3)) for k in range(32)]
         for j in range(3)
     ]
     assert rebuilt == columns[:, 0, 8:40].tolist()
@@ -118,7 +178,7 @@ def test_search_many_equals_seal_bit_for_bit(
     book = EnrollmentBook(keys, metric, 32)
     book.add_many((f"s{i}", v, f"t{i}") for i, v in enumerate(vectors))
     # More probes than the fused loop takes: the batch runs on BLAS, `alone` fused.
-    rows = (7, 8200, 40, 1, 2, 3, 4, 5)
+    rows = (7, 8200, 40, 1, 2, 3, 4, 5, 6, 9)
     assert len(rows) > _FUSED_PROBES
     probes = [vectors[i] + 0.01 * rng.standard_normal(32) for i in rows]
     seal = _Seal(public)

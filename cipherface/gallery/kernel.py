@@ -15,9 +15,10 @@ Exactness: coefficients (< 2^60) are split into limbs, four of 16 bits (the
 planes' words, read as they lie by the compiled loop) or three of 20 bits (cut
 from them for BLAS: three products instead of four); a limb product summed over
 a group of columns stays below 2^53, so float64 arithmetic is exact, in any
-order of summation. Limbs recombine as ``S0 + 2^b (S1 + 2^b (S2 + ...)) mod q``
-with ``2^60 mod q`` small (SEAL's 60-bit primes sit just below 2^60). The result
-is the very residue SEAL computes: tests compare it bit for bit.
+order of summation. Limbs recombine as ``sum_l 2^(b l) S_l mod q``, each limb's
+bits from 2^60 up folded back as multiples of ``2^60 mod q``, which is small
+(SEAL's 60-bit primes sit just below 2^60). The result is the very residue SEAL
+computes: tests compare it bit for bit.
 
 The cloud keeps each block's coefficients resident as 16-bit limb planes
 (`limb_planes`) and nothing else: the same eight bytes per coefficient as a SEAL
@@ -142,15 +143,16 @@ class ModularProduct:
     Two exact kernels, chosen by the number of probes: a few probes (one is the
     usual live search) are memory-bound, so `_fused` reads the 16-bit planes once
     into float64 sums that stay in cache, with no float64 copy of the block; many probes
-    are compute-bound, so BLAS forms each limb's sums and `_recombine` reduces
-    them in one pass instead of a dozen numpy passes over int64 arrays.
+    are compute-bound, so one BLAS product forms every limb's sums and
+    `_recombine_wide` reduces them in one compiled pass.
     """
 
     def __init__(self, modulus: int) -> None:
         self.modulus = modulus
         self._wrap = (1 << _PRIME_BITS) % modulus
-        # Reductions subtract q once: sums stay below 2q only for q close to 2^60.
-        if self._wrap >= 1 << 36 or modulus >= 1 << _PRIME_BITS or sys.byteorder != "little":
+        # `_folded` folds each limb's high bits back as multiples of 2^60 mod q:
+        # int64 holds them only for q within 2^20 of 2^60 (SEAL's 60-bit primes are).
+        if self._wrap >= _MAX_WRAP or modulus >= 1 << _PRIME_BITS or sys.byteorder != "little":
             raise ConfigError("the lowest CKKS prime must lie just below 2^60 for the kernel")
         self._q = np.uint64(modulus)
 
@@ -204,87 +206,129 @@ class ModularProduct:
         return out
 
     def _wide(self, weights: np.ndarray, planes: np.ndarray, out: np.ndarray) -> None:
-        """The BLAS path: per chunk of positions, three 20-bit limbs, three products.
+        """The BLAS path: per chunk of positions, three 20-bit limbs side by side, one product.
 
-        Cutting the limbs (one compiled pass over the chunk's 16-bit words) replaced
-        four numpy conversions to float64, and a limb fewer means a quarter fewer
-        products and reductions: 6.5 ms instead of 8.3 for one component of a
-        128-d block and 32 probes, one core, the block in cache.
+        One compiled pass cuts the chunk's 16-bit words into the three limbs, laid
+        out as one (d, 3 x chunk) operand, so BLAS runs one product of three times
+        the width instead of three: 9.3 ms instead of 13.2 for one component of a
+        128-d block and 32 probes on the AMD host of the README, one core, with
+        `_recombine_wide`'s fold (1.0 ms where a loop limb by limb took 3.2).
         """
         count, columns, degree = weights.shape[0], planes.shape[1], planes.shape[2]
         modulus, wrap = np.int64(self.modulus), np.int64(self._wrap)
-        limbs = np.empty((_WIDE_LIMBS, columns, _CHUNK))
-        sums = np.empty((_WIDE_LIMBS, count, _CHUNK))
+        limbs = np.empty((columns, _WIDE_LIMBS * _CHUNK))
+        sums = np.empty((count, _WIDE_LIMBS * _CHUNK))
         for start in range(0, degree, _CHUNK):
             width = min(_CHUNK, degree - start)
+            span = _WIDE_LIMBS * width
             _wide_limbs(planes, start, width, limbs)
-            for limb in range(_WIDE_LIMBS):
-                np.matmul(weights, limbs[limb, :, :width], out=sums[limb, :, :width])
-            _recombine(sums[:, :, :width], modulus, wrap, _WIDE_BITS, out, start)
+            np.matmul(weights, limbs[:, :span], out=sums[:, :span])
+            _recombine_wide(sums[:, :span], modulus, wrap, out, start)
 
 
 #: Up to this many probes the fused loop is faster (measured at 128-d, one core,
-#: blocks out of cache, ms per component of a block: 1.2 against 3.3 for one probe,
-#: 3.6 against 4.4 at four, 5.5 against 4.7 at six; at 32 probes the BLAS path, cut
-#: into 20-bit limbs, took 8.7 ms).
-_FUSED_PROBES = 4
-#: Coefficient positions per BLAS call: its operands and the three limbs' sums
-#: stay in cache (512, 1,024 and 4,096 were slower).
+#: blocks out of cache, ms per component of a block, fused against BLAS, on the AMD
+#: host of the README: 2.8 against 6.4 at four probes, 5.4 against 6.4 at eight,
+#: 6.6 against 6.7 at ten, 7.7 against 6.0 at twelve).
+_FUSED_PROBES = 8
+#: Coefficient positions per BLAS call (1,024 to 2,048 were fastest; 512 and 4,096
+#: slower, on both hosts of the README).
 _CHUNK = 2048
 #: The fused loop reads whole plane rows (16 KB at N=8192) front to back: with
 #: 512-position windows it touched 512 rows a window and ran at half the speed.
 _FUSED_WIDTH = 8192
+#: Columns the fused loop adds into its sums at once: each sum is then read and
+#: written once per four rows (0.75 ms instead of 1.13 per component of a 128-d
+#: block, one probe, blocks out of cache, with `_recombine_fused`).
+_FUSED_UNROLL = 4
+#: `_folded` needs ``2^60 mod q`` below this (see there).
+_MAX_WRAP = 1 << 20
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
-def _reduced(total: int, limb: float, modulus: int, wrap: int, bits: int) -> int:
-    """``(total * 2^bits + limb) mod q`` for ``0 <= total < q`` and an exact limb sum.
+@numba.njit(inline="always")
+def _folded(row: np.ndarray, width: int, k: int, limbs: int, bits: int, wrap: int) -> int:
+    """``sum_l 2^(bits l) S_l`` for position ``k``, congruent mod q, within int64.
 
-    ``|limb| < 2^53 < q`` (the column groups see to it), so one addition of q makes
-    it a residue. ``total * 2^bits`` (16 or 20 bits): its top ``bits`` bits wrap to
-    ``2^60 mod q`` (below 2^36), so ``rest << bits`` (< 2^60) plus ``top * wrap``
-    (< 2^56) stays under 2q, in int64.
+    ``row`` holds the limbs' exact sums side by side (``S_l = row[l width + k]``),
+    each an integer below 2^53 in magnitude. The bits of ``S_l 2^(bits l)`` from
+    2^60 up are worth multiples of 2^60, which is ``wrap`` mod q, so each term folds
+    to ``(S_l >> (60 - bits l)) wrap + low_l 2^(bits l)``, with ``low_l 2^(bits l)
+    < 2^60``. Inlined into each caller, whose constant ``limbs`` and ``bits`` unroll
+    the loop.
     """
-    value = np.int64(limb)
-    if value < 0:
-        value += modulus
-    low = _PRIME_BITS - bits
-    shifted = ((total & ((np.int64(1) << low) - 1)) << bits) + (total >> low) * wrap
-    if shifted >= modulus:
-        shifted -= modulus
-    total = shifted + value
-    if total >= modulus:
-        total -= modulus
+    total = np.int64(row[k])
+    for limb in range(1, limbs):
+        value = np.int64(row[limb * width + k])
+        low = _PRIME_BITS - bits * limb
+        total += (value >> low) * wrap + ((value & ((np.int64(1) << low) - 1)) << (bits * limb))
     return total
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _recombine(
-    sums: np.ndarray, modulus: int, wrap: int, bits: int, out: np.ndarray, offset: int
+def _recombine_wide(
+    sums: np.ndarray, modulus: int, wrap: int, out: np.ndarray, offset: int
 ) -> None:
-    """``out[p, offset + k] = sum_l 2^(bits l) sums[l, p, k] mod q``: exact limb sums
-    to a residue. The offset, not a column slice of ``out``: numba's loop writing a
-    slice (strided rows) took 5x as long."""
-    for p in range(sums.shape[1]):
-        for k in range(sums.shape[2]):
-            total = np.int64(0)
-            for limb in range(sums.shape[0] - 1, -1, -1):
-                total = _reduced(total, sums[limb, p, k], modulus, wrap, bits)
+    """``out[p, offset + k]``: the residue of three 20-bit limbs' sums (`_folded`).
+
+    The folded high parts stay below ``(2^33 + 2^13) wrap < 2^54``, so the total
+    lies in ``(-2^54, 2^61 + 2^54)``: within one q below zero and two above, for
+    ``q > 2^60 - 2^20``. Three branch-free corrections, no quotient: 1.0 ms for 32
+    probes and a component where a quotient in float64 took 1.6 and a loop over
+    runtime limb counts 3.9. The offset, not a column slice of ``out``: numba's loop
+    writing a slice (strided rows) took 5x as long.
+    """
+    width = sums.shape[1] // _WIDE_LIMBS
+    for p in range(sums.shape[0]):
+        row = sums[p]
+        for k in range(width):
+            total = _folded(row, width, k, _WIDE_LIMBS, _WIDE_BITS, wrap)
+            if total < 0:
+                total += modulus
+            if total >= modulus:
+                total -= modulus
+            if total >= modulus:
+                total -= modulus
+            out[p, offset + k] = total
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _recombine_fused(
+    sums: np.ndarray, modulus: int, wrap: int, out: np.ndarray, offset: int
+) -> None:
+    """``out[p, offset + k]``: the residue of four 16-bit limbs' sums (`_folded`).
+
+    The top limb's high part reaches 2^41 x wrap, so the total spans several
+    multiples of q, up to 2^62.3: a quotient estimated in float64 (one off at most,
+    either way, next to a multiple) and one correction make it a residue.
+    """
+    width = sums.shape[1] // _LIMBS
+    inverse = 1.0 / modulus
+    for p in range(sums.shape[0]):
+        row = sums[p]
+        for k in range(width):
+            total = _folded(row, width, k, _LIMBS, _LIMB_BITS, wrap)
+            total -= np.int64(np.floor(total * inverse)) * modulus
+            if total < 0:
+                total += modulus
+            elif total >= modulus:
+                total -= modulus
             out[p, offset + k] = total
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def _wide_limbs(planes: np.ndarray, start: int, width: int, out: np.ndarray) -> None:
     """Positions ``start`` to ``start + width`` of (4, d, N) 16-bit planes as three
-    20-bit limbs in float64, ``out`` (3, d, >= width): bits 0-19, 20-39 and 40-59."""
+    20-bit limbs in float64, side by side: ``out[j, l width + k]`` holds bits
+    ``20 l`` to ``20 l + 19`` of column ``j``'s coefficient ``start + k``."""
     for j in range(planes.shape[1]):
         w0, w1, w2, w3 = planes[0, j], planes[1, j], planes[2, j], planes[3, j]
+        row = out[j]
         for k in range(width):
             a, b = np.uint32(w0[start + k]), np.uint32(w1[start + k])
             c, e = np.uint32(w2[start + k]), np.uint32(w3[start + k])
-            out[0, j, k] = a | ((b & np.uint32(0xF)) << np.uint32(16))
-            out[1, j, k] = (b >> np.uint32(4)) | ((c & np.uint32(0xFF)) << np.uint32(12))
-            out[2, j, k] = (c >> np.uint32(8)) | (e << np.uint32(8))
+            row[k] = a | ((b & np.uint32(0xF)) << np.uint32(16))
+            row[width + k] = (b >> np.uint32(4)) | ((c & np.uint32(0xFF)) << np.uint32(12))
+            row[2 * width + k] = (c >> np.uint32(8)) | (e << np.uint32(8))
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"contract", "reassoc"})
@@ -298,19 +342,30 @@ def _fused(
     """
     count, columns = weights.shape
     degree = planes.shape[2]
-    sums = np.empty((_LIMBS, count, _FUSED_WIDTH))
+    unrolled = columns - columns % _FUSED_UNROLL
+    sums = np.empty((count, _LIMBS * _FUSED_WIDTH))
     for start in range(0, degree, _FUSED_WIDTH):
         width = min(_FUSED_WIDTH, degree - start)
+        stop = start + width
         sums[:] = 0.0
         for limb in range(_LIMBS):
-            for j in range(columns):
-                row = planes[limb, j, start : start + width]
+            for j in range(0, unrolled, _FUSED_UNROLL):
+                r0, r1 = planes[limb, j, start:stop], planes[limb, j + 1, start:stop]
+                r2, r3 = planes[limb, j + 2, start:stop], planes[limb, j + 3, start:stop]
+                for p in range(count):
+                    a, b = weights[p, j], weights[p, j + 1]
+                    c, e = weights[p, j + 2], weights[p, j + 3]
+                    target = sums[p, limb * width : (limb + 1) * width]
+                    for k in range(width):
+                        target[k] += a * r0[k] + b * r1[k] + c * r2[k] + e * r3[k]
+            for j in range(unrolled, columns):
+                row = planes[limb, j, start:stop]
                 for p in range(count):
                     weight = weights[p, j]
-                    target = sums[limb, p]
+                    target = sums[p, limb * width : (limb + 1) * width]
                     for k in range(width):
                         target[k] += weight * row[k]
-        _recombine(sums[:, :, :width], modulus, wrap, _LIMB_BITS, out, start)
+        _recombine_fused(sums[:, : _LIMBS * width], modulus, wrap, out, start)
 
 
 def limb_planes(columns: np.ndarray) -> np.ndarray:
